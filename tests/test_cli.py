@@ -46,6 +46,8 @@ def test_attack_from_files_writes_a_complete_run_folder(client_files, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["attack_config"]["channels"] == 8 and config["attack"] == "cinet"
     assert "<table>" in (out / "report.html").read_text()
+    # the label strategy's diagnostics travel with the run (e.g. iLRG's counts and consistency score)
+    assert metrics["info"]["label_info"], metrics["info"]
 
 
 def test_given_labels_are_recorded(client_files, tmp_path):
@@ -136,3 +138,25 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path):
     assert metrics["summary"]["iterations"] == reached + 5
     its = metrics["history"]["iteration"]
     assert its[0] == 5 and its[-1] == reached + 5  # history from before the kill survived
+
+
+def test_bench_lists_its_benchmarks_and_passes_options_through(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "quality", "--help"])
+    assert e.value.code == 0 and "--seeds" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "nonexistent"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_bench_memory_measures_each_switch_in_its_own_process(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--batch", "2", "--size", "32", "--iters", "1", "--channels", "8",
+                 "--variants", "fp32,checkpointing", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["fp32", "checkpointing"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["s_per_it"] > 0 and r["peak_mb"] >= r["before_mb"] > 0 and r["channels"] == 8
+    assert "attack's share MB" in capsys.readouterr().out

@@ -253,7 +253,8 @@ class AnalyticAttack(Attack):
         self.check(server, update)
         start_time = time.perf_counter()
         lin, wi, bi = single_linear(server)
-        y, label_strategy, notes = self.resolve_labels(server, update, labels, cfg.label_strategy)
+        lab = self.resolve_labels(server, update, labels, cfg.label_strategy)
+        y, label_strategy, notes = lab.labels, lab.strategy, lab.warnings
         n, c = update.num_samples, server.num_classes
         grads = target_gradients(update)
         dt = torch.float64
@@ -296,8 +297,8 @@ class AnalyticAttack(Attack):
         _, s, p = solver.residual(a)
         x_aug = a @ basis
         info = self._diagnose(x_aug, s, p, g, grads[bi].to(self.device, dt), onehot, rank_g, n, c)
-        info.update({"attack": self.name, "config": asdict(cfg), "label_notes": notes, "attempts": attempts,
-                     "stopped_early": stopped,
+        info.update({"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": lab.info,
+                     "attempts": attempts, "stopped_early": stopped,
                      "iterations": len(history["loss"]), "seconds": time.perf_counter() - start_time})
         return Reconstruction(images=self._images(x_aug, server).cpu(), labels=y.cpu(),
                               label_strategy=label_strategy, history=history, info=info)

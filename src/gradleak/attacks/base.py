@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 
 from gradleak.errors import ConfigError, UpdateError
-from gradleak.labels import recover_labels
+from gradleak.labels import LabelResult, recover_labels
 from gradleak.registry import Registry
 from gradleak.threat.io import check_update
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -82,16 +82,20 @@ class Attack(ABC):
         return config_from_dict(cls.Config, {**cls.presets[name], **overrides})
 
     def resolve_labels(self, server: ServerState, update: ClientUpdate, labels: torch.Tensor | None,
-                       strategy: str) -> tuple[torch.Tensor, str, list[str]]:
-        """Labels to use: the caller's (``"given"``) or recovered from the update."""
+                       strategy: str) -> LabelResult:
+        """Labels to use, on the attack's device: the caller's (``"given"``) or recovered from the update.
+
+        The result's ``info`` (e.g. iLRG's real-valued counts and consistency score) goes into the
+        reconstruction's ``info["label_info"]`` and from there into a run's metrics.json.
+        """
         if labels is not None:
             labels = torch.as_tensor(labels).long().view(-1)
             if labels.numel() != update.num_samples:
                 raise UpdateError(f"given labels: expected {update.num_samples} (the update's batch size), "
                                   f"got {labels.numel()}")
-            return labels.to(self.device), "given", []
+            return LabelResult(labels.to(self.device), "given")
         result = recover_labels(server, update, strategy=strategy)
-        return result.labels.to(self.device), result.strategy, result.warnings
+        return replace(result, labels=result.labels.to(self.device))
 
     def check(self, server: ServerState, update: ClientUpdate) -> None:
         check_update(update, model=server.model)

@@ -31,6 +31,7 @@ from gradleak.generators.cinet import CINetGenerator, choose_channels, latent
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 _UPDATES = ("sign-sgd", "sign-adam", "adam")
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,18 @@ class CINetConfig:
         lr_decay: ``"none"``, ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the run) or ``"cosine"``.
         channels: over-parameterization rule ``"paper"``/``"reference"`` or an explicit count.
         nz: latent size.
+        latent: ``"fixed"`` (Alg. 1: z0 drawn once, never trained) or ``"learned"`` (z0 is trained
+            with the generator, by the same update rule).
         upsample: ``"nearest"`` (paper) or ``"bilinear"`` (Figure 8 ablation).
         norm: generator normalization: ``"batch"``, ``"instance"`` or ``"none"``.
         spectral: spectral normalization of the generator's 3x3 convolutions.
         label_strategy: how labels are recovered from the update (``gradleak.labels``).
         log_every: iterations between loss readings and progress callbacks (host syncs).
         checkpoint_every: iterations between checkpoints when a run folder is given (0: none).
+        activation_checkpointing: recompute the generator's blocks in the backward pass instead of
+            keeping their activations (less memory, one more generator forward per step).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the generator and the victim's forward
+            and gradient; parameters, the matching loss and the update stay in float32).
     """
 
     iterations: int = 1000
@@ -63,12 +70,15 @@ class CINetConfig:
     lr_decay: str = "none"
     channels: str | int = "paper"
     nz: int = 100
+    latent: str = "fixed"
     upsample: str = "nearest"
     norm: str = "batch"
     spectral: bool = True
     label_strategy: str = "auto"
     log_every: int = 25
     checkpoint_every: int = 100
+    activation_checkpointing: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.update not in _UPDATES:
@@ -79,6 +89,10 @@ class CINetConfig:
             raise ConfigError(f"cinet upsample: expected 'nearest' or 'bilinear', got {self.upsample!r}")
         if self.norm not in ("batch", "instance", "none"):
             raise ConfigError(f"cinet norm: expected 'batch', 'instance' or 'none', got {self.norm!r}")
+        if self.latent not in ("fixed", "learned"):
+            raise ConfigError(f"cinet latent: expected 'fixed' or 'learned', got {self.latent!r}")
+        if self.precision not in _PRECISIONS:
+            raise ConfigError(f"cinet precision: expected one of {', '.join(_PRECISIONS)}, got {self.precision!r}")
         if self.lr_decay not in DECAYS:
             raise ConfigError(f"cinet lr_decay: expected one of {', '.join(DECAYS)}, got {self.lr_decay!r}")
         if self.iterations < 0 or self.lr <= 0 or self.log_every < 1 or self.checkpoint_every < 0 or self.tv < 0:
@@ -124,7 +138,8 @@ class CINetAttack(Attack):
         c, h, w = server.input_shape
         if h != w:
             raise ConfigError(f"cinet: expected square images, got {h}x{w}")
-        y, label_strategy, notes = self.resolve_labels(server, update, labels, cfg.label_strategy)
+        lab = self.resolve_labels(server, update, labels, cfg.label_strategy)
+        y, label_strategy, notes = lab.labels, lab.strategy, lab.warnings
 
         victim = copy.deepcopy(server.model).to(dev)
         victim.train(server.bn_mode == "train")
@@ -138,9 +153,14 @@ class CINetAttack(Attack):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             gen = CINetGenerator(channels=choice.channels, image_size=h, out_channels=c, nz=cfg.nz,
-                                 upsample=cfg.upsample, norm=cfg.norm, spectral=cfg.spectral).to(dev)
+                                 upsample=cfg.upsample, norm=cfg.norm, spectral=cfg.spectral,
+                                 checkpoint=cfg.activation_checkpointing).to(dev)
         z = latent(n, cfg.nz, generator=rng, device=dev)
         gparams = list(gen.parameters())
+        if cfg.latent == "learned":
+            z.requires_grad_(True)
+            gparams.append(z)
+        amp_dtype = _PRECISIONS[cfg.precision]
         if cfg.update == "sign-sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(gparams, lr=cfg.lr)
         else:
@@ -162,7 +182,7 @@ class CINetAttack(Attack):
             opt_t, opt_meta = flatten_optimizer(opt.state_dict())
             tensors = {f"gen.{k}": v for k, v in gen.state_dict().items()}
             tensors.update({f"opt.{k}": v for k, v in opt_t.items()})
-            tensors.update({"z": z, "rng": rng.get_state(), "_iteration": torch.tensor(it)})
+            tensors.update({"z": z.detach(), "rng": rng.get_state(), "_iteration": torch.tensor(it)})
             ckpt.save(tensors, {"iteration": it, "optimizer": opt_meta, "scheduler": scheduler_state(sched),
                                 "history": history, "elapsed": elapsed_before + time.perf_counter() - start_time,
                                 "channels": choice.channels, "config": asdict(cfg)})
@@ -170,11 +190,13 @@ class CINetAttack(Attack):
         it = done = start
         try:
             for it in range(start + 1, cfg.iterations + 1):
-                x = gen(z)
-                grads = matcher.simulate(x, y)
+                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    x = gen(z)
+                    grads = matcher.simulate(x, y)
+                grads = [g.float() for g in grads]
                 loss = gradient_distance(cfg.loss, grads, target)
                 if cfg.tv > 0:
-                    loss = loss + cfg.tv * total_variation(x)
+                    loss = loss + cfg.tv * total_variation(x.float())
                 ggrads = torch.autograd.grad(loss, gparams)
                 for p, g in zip(gparams, ggrads):
                     p.grad = g.sign() if cfg.update != "adam" else g
@@ -185,7 +207,7 @@ class CINetAttack(Attack):
                     value = float(loss.detach())
                     history["iteration"].append(it)
                     history["loss"].append(value)
-                    stop = callback is not None and callback(Progress(it, cfg.iterations, value, x.detach()))
+                    stop = callback is not None and callback(Progress(it, cfg.iterations, value, x.detach().float()))
                 else:
                     stop = False
                 if ckpt is not None and ckpt.due(it):
@@ -197,13 +219,14 @@ class CINetAttack(Attack):
                 save(done)  # Ctrl-C loses nothing: the state after the last completed step
             raise
         with torch.no_grad():
-            images = gen(z).detach()
+            images = gen(z).detach().float()
         if ckpt is not None and done > start:
             save(done)
         return Reconstruction(
             images=images.cpu(), labels=y.cpu(), label_strategy=label_strategy, history=history,
             info={"attack": self.name, "config": asdict(cfg), "channel_choice": choice.to_dict(),
-                  "label_notes": notes, "matching": matcher.mode, "iterations": done, "resumed_from": start,
+                  "label_notes": notes, "label_info": lab.info, "matching": matcher.mode, "iterations": done,
+                  "resumed_from": start,
                   "seconds": elapsed_before + time.perf_counter() - start_time},
         )
 
@@ -218,6 +241,7 @@ class CINetAttack(Attack):
         opt_t = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
         opt.load_state_dict(unflatten_optimizer(opt_t, meta["optimizer"]))
         sched.load_state_dict(meta["scheduler"])
-        z.copy_(tensors["z"].to(z.device))
+        with torch.no_grad():
+            z.copy_(tensors["z"].to(z.device))
         rng.set_state(tensors["rng"])
         return int(meta["iteration"]), meta["history"], float(meta.get("elapsed", 0.0))

@@ -211,7 +211,8 @@ class GIASAttack(Attack):
         base = base.to(self.device).eval()
         _trainable(base, False)
         n = update.num_samples
-        y, label_strategy, notes = self.resolve_labels(server, update, labels, cfg.label_strategy)
+        lab = self.resolve_labels(server, update, labels, cfg.label_strategy)
+        y, label_strategy, notes = lab.labels, lab.strategy, lab.warnings
         victim = copy.deepcopy(server.model).to(self.device)
         victim.train(server.bn_mode == "train")
         matcher = build_matcher(update, victim, device=self.device)
@@ -276,7 +277,8 @@ class GIASAttack(Attack):
             out = images(gens, run.best_z if len(gens) == 1 else run.z).clamp(0, 1)
         return Reconstruction(
             images=out.detach().cpu(), labels=y.cpu(), label_strategy=label_strategy, history=run.history,
-            info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "matching": matcher.mode,
+            info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": lab.info,
+                  "matching": matcher.mode,
                   "restart_scores": run.scores, "latent_shape": list(zshape[1:]), "stopped_early": run.stopped,
                   "iterations": (cfg.restarts if run.stage == "generator" else run.restart) * cfg.latent_iterations
                   + run.iteration,

@@ -152,10 +152,12 @@ class OptimizationAttack(Attack):
         n, c = update.num_samples, server.num_classes
         soft = cfg.soft_labels and labels is None
         notes: list[str] = []
+        label_info: dict[str, Any] = {}
         if soft:
             y_hard, label_strategy = torch.empty(0), "dlg-joint"
         else:
-            y_hard, label_strategy, notes = self.resolve_labels(server, update, labels, cfg.label_strategy)
+            lab = self.resolve_labels(server, update, labels, cfg.label_strategy)
+            y_hard, label_strategy, notes, label_info = lab.labels, lab.strategy, lab.warnings, lab.info
         victim = copy.deepcopy(server.model).to(self.device)
         victim.train(server.bn_mode == "train")
         matcher = build_matcher(update, victim, device=self.device)
@@ -239,7 +241,8 @@ class OptimizationAttack(Attack):
         return Reconstruction(
             images=best_x.clamp(0, 1).detach().cpu(), labels=y_out.detach().cpu(), label_strategy=label_strategy,
             history=run.history,
-            info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "matching": matcher.mode,
+            info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": label_info,
+                  "matching": matcher.mode,
                   "restart_scores": scores, "best_restart": int(min(range(len(scores)), key=scores.__getitem__)),
                   "diverged": run.diverged, "stopped_early": stop,
                   "iterations": run.restart * cfg.iterations + run.iteration,

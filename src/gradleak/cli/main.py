@@ -15,7 +15,7 @@ from typing import Sequence
 
 from gradleak.errors import GradleakError
 
-SUBCOMMANDS = ("demo", "simulate", "attack", "compare", "audit", "labels", "sweep", "list")
+SUBCOMMANDS = ("demo", "simulate", "attack", "compare", "audit", "labels", "sweep", "bench", "list")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,12 @@ Over-parameterization (Algorithm 1, lines 1-2) picks the channel count:
 * ``reference``: c = 32, 64, 128, ... until P(G_c) > 4*N*H*W, counting P on the 32-px generator
   (what the published code does).
 * an explicit integer.
+
+Memory: ``checkpoint=True`` keeps only each block's input during the forward pass and recomputes
+the block in the backward pass (activation checkpointing). The spectral-norm weights are computed
+once per forward, outside the recomputed region, so the recomputation is exact; BatchNorm running
+statistics are then not tracked (CI-Net never reads them: the generator runs in train mode, on
+batch statistics, from the first step to the final images).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from gradleak.errors import ConfigError
 
@@ -61,6 +69,8 @@ class CINetGenerator(nn.Module):
         norm: ``"batch"`` (published code), ``"instance"`` or ``"none"``.
         spectral: spectral normalization on the 3x3 convolutions (paper B.1, item 1).
         negative_slope: LeakyReLU slope (0.1 in the published code).
+        checkpoint: activation checkpointing of the upsampling blocks (less memory, one more
+            generator forward per step); an attribute, so it can be switched on a built generator.
 
     Shape:
         forward(z): z of shape (N, nz) -> images (N, out_channels, image_size, image_size) in [0, 1].
@@ -68,7 +78,7 @@ class CINetGenerator(nn.Module):
 
     def __init__(self, *, channels: int, image_size: int = 32, out_channels: int = 3, nz: int = 100,
                  upsample: str = "nearest", norm: str = "batch", spectral: bool = True,
-                 negative_slope: float = 0.1) -> None:
+                 negative_slope: float = 0.1, checkpoint: bool = False) -> None:
         super().__init__()
         if image_size < 8 or image_size > 256 or image_size & (image_size - 1):
             raise ConfigError(f"CI-Net image size: expected a power of two in 8..256, got {image_size}")
@@ -80,6 +90,8 @@ class CINetGenerator(nn.Module):
             raise ConfigError(f"CI-Net channels: expected a positive integer, got {channels}")
         self.nz = nz
         self.image_size = image_size
+        self.checkpoint = checkpoint
+        self.negative_slope = negative_slope
         c0 = stage_channels(channels, 4)
         self.head = nn.Sequential(nn.ConvTranspose2d(nz, c0, 4, 1, 0, bias=False), _norm(norm, c0),
                                   nn.LeakyReLU(negative_slope))
@@ -100,8 +112,36 @@ class CINetGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.head(z.view(z.shape[0], self.nz, 1, 1))
-        x = self.blocks(x)
+        if self.checkpoint and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = self._checkpointed(block, x)
+        else:
+            x = self.blocks(x)
         return (torch.tanh(self.out(x)) + 1) / 2
+
+    def _checkpointed(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block under activation checkpointing; the (spectral-normed) weights are inputs."""
+        up, conv1, norm1, _, conv2, norm2, _ = block
+        tensors = [conv1.weight, conv2.weight]  # evaluated here, once: no second power iteration
+        for norm in (norm1, norm2):
+            if not isinstance(norm, nn.Identity):
+                tensors += [norm.weight, norm.bias]
+        kinds = (type(norm1), type(norm2))
+        mode, eps, slope = up.mode, (getattr(norm1, "eps", 0.0), getattr(norm2, "eps", 0.0)), self.negative_slope
+
+        def run(inp: torch.Tensor, *ts: torch.Tensor) -> torch.Tensor:
+            h = F.interpolate(inp, scale_factor=2, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+            affine = list(ts[2:])
+            for w, kind, e in zip(ts[:2], kinds, eps):
+                h = F.conv2d(h, w, padding=1)
+                if kind is nn.BatchNorm2d:
+                    h = F.batch_norm(h, None, None, affine.pop(0), affine.pop(0), training=True, eps=e)
+                elif kind is nn.InstanceNorm2d:
+                    h = F.instance_norm(h, weight=affine.pop(0), bias=affine.pop(0), eps=e)
+                h = F.leaky_relu(h, slope)
+            return h
+
+        return _checkpoint(run, x, *tensors, use_reentrant=False)
 
 
 def generator_parameters(channels: int, image_size: int, *, out_channels: int = 3, nz: int = 100,

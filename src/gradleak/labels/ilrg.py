@@ -54,7 +54,7 @@ SHRINKAGE_GRID: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, math.inf)
 LOW_CONFIDENCE = 0.15
 """Consistency score (mean distance of the real counts of present classes from integers, plus the
 mean residual of the bias equations, in samples) above which a warning says the counts are likely
-wrong; fractional parts drawn at random would score about 0.25. Calibrated on benchmarks/labels.py."""
+wrong; fractional parts drawn at random would score about 0.25. Calibrated on ``gradleak bench labels``."""
 
 
 def pooled_embedding(layer: LastLayer, n: int, *, iterations: int = 10) -> torch.Tensor:

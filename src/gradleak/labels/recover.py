@@ -8,7 +8,7 @@ every strategy it skips is recorded, with the reason, in ``LabelResult.warnings`
    cross-entropy gradient and the gradient's scale). When iLRG reports low confidence (its
    real-valued counts are far from integers: the samples of a class do not share one softmax
    output, as in trained models), ``auto`` uses ``bias-count`` instead, which was the more
-   accurate of the two in that regime on every victim of ``benchmarks/labels.py``
+   accurate of the two in that regime on every victim of ``gradleak bench labels``
    (docs/labels.md), and records why;
 3. ``yin`` for at most C samples (exact when its strict unique-label check passes; needs only
    signs, so it survives a missing ``local_lr`` or a bias-less layer);

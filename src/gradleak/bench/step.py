@@ -1,6 +1,6 @@
 """Step anatomy of CI-Net: where one iteration's time goes, and the floor.
 
-    python -m benchmarks.step --batch 8 --iters 20 [--device cuda]
+    gradleak bench step --batch 8 --iters 20 [--device cuda]
 
 Phases: generator forward, victim forward, gradient with create_graph, matching loss, backward to
 the generator, optimizer step. The floor is the same tensor work in a bare loop (no phase timers,
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import gradleak
-from benchmarks.common import Timer, demo_case, print_table, sync, write_json
+from gradleak.bench.common import Timer, demo_case, print_table, sync, write_json
 from gradleak.functional import cosine_distance
 from gradleak.generators import CINetGenerator
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default="benchmarks/results/step.json")
+    p.add_argument("--json", default="bench-results/step.json")
     args = p.parse_args(argv)
     dev = args.device
     server, update, _, labels = demo_case(args.batch, size=args.size, device=dev)

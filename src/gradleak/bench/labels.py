@@ -7,8 +7,8 @@ labels; each update is one FedSGD gradient in train-mode BatchNorm. Every strate
 server's model and the update; the truth is used for scoring alone.
 
 Usage:
-    python benchmarks/labels.py --quick            # 1 trial, batch sizes 1, 8, 32 (about a minute)
-    python benchmarks/labels.py --out labels.json  # 3 trials, batch sizes 1..128 (a few minutes)
+    gradleak bench labels --quick            # 1 trial, batch sizes 1, 8, 32 (about a minute)
+    gradleak bench labels --out labels.json  # 3 trials, batch sizes 1..128 (a few minutes)
 
 Rows "8u" hold batches of 8 distinct labels (what Yin et al. assume); the other rows draw labels
 with repeats. Prints a Markdown table (mean accuracy over trials; "-" where the strategy refused every trial
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=20, help="SGD steps of the 'trained' victims")
     parser.add_argument("--train-lr", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=Path("labels-benchmark.json"), help="JSON output")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/labels.json"), help="JSON output")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("gradleak").setLevel(logging.ERROR)  # fallbacks are in each result's warnings

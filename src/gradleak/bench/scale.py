@@ -1,6 +1,6 @@
 """Scale: seconds per CI-Net iteration and peak memory against batch size and resolution.
 
-    python -m benchmarks.scale --batches 4,8,16,32,64,128,256 --sizes 32,64,128,256 --iters 3 [--device cuda]
+    gradleak bench scale --batches 4,8,16,32,64,128,256 --sizes 32,64,128,256 --iters 3 [--device cuda]
 
 Each configuration runs in a fresh subprocess, so the peak memory (CUDA: max allocated; CPU: peak
 RSS of the process, the victim and generator included) belongs to it alone. Resolutions above
@@ -16,19 +16,20 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import print_table, write_json
+from gradleak.bench.common import print_table, write_json
 
 
-def one(batch: int, size: int, iters: int, device: str, channels: str) -> dict:
+def one(batch: int, size: int, iters: int, device: str, channels: str, extra: dict | None = None) -> dict:
     import torch
 
     import gradleak
-    from benchmarks.common import demo_case, peak_mb, sync
+    from gradleak.bench.common import current_mb, demo_case, peak_mb, sync
 
     model = "resnet18" if size <= 64 else "resnet18-imagenet"
     server, update, _, labels = demo_case(batch, size=size, model=model, device=device)
     ch: str | int = int(channels) if channels.isdigit() else channels
-    cfg = {"iterations": 1, "channels": ch, "log_every": 10**9, "checkpoint_every": 0}
+    cfg = {"iterations": 1, "channels": ch, "log_every": 10**9, "checkpoint_every": 0, **(extra or {})}
+    before = current_mb(device)
     gradleak.attacks.create("cinet", cfg, device=device).reconstruct(server, update, labels=labels)  # warm-up
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -38,7 +39,7 @@ def one(batch: int, size: int, iters: int, device: str, channels: str) -> dict:
     rec = attack.reconstruct(server, update, labels=labels)
     sync(device)
     return {"batch": batch, "size": size, "model": model, "s_per_it": (time.perf_counter() - t0) / iters,
-            "peak_mb": peak_mb(device), "channels": rec.info["channel_choice"]["channels"]}
+            "peak_mb": peak_mb(device), "before_mb": before, "channels": rec.info["channel_choice"]["channels"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,19 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--channels", default="reference")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default="benchmarks/results/scale.json")
+    p.add_argument("--json", default="bench-results/scale.json")
+    p.add_argument("--config", default="{}", help="JSON of further CI-Net settings, e.g. '{\"precision\": \"bf16\"}'")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         b, s = map(int, args.one.split("x"))
-        print(json.dumps(one(b, s, args.iters, args.device, args.channels)))
+        print(json.dumps(one(b, s, args.iters, args.device, args.channels, json.loads(args.config))))
         return 0
     configs = [(int(b), 32) for b in args.batches.split(",")]
     configs += [(args.size_batch, int(s)) for s in args.sizes.split(",") if int(s) != 32]
     rows = []
     for b, s in configs:
-        cmd = [sys.executable, "-m", "benchmarks.scale", "--one", f"{b}x{s}", "--iters", str(args.iters),
-               "--device", args.device, "--channels", args.channels]
+        cmd = [sys.executable, "-m", "gradleak.bench.scale", "--one", f"{b}x{s}", "--iters", str(args.iters),
+               "--device", args.device, "--channels", args.channels, "--config", args.config]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             rows.append({"batch": b, "size": s, "error": out.stderr.strip().splitlines()[-1][:120]})

@@ -40,6 +40,17 @@ def peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_mb(device: str) -> float:
+    """Memory in use now: CUDA allocated, or the process's resident set on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [[h for h in headers]] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

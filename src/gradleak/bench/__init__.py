@@ -1,0 +1,7 @@
+"""Benchmarks: scripts that print a table and write JSON (``gradleak bench NAME``).
+
+``step`` (where one CI-Net iteration's time goes, and the floor), ``quality`` (time to SSIM
+0.80 / 0.90 / 0.95), ``scale`` (time and peak memory against batch size and resolution),
+``memory`` (activation checkpointing and bf16 on and off), ``labels`` (label-recovery accuracy).
+Timings are measurements of the machine they run on: quote ratios measured in one run.
+"""

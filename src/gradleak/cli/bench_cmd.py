@@ -1,0 +1,38 @@
+"""``gradleak bench NAME [options]``: the benchmark scripts, each printing a table and writing JSON.
+
+    gradleak bench step      # where one CI-Net iteration's time goes, and the floor
+    gradleak bench quality   # wall time and iterations to mean SSIM 0.80 / 0.90 / 0.95
+    gradleak bench scale     # seconds per iteration and peak memory against batch size and resolution
+    gradleak bench memory    # the memory switches (activation checkpointing, bf16) on and off
+    gradleak bench labels    # label-recovery accuracy: strategy x victim x batch size
+
+``gradleak bench NAME --help`` lists each one's options; the same runs as
+``python -m gradleak.bench.NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "step": "where one CI-Net iteration's time goes, and the floor",
+    "quality": "wall time and iterations to mean SSIM 0.80 / 0.90 / 0.95",
+    "scale": "seconds per iteration and peak memory against batch size and resolution",
+    "memory": "activation checkpointing and bf16 on and off: peak memory and time",
+    "labels": "label-recovery accuracy and time: strategy x victim x batch size",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)",
+                       description="\n".join(f"  {k:<8} {v}" for k, v in BENCHMARKS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (see NAME --help)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"gradleak.bench.{args.name}")
+    return int(module.main(list(args.options)))
