@@ -93,3 +93,17 @@ def test_score_summary_has_the_documented_keys():
     if not ok:
         assert s["lpips_mean"] is None and "vgg16" in s["lpips_note"].lower()
     assert out["pairing"] == [3, 2, 1, 0]
+
+
+def test_peak_memory_is_measured_per_run():
+    """`gradleak compare` runs attacks in one process: each run's peak must be its own."""
+    from gradleak.reporting.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
+
+    if reset_peak_memory("cpu") != "run":
+        pytest.skip("this kernel cannot reset the peak resident set")
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    high = peak_memory_mb("cpu")
+    assert high >= current_memory_mb("cpu") >= 256
+    del big
+    assert reset_peak_memory("cpu") == "run"
+    assert peak_memory_mb("cpu") < high - 200

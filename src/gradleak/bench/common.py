@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import torch
 
 from gradleak.data import builtin_batch
 from gradleak.models import build_model
+from gradleak.reporting.memory import current_memory_mb as current_mb
+from gradleak.reporting.memory import peak_memory_mb as peak_mb
 from gradleak.threat import fedsgd_update
 from gradleak.types import ModelSpec, ServerState
 
@@ -32,23 +33,6 @@ def demo_case(batch: int, *, size: int = 32, model: str = "resnet18", activation
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def peak_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_mb(device: str) -> float:
-    """Memory in use now: CUDA allocated, or the process's resident set on the CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

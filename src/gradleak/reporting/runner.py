@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
 from gradleak.metrics.pairing import pair_images
 from gradleak.metrics.image import ssim
+from gradleak.reporting.memory import peak_memory_mb, reset_peak_memory
 from gradleak.reporting.figures import save_curves, save_grid
 from gradleak.reporting.html import write_report
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -40,12 +40,6 @@ class AttackRun:
     run_dir: Path
     reconstruction: Reconstruction
     metrics: dict[str, Any]
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _jsonable(obj: Any) -> Any:
@@ -146,8 +140,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    memory_scope = reset_peak_memory(dev)
     att = attack_api.create(attack, config, device=dev, seed=seed)
     config_doc = {
         "attack": attack, "attack_config": att.config, "seed": seed, "device": str(dev),
@@ -186,7 +179,8 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     summary.update({
         "attack": attack, "label_strategy": rec.label_strategy, "labels": config_doc["labels"],
         "iterations": rec.info.get("iterations"), "seconds": rec.info.get("seconds", wall) - bar.spent,
-        "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": _peak_memory_mb(dev),
+        "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": peak_memory_mb(dev),
+        "peak_memory_scope": memory_scope,
     })
     metrics = {"summary": summary, "per_image": per_image, "history": history,
                "info": {k: v for k, v in rec.info.items() if k != "config"}}
