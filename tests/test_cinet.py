@@ -64,6 +64,15 @@ def test_reference_rule_doubles_from_32_on_the_32px_generator():
     assert choose_channels("48", victim_parameters=0, batch_size=1, image_size=32).channels == 48
 
 
+@pytest.mark.parametrize("batch,size", [(1, 32), (8, 32), (256, 32), (1024, 32), (32, 256)])
+def test_auto_rule_is_the_reference_rule_with_a_floor(batch, size):
+    ref = choose_channels("reference", victim_parameters=0, batch_size=batch, image_size=size)
+    auto = choose_channels("auto", victim_parameters=0, batch_size=batch, image_size=size)
+    assert auto.rule == "auto" and auto.target == ref.target
+    assert auto.channels == max(ref.channels, 128)
+    assert CINetConfig().channels == "auto"
+
+
 def test_bad_generator_settings():
     with pytest.raises(ConfigError, match="power of two"):
         CINetGenerator(channels=8, image_size=48)

@@ -46,7 +46,8 @@ class CINetConfig:
             float32 cancellation) or ``"cosine-naive"`` (the published code's formula, for ablation).
         tv: weight of a total-variation prior on the images (0: none).
         lr_decay: ``"none"``, ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the run) or ``"cosine"``.
-        channels: over-parameterization rule ``"paper"``/``"reference"`` or an explicit count.
+        channels: over-parameterization rule ``"auto"`` (measured default), ``"paper"``,
+            ``"reference"`` or an explicit count (:func:`gradleak.generators.choose_channels`).
         nz: latent size.
         latent: ``"fixed"`` (Alg. 1: z0 drawn once, never trained) or ``"learned"`` (z0 is trained
             with the generator, by the same update rule).
@@ -68,7 +69,7 @@ class CINetConfig:
     loss: str = "cosine"
     tv: float = 0.0
     lr_decay: str = "none"
-    channels: str | int = "paper"
+    channels: str | int = "auto"
     nz: int = 100
     latent: str = "fixed"
     upsample: str = "nearest"
