@@ -19,6 +19,18 @@ from gradleak.models import count_parameters
 from conftest import make_case
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(iteration: int):
+    """A progress callback that interrupts the run at ``iteration`` (as a crash would)."""
+    def callback(p):
+        if p.iteration == iteration:
+            raise _Stop
+    return callback
+
+
 @pytest.mark.parametrize("size", [8, 32, 64, 128, 256])
 @pytest.mark.parametrize("norm", ["batch", "none"])
 def test_generator_shape_range_and_counted_parameters(size, norm):
@@ -123,16 +135,10 @@ def test_resume_continues_exactly_from_the_checkpoint(tmp_path, lenet_case):
     straight = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "a")
 
     # the same run, interrupted after iteration 4: the checkpoint of iteration 3 survives
-    class Stop(Exception):
-        pass
 
-    def interrupt(p):
-        if p.iteration == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
-                                                                   callback=interrupt)
+                                                                   callback=_stop_at(4))
     meta = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
     assert meta["iteration"] == 3
     resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
@@ -163,15 +169,9 @@ def test_resume_keeps_the_step_decay(tmp_path, lenet_case):
     cfg = {"iterations": 8, "channels": 8, "log_every": 1, "checkpoint_every": 2, "lr_decay": "step", "lr": 0.01}
     straight = gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=tmp_path / "a")
 
-    class Stop(Exception):
-        pass
 
-    def interrupt(p):
-        if p.iteration == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=tmp_path / "b", callback=interrupt)
+    with pytest.raises(_Stop):
+        gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=tmp_path / "b", callback=_stop_at(3))
     resumed = gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=tmp_path / "b", resume=True)
     torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-5)
 
@@ -230,16 +230,10 @@ def test_learned_latent_is_trained_and_resumes_exactly(tmp_path, lenet_case):
 
     z_learned = load_file(str(tmp_path / "a" / "checkpoint.safetensors"))["z"]
 
-    class Stop(Exception):
-        pass
 
-    def interrupt(p):
-        if p.iteration == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         gradleak.attacks.create("cinet", cfg, seed=5).reconstruct(server, update, labels=labels,
-                                                                   run_dir=tmp_path / "b", callback=interrupt)
+                                                                   run_dir=tmp_path / "b", callback=_stop_at(3))
     resumed = gradleak.attacks.create("cinet", cfg, seed=5).reconstruct(server, update, labels=labels,
                                                                         run_dir=tmp_path / "b", resume=True)
     torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-5)
