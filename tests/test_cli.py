@@ -91,6 +91,8 @@ def test_bad_inputs_exit_2_with_one_line(client_files, tmp_path, capsys):
         (["simulate", *SMALL, "--data", "cifar10-dir", "--data-root", str(tmp_path), "--out", str(tmp_path / "s")],
          "cifar-10-batches-py"),
         (["attack", "--resume", str(tmp_path)], "config.json"),
+        (["attack", "--update", u, "--model-state", m, "--attack", "analytic", "--iterations", "5"],
+         "analytic has no iteration count"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -75,6 +75,16 @@ class Attack(ABC):
         self.seed = seed
 
     @classmethod
+    def budget(cls, iterations: int, config: Any) -> dict[str, int]:
+        """The config fields that give ``config`` a budget of ``iterations`` steps in all.
+
+        Used by ``--iterations`` and ``gradleak compare``; an attack whose steps are split into
+        stages or restarts overrides it. Empty for an attack without an iteration count.
+        """
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        return {"iterations": iterations} if "iterations" in names else {}
+
+    @classmethod
     def preset(cls, name: str, **overrides: Any) -> Any:
         """The named preset's config, with ``overrides`` applied."""
         if name not in cls.presets:

@@ -189,6 +189,17 @@ class GIASAttack(Attack):
         super().__init__(config, device=device, seed=seed)
         self.generator = generator
 
+    @classmethod
+    def budget(cls, iterations: int, config: Any) -> dict[str, int]:
+        """``restarts x latent_iterations + generator_iterations = iterations``: half to each stage
+        (all to the latent search when the config has no generator stage)."""
+        if iterations < 1:
+            raise ConfigError(f"gias budget: expected at least 1 iteration, got {iterations}")
+        share = iterations // 2 if config.generator_iterations > 0 else iterations
+        latent = max(1, share // config.restarts)
+        return {"latent_iterations": latent,
+                "generator_iterations": max(0, iterations - config.restarts * latent) if config.generator_iterations else 0}
+
     def _latent_shape(self, gen: nn.Module) -> tuple[int, ...]:
         if self.config.latent_shape is not None:
             return self.config.latent_shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +73,18 @@ def attack_config(args: argparse.Namespace) -> Any:
     cls = ATTACKS.get(args.attack)
     overrides = parse_overrides(args.set)
     names = {f.name for f in fields(cls.Config)}
-    if args.iterations is not None:
-        overrides["iterations"] = args.iterations
-    if getattr(args, "dry_run", False) and "iterations" in names:
-        overrides["iterations"] = 2
-        if "log_every" in names:
-            overrides["log_every"] = 1
+    if getattr(args, "dry_run", False) and "log_every" in names:
+        overrides["log_every"] = 1
     if args.label_strategy is not None:
         overrides["label_strategy"] = args.label_strategy
-    if args.preset:
-        return cls.preset(args.preset, **overrides)
-    return config_from_dict(cls.Config, overrides)
+    cfg = cls.preset(args.preset, **overrides) if args.preset else config_from_dict(cls.Config, overrides)
+    budget = 2 if getattr(args, "dry_run", False) else args.iterations
+    if budget is None:
+        return cfg
+    fields_for_budget = cls.budget(budget, cfg)
+    if not fields_for_budget and args.iterations is not None:
+        raise ConfigError(f"--iterations: {args.attack} has no iteration count (see gradleak list presets)")
+    return replace(cfg, **fields_for_budget)
 
 
 def check_device(device: str) -> str:

@@ -10,7 +10,7 @@ shows the ground truth over one row per attack.
 from __future__ import annotations
 
 import csv
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,9 @@ def attack_config(name: str, *, iterations: int | None, preset: str | None = Non
                   overrides: dict[str, Any] | None = None) -> Any:
     """``name``'s config from ``preset`` (or its defaults) with the shared budget applied."""
     cls = ATTACKS.get(name)
-    names = {f.name for f in fields(cls.Config)}
     extra = dict(overrides or {})
-    if iterations is not None and "iterations" in names:
-        extra["iterations"] = iterations
-    if preset:
-        return cls.preset(preset, **extra)
-    return config_from_dict(cls.Config, extra)
+    cfg = cls.preset(preset, **extra) if preset else config_from_dict(cls.Config, extra)
+    return replace(cfg, **cls.budget(iterations, cfg)) if iterations is not None else cfg
 
 
 def _pm(s: dict[str, Any], key: str, digits: int) -> str:
