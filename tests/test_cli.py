@@ -140,25 +140,3 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path):
     assert metrics["summary"]["iterations"] == reached + 5
     its = metrics["history"]["iteration"]
     assert its[0] == 5 and its[-1] == reached + 5  # history from before the kill survived
-
-
-def test_bench_lists_its_benchmarks_and_passes_options_through(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["bench", "quality", "--help"])
-    assert e.value.code == 0 and "--seeds" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        main(["bench", "nonexistent"])
-    assert e.value.code == 2
-
-
-@pytest.mark.slow
-def test_bench_memory_measures_each_switch_in_its_own_process(tmp_path, capsys):
-    out = tmp_path / "memory.json"
-    assert main(["bench", "memory", "--batch", "2", "--size", "32", "--iters", "1", "--channels", "8",
-                 "--variants", "fp32,checkpointing", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
-    assert [r["variant"] for r in rows] == ["fp32", "checkpointing"]
-    for r in rows:
-        assert "error" not in r, r
-        assert r["s_per_it"] > 0 and r["peak_mb"] >= r["before_mb"] > 0 and r["channels"] == 8
-    assert "attack's share MB" in capsys.readouterr().out

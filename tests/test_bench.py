@@ -1,0 +1,63 @@
+"""The benchmark scripts behind `gradleak bench`: each runs end to end on a tiny case and writes
+the JSON its README table is made from. (Timings are printed by the scripts, never asserted.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradleak.cli.main import main
+
+
+def test_bench_lists_its_benchmarks_and_passes_options_through(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "quality", "--help"])
+    assert e.value.code == 0 and "--seeds" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "nonexistent"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_bench_memory_measures_each_switch_in_its_own_process(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--batch", "2", "--size", "32", "--iters", "1", "--channels", "8",
+                 "--variants", "fp32,checkpointing", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["fp32", "checkpointing"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["s_per_it"] > 0 and r["peak_mb"] >= r["before_mb"] > 0 and r["channels"] == 8
+    assert "attack's share MB" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_quality_records_thresholds_in_iteration_order(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    assert main(["bench", "quality", "--batches", "2", "--iters", "20", "--every", "5", "--variant", "default",
+                 "--seeds", "0,1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["seed"], r["channels"]) for r in rows] == [(2, 0, 128), (2, 1, 128)]
+    for r in rows:
+        iterations = [i for i, _ in r["curve"]]
+        assert iterations == [5, 10, 15, 20] and r["final_ssim"] == r["curve"][-1][1]
+        reached = [r["reached"][t] for t in ("0.8", "0.9", "0.95")]
+        hits = [hit[0] for hit in reached if hit is not None]
+        assert hits == sorted(hits)  # a higher threshold is never reached earlier
+        for t, hit in zip((0.8, 0.9, 0.95), reached):  # reached exactly at the first reading above it
+            first = next((i for i, v in r["curve"] if v >= t), None)
+            assert (hit[0] if hit else None) == first
+    assert "SSIM 0.95" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_step_reports_phases_floor_and_ratio(tmp_path):
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--batch", "2", "--iters", "2", "--rounds", "1", "--channels", "8",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["phases_ms"]) == {"generator forward", "victim forward", "gradient (create_graph)",
+                                      "matching loss", "backward to generator", "optimizer step"}
+    assert data["ratio"] == pytest.approx(data["attack_ms"] / data["floor_ms"])
+    assert all(v > 0 for v in data["phases_ms"].values())
