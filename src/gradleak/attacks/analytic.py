@@ -64,7 +64,8 @@ class AnalyticConfig:
         restarts: at most this many solves from differently perturbed starts, stopping at the
             first that converges; the one with the lowest residual is kept (never ground truth).
         rank_tol: singular values below ``rank_tol`` times the largest count as zero when
-            deciding the rank of ``G`` and ``P_hat`` (float32 updates carry ~1e-7 relative noise).
+            deciding the rank of ``G`` (float32 updates carry ~1e-7 relative noise); ``P_hat``'s
+            rank, known only to second order at the solution, uses ``sqrt(rank_tol)``.
     """
 
     label_strategy: str = "auto"
@@ -312,8 +313,11 @@ class AnalyticAttack(Attack):
         """Residuals, ranks and the uniqueness verdict; warns when the solution is not unique."""
         cfg = self.config
         residual = float(torch.linalg.norm(p.T @ x_aug - g) / torch.linalg.norm(g).clamp_min(1e-300))
+        # Images that share a row of P_hat (duplicates with one label) are told apart only to second
+        # order: separating them by d changes the update by O(|d|^2), so a solve against a float32
+        # update leaves them about sqrt(noise) apart. P_hat's rank is judged at that precision.
         p_sv = torch.linalg.svdvals(p)
-        rank_p = int((p_sv > cfg.rank_tol * p_sv[0]).sum()) if p_sv[0] > 0 else 0
+        rank_p = int((p_sv > math.sqrt(cfg.rank_tol) * p_sv[0]).sum()) if p_sv[0] > 0 else 0
         implied_counts = s.sum(0) - n * grad_b  # N grad_b = sum_i p_i - counts (Proposition 1, bias row)
         label_gap = float((implied_counts - onehot.sum(0)).abs().max())
         x = x_aug[:, :-1]
