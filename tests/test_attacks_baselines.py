@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -109,6 +110,20 @@ def test_every_attack_stops_when_the_callback_asks(name: str, tmp_path: Path):
     rec = gradleak.attacks.create(name, config, seed=1).reconstruct(server, update, callback=lambda p: True)
     assert len(rec.history["loss"]) == 1
     assert rec.images.shape == batch.images.shape
+
+
+@pytest.mark.parametrize("name", ["cinet", "idlg", "ig"])
+def test_a_wall_clock_budget_stops_an_attack_within_one_iteration(name: str, tmp_path: Path):
+    # compare --seconds / audit: the deadline is checked every iteration, not only every log_every
+    from gradleak.reporting import run_attack
+
+    server, batch, update = _lenet_case(2)
+    config = {**_tiny_config(name, tmp_path), "iterations": 40, "log_every": 20}
+    run = run_attack(server, update, attack=name, config=config, out=tmp_path / name, truth_images=batch.images,
+                     truth_labels=batch.labels, progress=False, time_budget=0.0)
+    assert run.reconstruction.info["iterations"] == 1
+    assert run.metrics["summary"]["iterations"] == 1
+    assert json.loads((tmp_path / name / "config.json").read_text())["attack_config"]["log_every"] == 1
 
 
 @pytest.mark.parametrize("name", ["dlg", "idlg", "ig", "analytic", "gias"])

@@ -1,8 +1,8 @@
 """Compare attacks on one identical update: the paper's Table 4 on the user's own case.
 
 Each attack runs into ``<out>/<attack>/`` (a full run folder), on the same update, with the same
-iteration budget (``iterations``) or the same wall-clock budget (``seconds``: attacks stop at the
-first progress report past the budget). The table (Markdown and CSV) has one row per attack:
+iteration budget (``iterations``) or the same wall-clock budget (``seconds``: each attack stops at the
+end of its first iteration past the budget). The table (Markdown and CSV) has one row per attack:
 mean +- std of SSIM, FSIM, PSNR and LPIPS, label accuracy, seconds and peak memory; ``grid.png``
 shows the ground truth over one row per attack.
 """

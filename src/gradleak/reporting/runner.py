@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +129,8 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         resume: continue from the checkpoint in ``out``.
         progress: show a progress bar.
         pairing: ``"hungarian"`` or ``"greedy"``.
-        time_budget: stop the attack at its first progress report after this many seconds
-            (attacks that honour a callback's stop request).
+        time_budget: stop the attack at the end of the first iteration past this many seconds
+            (attacks that honour a callback's stop request; their ``log_every`` is set to 1).
 
     Returns:
         The run folder, the reconstruction and the metrics.
@@ -142,6 +142,10 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     dev = torch.device(device)
     memory_scope = reset_peak_memory(dev)
     att = attack_api.create(attack, config, device=dev, seed=seed)
+    if time_budget is not None and hasattr(att.config, "log_every"):
+        # the deadline is checked at progress reports: report every step, so that no attack overruns
+        # the budget by more than one iteration (scoring stays capped by _ProgressBar.score_share)
+        att.config = replace(att.config, log_every=1)
     config_doc = {
         "attack": attack, "attack_config": att.config, "seed": seed, "device": str(dev),
         "labels": "given" if give_labels else "recovered", "pairing": pairing, "case": case or {},
