@@ -16,6 +16,7 @@ from gradleak.attacks import ATTACKS, GIASAttack, Progress
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
 from gradleak.models import build_model
+from gradleak.reporting import run_attack
 from gradleak.threat import fedavg_update, fedsgd_update
 from gradleak.types import ModelSpec, Reconstruction, ServerState
 
@@ -115,8 +116,6 @@ def test_every_attack_stops_when_the_callback_asks(name: str, tmp_path: Path):
 @pytest.mark.parametrize("name", ["cinet", "idlg", "ig"])
 def test_a_wall_clock_budget_stops_an_attack_within_one_iteration(name: str, tmp_path: Path):
     # compare --seconds / audit: the deadline is checked every iteration, not only every log_every
-    from gradleak.reporting import run_attack
-
     server, batch, update = _lenet_case(2)
     config = {**_tiny_config(name, tmp_path), "iterations": 40, "log_every": 20}
     run = run_attack(server, update, attack=name, config=config, out=tmp_path / name, truth_images=batch.images,
