@@ -23,6 +23,7 @@ from gradleak.reporting.audit import (
     utility,
     verdict,
 )
+from gradleak.reporting.verdicts import Condition, bootstrap_ci, worst_case
 from gradleak.types import ModelSpec, ServerState
 
 TINY = ["audit", "--model", "lenet", "--batch-sizes", "1,2", "--defenses", "none,noise:1e-1", "--attack", "cinet",
@@ -60,26 +61,64 @@ def test_tiny_audit_writes_one_row_per_cell_plots_and_report(tiny_audit):
     assert "loss after 3" in md[2] and "baseline" in md[4]
     page = (tiny_audit / "report.html").read_text()
     assert page.count('href="fedsgd_n') == 4 and "data:image/png;base64" in page and "gradleak audit" in page
-    for cell in CELLS:  # a full run folder per cell
-        for name in ("config.json", "metrics.json", "cell.json", "grid.png", "report.html", "truth.safetensors"):
-            assert (tiny_audit / cell / name).is_file(), (cell, name)
+    for cell in CELLS:  # a cell folder, then a full run folder per attacker: undefended cells run once
+        assert (tiny_audit / cell / "cell.json").is_file() and (tiny_audit / cell / "truth.safetensors").is_file()
+        attackers = ["unaware", "adaptive"] if "noise" in cell else ["adaptive"]
+        assert sorted(p.name for p in (tiny_audit / cell).iterdir() if p.is_dir()) == sorted(f"{a}-s0" for a in attackers)
+        for a in attackers:
+            for name in ("config.json", "metrics.json", "grid.png", "report.html", "reconstruction.safetensors"):
+                assert (tiny_audit / cell / f"{a}-s0" / name).is_file(), (cell, a, name)
     info = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / "cell.json").read_text())
     assert info["defense_spec"] == "noise:sigma=0.1" and info["utility"]["steps"] == 3
-    config = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / "config.json").read_text())
-    assert config["update"]["defenses"] == ["noise"] and config["attack_config"]["channels"] == 8
+    for attacker, mode in (("unaware", "off"), ("adaptive", "auto")):
+        config = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / f"{attacker}-s0" / "config.json").read_text())
+        assert config["update"]["defenses"] == ["noise"] and config["attack_config"]["channels"] == 8
+        assert config["attack_config"]["adaptive"] == mode
+        metrics = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / f"{attacker}-s0" / "metrics.json").read_text())
+        assert metrics["info"]["matching_loss"] == ("cosine" if mode == "off" else "likelihood-l2")
+    doc = json.loads((tiny_audit / "audit.json").read_text())
+    assert [c["cell"] for c in doc["cells"]] == CELLS and doc["recognisable_ssim"] == 0.6
+    noisy = doc["cells"][3]
+    assert set(noisy["attackers"]) == {"unaware", "adaptive"} and noisy["verdict"]
+    worst = max(noisy["attackers"].values(), key=lambda a: a["ssim_mean"])
+    assert noisy["ssim_mean"] == worst["ssim_mean"] and noisy["ssim_ci"][0] <= noisy["ssim_mean"] <= noisy["ssim_ci"][1]
+    assert noisy["ssim_worst_image"] >= noisy["ssim_mean"] - 1e-9
 
 
 def test_rerun_skips_finished_cells_and_resumes_the_rest(tiny_audit, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(tiny_audit, out)
-    (out / "fedsgd_n2_none" / "metrics.json").unlink()
-    before = {c: (out / c / "metrics.json").stat().st_mtime_ns for c in CELLS if c != "fedsgd_n2_none"}
+    (out / "fedsgd_n2_none" / "adaptive-s0" / "metrics.json").unlink()
+    before = {c: (out / c / "cell.json").stat().st_mtime_ns for c in CELLS if c != "fedsgd_n2_none"}
     capsys.readouterr()
     assert main([*TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 3 and "fedsgd_n2_none: running" in printed
-    assert {c: (out / c / "metrics.json").stat().st_mtime_ns for c in before} == before
+    assert {c: (out / c / "cell.json").stat().st_mtime_ns for c in before} == before
     assert len(_csv(out / "audit.csv")) == 4
+
+
+def test_fail_if_gates_on_the_worst_case_and_no_images_writes_numbers_only(tmp_path, capsys):
+    out = tmp_path / "gate"
+    argv = ["audit", "--model", "lenet", "--batch-sizes", "1", "--defenses", "none,prune:0.9", "--attack", "cinet",
+            "--iterations", "2", "--set", "channels=8", "--utility-steps", "0", "--no-progress", "--seeds", "0,1",
+            "--no-images", "--out", str(out)]
+    assert main([*argv, "--fail-if", "ssim>-1"]) == 1  # every cell leaks beyond an impossible limit
+    err = capsys.readouterr().err
+    assert err.count("leaks beyond --fail-if ssim>-1") == 2
+    assert main([*argv, "--fail-if", "ssim>0.99", "--fail-if", "recognisable>0.5"]) == 0
+    assert main([*argv, "--fail-if", "ssim~0.5"]) == 2
+    assert "METRIC OP NUMBER" in capsys.readouterr().err
+    runs = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/metrics.json"))
+    assert runs == ["fedsgd_n1_none/adaptive-s0/metrics.json", "fedsgd_n1_none/adaptive-s1/metrics.json",
+                    "fedsgd_n1_prune-0.9/adaptive-s0/metrics.json", "fedsgd_n1_prune-0.9/adaptive-s1/metrics.json",
+                    "fedsgd_n1_prune-0.9/unaware-s0/metrics.json", "fedsgd_n1_prune-0.9/unaware-s1/metrics.json"]
+    for pattern in ("**/*.png", "**/reconstruction.safetensors", "**/truth.safetensors", "**/checkpoint.*"):
+        # plots of numbers (curves, metric against defense) stay; pictures of the data do not
+        assert not [p for p in out.glob(pattern) if p.name != "curves.png" and "_vs_" not in p.name], pattern
+    assert "data:image/png" in (out / "report.html").read_text()  # the plots of numbers only
+    cell = json.loads((out / "audit.json").read_text())["cells"][1]
+    assert cell["seeds"] == [0, 1] and cell["attackers"]["adaptive"]["runs"] == 2
 
 
 def test_rerun_with_other_settings_is_refused(tiny_audit, capsys):
@@ -97,7 +136,10 @@ def test_strong_noise_leaks_less_than_none(tmp_path):
     rows = {r["defense"]: r for r in _csv(out / "audit.csv")}
     assert float(rows["none"]["ssim_mean"]) > 0.95
     assert float(rows["noise:1.0"]["ssim_mean"]) < 0.3
-    assert rows["none"]["verdict"].startswith("leaks: recognisable images")
+    assert rows["none"]["verdict"].startswith("leaks: 100% of images recognisable")
+    # analytic has no adaptive mode: the defended cells say so instead of reading as protected
+    assert "not tried: adaptive (analytic has no adaptive mode)" in rows["noise:1.0"]["verdict"]
+    assert rows["none"]["not_tried"] == ""
     assert float(rows["dpsgd:1.0"]["epsilon"]) > 0 and rows["none"]["epsilon"] == ""
     assert "loss after" not in (out / "audit.md").read_text()
 
@@ -164,6 +206,29 @@ def test_cell_update_follows_protocol_clients_and_defense():
 
 
 def test_verdict_thresholds():
-    assert verdict({"ssim_mean": 0.61, "label_accuracy": 1.0}) == "leaks: recognisable images; labels recovered exactly"
-    assert verdict({"ssim_mean": 0.45, "label_accuracy": 0.5}).startswith("partial leak")
-    assert verdict({"ssim_mean": 0.1, "label_accuracy": 0.0}).startswith("no recognisable images")
+    assert verdict({"ssim_mean": 0.5, "recognisable_fraction": 0.25, "label_accuracy": 1.0}) == (
+        "leaks: 25% of images recognisable; labels recovered exactly")
+    assert verdict({"ssim_mean": 0.45, "recognisable_fraction": 0.0, "label_accuracy": 0.5}).startswith("partial leak")
+    text = verdict({"ssim_mean": 0.1, "recognisable_fraction": 0.0, "label_accuracy": 0.0,
+                    "not_tried": ["adaptive (idlg has no adaptive mode)"]})
+    assert text.startswith("not broken by these attacks at this budget") and "not tried: adaptive" in text
+    assert "safe" not in text
+
+
+def _run(ssims, seed):
+    return {"summary": {"seed": seed, "label_accuracy": 1.0, "seconds": 1.0, "iterations": 5},
+            "per_image": [{"truth": j, "reconstruction": j, "ssim": v, "psnr": 10.0, "fsim": 0.5} for j, v in
+                          enumerate(ssims)], "run": f"x-s{seed}"}
+
+
+def test_worst_case_is_over_attackers_seeds_and_images():
+    row = worst_case({"unaware": [_run([0.1, 0.2], 0), _run([0.1, 0.3], 1)],
+                      "adaptive": [_run([0.9, 0.1], 0), _run([0.5, 0.1], 1)]}, defended=True)
+    assert row["verdict_attacker"] == "adaptive" and row["verdict_run"] == "x-s0"
+    assert row["ssim_mean"] == pytest.approx(0.4) and row["ssim_worst_image"] == 0.9
+    assert row["recognisable_fraction"] == 0.5  # image 0 by adaptive seed 0; image 1 by nobody
+    lo, hi = row["ssim_ci"]
+    assert 0.1 <= lo < 0.4 < hi <= 0.9
+    assert bootstrap_ci([0.3]) == (0.3, 0.3)
+    assert Condition.parse("ssim>0.39").holds(row) and not Condition.parse("ssim>=0.41").holds(row)
+    assert Condition.parse("recognisable>=0.5").holds(row) and Condition.parse("ssim_worst_image>0.8").holds(row)

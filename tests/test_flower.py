@@ -24,12 +24,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gradleak.data import builtin_batch  # noqa: E402
+from gradleak.defenses import declare_defense, parse_defense  # noqa: E402
 from gradleak.errors import ConfigError, UpdateError  # noqa: E402
 from gradleak.integrations.capture import (  # noqa: E402
+    AuditJob,
     LocalTraining,
     name_arrays,
     update_from_gradients,
     update_from_parameters,
+    run_audit_job,
+    write_capture,
 )
 from gradleak.models import build_model  # noqa: E402
 from gradleak.threat import fedavg_update, fedsgd_update, local_schedule  # noqa: E402
@@ -154,9 +158,10 @@ def test_audited_federation_is_unchanged_and_leaks(tmp_path: Path):
         config = ConfigRecord({"lr": 0.1})
         audited = AuditStrategy(FedAvg(fraction_evaluate=0.0), model=SPEC, out=out, truth=truth,
                                 attack="cinet", attack_config={"iterations": 300, "log_every": 50},
-                                executor="process", threads=1)
+                                executor="process", threads=1, fail_if=["ssim>0.5", "ssim>0.9999"])
         results["audited"] = audited.start(grid=grid, initial_arrays=initial, num_rounds=2, train_config=config)
         results["records"] = audited.records
+        results["leaks"] = audited.leaks()
         audited.close()
         plain = FedAvg(fraction_evaluate=0.0)
         results["plain"] = plain.start(grid=grid, initial_arrays=initial, num_rounds=2,
@@ -181,14 +186,37 @@ def test_audited_federation_is_unchanged_and_leaks(tmp_path: Path):
         assert r.status == "done", r.error
         assert folder.parent.name == f"round-{r.round:03d}" and folder.name == f"node-{r.node_id}"
         for name in ("update.safetensors", "model.safetensors", "truth.safetensors", "capture.json", "labels.json",
-                     "config.json", "metrics.json", "grid.png", "report.html"):
+                     "adaptive-s0/config.json", "adaptive-s0/metrics.json", "adaptive-s0/grid.png",
+                     "adaptive-s0/report.html"):
             assert (folder / name).is_file(), f"{folder.name}: {name} missing"
         capture = json.loads((folder / "capture.json").read_text())
         assert capture["update"]["kind"] == "delta" and capture["update"]["local_lr"] == 0.1
-        summary = json.loads((folder / "metrics.json").read_text())["summary"]
+        summary = json.loads((folder / "adaptive-s0" / "metrics.json").read_text())["summary"]
         assert summary["label_accuracy"] == 1.0
         assert summary["ssim_mean"] > SSIM_THRESHOLD, (r.round, summary["ssim_mean"])
+        assert r.summary["ssim_mean"] == pytest.approx(summary["ssim_mean"], abs=1e-6) and r.summary["verdict"].startswith(("leaks", "partial"))
     assert (out / "audits.md").read_text().count("| done |") == 4
+    # every audit leaks beyond ssim>0.5, none beyond 0.9999
+    assert sorted((rec.round, limit) for rec, limit in results["leaks"]) == [(1, "ssim>0.5")] * 2 + [(2, "ssim>0.5")] * 2
+
+
+def test_audit_job_of_a_declared_defense_runs_both_attackers(tmp_path: Path):
+    # a client that pruned its upload and said so: the audit attacks it unaware and adaptively
+    server = _server()
+    batch = builtin_batch(1, source="cifar10")
+    update = fedsgd_update(server, batch.images, batch.labels)
+    pruned = parse_defense("prune:0.9")(update, generator=torch.Generator())
+    declared = declare_defense(update.replace(tensors=pruned.tensors), parse_defense("prune:0.9"))
+    assert declared.defenses == pruned.defenses and declared.metadata == pruned.metadata
+    folder = write_capture(tmp_path / "c", server=server, update=declared, capture={"round": 1, "node_id": 7},
+                           truth=(batch.images, batch.labels))
+    job = AuditJob(folder=str(folder), attack="cinet", attack_config={"iterations": 40, "channels": 32},
+                   model=SPEC, seeds=(0,), threads=1)
+    summary = run_audit_job(job)
+    assert set(summary["attackers"]) == {"unaware", "adaptive"} and summary["defense"] == "prune"
+    assert summary["verdict_attacker"] == "adaptive", summary["attackers"]
+    for attacker, mode in (("unaware", "off"), ("adaptive", "auto")):
+        assert json.loads((folder / f"{attacker}-s0" / "config.json").read_text())["attack_config"]["adaptive"] == mode
 
 
 class _Grid:

@@ -81,11 +81,13 @@ def test_local_backend_runs_gathers_and_resumes(tmp_path: Path, capsys):
     assert "Mean over seeds" in (out / "report.md").read_text()
     assert (out / "table.md").read_text().count("| done |") == 2
 
-    # Resume: nothing finished is re-run; a trial without metrics.json is.
+    # Resume: nothing finished is re-run; a trial with a run missing its metrics.json is.
     grid = load_grid(grid_file)
     first, second = (trial_folder(out, t) for t in grid.trials())
+    assert sorted(p.name for p in second.iterdir() if p.is_dir()) == ["adaptive-s0", "unaware-s0"]
+    first = first / "adaptive-s0"
     stamp = (first / "metrics.json").stat().st_mtime_ns
-    (second / "metrics.json").unlink()
+    (second / "adaptive-s0" / "metrics.json").unlink()
     events: list[tuple[str, str]] = []
     run_sweep(grid, out=out, backend="local", workers=1, on_event=lambda t, s: events.append((t, s)))
     assert ("cinet-s0-d0/fedsgd_n1_none", "skipped") in events
@@ -128,7 +130,7 @@ def test_ray_backend_on_a_local_runtime(tmp_path: Path, ray_runtime):
     assert all(r["status"] == "done" and r["ssim_mean"] != "" for r in table)
     assert {r["attack"] for r in table} == {"cinet", "ig-short"}
     for r in rows:
-        metrics = json.loads((Path(r["folder"]) / "metrics.json").read_text())
+        metrics = json.loads((Path(r["folder"]) / r["verdict_run"] / "metrics.json").read_text())
         assert metrics["summary"]["attack"] == r["attack_name"]
         assert metrics["summary"]["iterations"] == 10
     report = (tmp_path / "report.md").read_text()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback, target_gradients
 from gradleak.errors import ConfigError, UnsupportedModelError
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -240,6 +241,7 @@ class AnalyticAttack(Attack):
 
     name = "analytic"
     Config = AnalyticConfig
+    knowledge = Knowledge(adaptive=False, sok="B")
     presets = {
         # Proposition 1 as stated: alternate P_hat and x = N grad_W pinv(P_hat) only.
         "paper": dict(alternations=200, refine_steps=0),

@@ -17,6 +17,7 @@ import torch
 
 from gradleak.errors import ConfigError, UpdateError
 from gradleak.labels import LabelResult, recover_labels
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.registry import Registry
 from gradleak.threat.io import check_update
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -61,6 +62,8 @@ class Attack(ABC):
 
     name: ClassVar[str] = "attack"
     Config: ClassVar[type]
+    knowledge: ClassVar[Knowledge] = Knowledge()
+    """What the attacker holds (:mod:`gradleak.attacks.threat_model`), in ``gradleak list attacks``."""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> None:

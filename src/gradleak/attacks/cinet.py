@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer, flatten_optimizer, unflatten_optimizer
+from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.matching import build_matcher
 from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
 from gradleak.errors import CheckpointError, ConfigError
-from gradleak.functional import gradient_distance, total_variation
+from gradleak.functional import total_variation
 from gradleak.generators.cinet import CINetGenerator, choose_channels, latent
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
@@ -62,6 +64,8 @@ class CINetConfig:
             keeping their activations (less memory, one more generator forward per step).
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the generator and the victim's forward
             and gradient; parameters, the matching loss and the update stay in float32).
+        adaptive: ``"auto"`` (simulate the update's recorded defense, :mod:`gradleak.attacks.adaptive`),
+            ``"on"`` (the same; refuse an undefended update) or ``"off"`` (the unaware attacker).
     """
 
     iterations: int = 1000
@@ -81,8 +85,10 @@ class CINetConfig:
     checkpoint_every: int = 100
     activation_checkpointing: bool = False
     precision: str = "fp32"
+    adaptive: str = "auto"
 
     def __post_init__(self) -> None:
+        check_adaptive("cinet", self.adaptive)
         if self.update not in _UPDATES:
             raise ConfigError(f"cinet update: expected one of {', '.join(_UPDATES)}, got {self.update!r}")
         if self.loss not in ("l2", "cosine", "cosine-naive"):
@@ -118,6 +124,7 @@ class CINetAttack(Attack):
 
     name = "cinet"
     Config = CINetConfig
+    knowledge = Knowledge(sok="B")
     presets = {
         # Algorithm 1 as written: L2 matching, plain signed SGD, P(G) > P(F).
         "paper": dict(loss="l2", update="sign-sgd", channels="paper", lr=1e-3),
@@ -145,7 +152,7 @@ class CINetAttack(Attack):
 
         victim = copy.deepcopy(server.model).to(dev)
         victim.train(server.bn_mode == "train")
-        matcher = build_matcher(update, victim, device=dev)
+        matcher = build_matcher(update, victim, device=dev, adaptive=cfg.adaptive)
         target = matcher.target
         p_f = sum(t.numel() for t in target)
 
@@ -201,7 +208,7 @@ class CINetAttack(Attack):
                     grads = matcher.simulate(x, y)
                 if amp_dtype is not None:
                     grads = [g.float() for g in grads]
-                loss = gradient_distance(cfg.loss, grads, target)
+                loss = matcher.distance(cfg.loss, grads)
                 if cfg.tv > 0:
                     loss = loss + cfg.tv * total_variation(x.float())
                 ggrads = torch.autograd.grad(loss, gparams)
@@ -232,7 +239,8 @@ class CINetAttack(Attack):
         return Reconstruction(
             images=images.cpu(), labels=y.cpu(), label_strategy=label_strategy, history=history,
             info={"attack": self.name, "config": asdict(cfg), "channel_choice": choice.to_dict(),
-                  "label_notes": notes, "label_info": lab.info, "matching": matcher.mode, "iterations": done,
+                  "label_notes": notes, "label_info": lab.info, "matching": matcher.mode, "adaptive": matcher.adaptive,
+                  "matching_loss": matcher.loss_name(cfg.loss), "iterations": done,
                   "resumed_from": start,
                   "seconds": elapsed_before + time.perf_counter() - start_time},
         )

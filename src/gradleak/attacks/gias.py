@@ -30,12 +30,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer, flatten_optimizer, unflatten_optimizer
+from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.matching import build_matcher
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
 from gradleak.errors import CheckpointError, ConfigError
-from gradleak.functional import gradient_distance, total_variation
+from gradleak.functional import total_variation
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class GIASConfig:
         label_strategy: how labels are recovered from the update (``gradleak.labels``).
         log_every: iterations between loss readings and progress callbacks.
         checkpoint_every: iterations between checkpoints when a run folder is given (0: none).
+        adaptive: ``"auto"`` (simulate the update's recorded defense), ``"on"`` (the same; refuse an
+            undefended update) or ``"off"`` (the unaware attacker).
     """
 
     generator_path: str | None = None
@@ -87,8 +91,10 @@ class GIASConfig:
     label_strategy: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
+    adaptive: str = "auto"
 
     def __post_init__(self) -> None:
+        check_adaptive("gias", self.adaptive)
         if self.latent_shape is not None:
             object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
         if self.output_range not in ("tanh", "unit"):
@@ -175,6 +181,7 @@ class GIASAttack(Attack):
 
     name = "gias"
     Config = GIASConfig
+    knowledge = Knowledge(surrogate_data=True, sok="D")
     presets = {
         # The published CIFAR-10 DCGAN script.
         "cifar10-dcgan": dict(lr=0.1, generator_lr=1e-4, latent_iterations=3000, generator_iterations=3000,
@@ -226,7 +233,7 @@ class GIASAttack(Attack):
         y, label_strategy, notes = lab.labels, lab.strategy, lab.warnings
         victim = copy.deepcopy(server.model).to(self.device)
         victim.train(server.bn_mode == "train")
-        matcher = build_matcher(update, victim, device=self.device)
+        matcher = build_matcher(update, victim, device=self.device, adaptive=cfg.adaptive)
         zshape = (n,) + self._latent_shape(base)
         expected = (n,) + tuple(server.input_shape)
 
@@ -237,7 +244,7 @@ class GIASAttack(Attack):
             return (x + 1) / 2 if cfg.output_range == "tanh" else x
 
         def objective(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            match = gradient_distance(cfg.loss, matcher.simulate(x, y), matcher.target)
+            match = matcher.distance(cfg.loss, matcher.simulate(x, y))
             return (match + cfg.tv * total_variation(x) if cfg.tv > 0 else match), match
 
         rng = torch.Generator().manual_seed(self.seed)
@@ -289,7 +296,7 @@ class GIASAttack(Attack):
         return Reconstruction(
             images=out.detach().cpu(), labels=y.cpu(), label_strategy=label_strategy, history=run.history,
             info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": lab.info,
-                  "matching": matcher.mode,
+                  "matching": matcher.mode, "adaptive": matcher.adaptive, "matching_loss": matcher.loss_name(cfg.loss),
                   "restart_scores": run.scores, "latent_shape": list(zshape[1:]), "stopped_early": run.stopped,
                   "iterations": (cfg.restarts if run.stage == "generator" else run.restart) * cfg.latent_iterations
                   + run.iteration,

@@ -7,18 +7,25 @@
   client is replayed (CI-Net appendix C.3: an aggregate acts as one large batch). Recovered labels
   are sorted by class, so which client held which label is not known to the attacker; the
   replay assigns them in order.
+
+When the update records a defense, the adaptive attacker (:mod:`gradleak.attacks.adaptive`, the
+default) simulates it on the candidates too, and the matching loss becomes the noise's likelihood
+where the defense adds noise; ``adaptive="off"`` is the unaware attacker.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from gradleak.errors import UpdateError
-from gradleak.functional import model_gradients
+from gradleak.attacks.adaptive import DefenseModel, adaptive_gradient, check_adaptive, likelihood_distance
+from gradleak.errors import ConfigError, UpdateError
+from gradleak.functional import gradient_distance, model_gradients
+from gradleak.threat.aggregate import client_updates, simulate_update
 from gradleak.types import ClientUpdate
 
 Simulate = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
@@ -26,36 +33,118 @@ Simulate = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
 @dataclass(frozen=True)
 class Matcher:
-    """``simulate(images, labels)`` gives tensors comparable with ``target`` (both in parameter order)."""
+    """``simulate(images, labels)`` gives tensors comparable with ``target`` (both in parameter order);
+    ``distance(loss, simulated)`` is the matching loss between them.
+
+    Args:
+        target: the uploaded tensors.
+        simulate: the differentiable simulation of the client (and, adaptive, of its defense).
+        mode: what is simulated, in words.
+        adaptive: what the run records about the attacker's knowledge of the defense.
+        likelihood: ``"l2"`` / ``"l1"``: the loss is the recorded noise's likelihood, not the
+            attack's configured one.
+    """
 
     target: list[torch.Tensor]
     simulate: Simulate
     mode: str
+    adaptive: dict[str, Any] = field(default_factory=lambda: {"requested": "off", "active": False})
+    likelihood: str | None = None
+
+    def distance(self, loss: str, simulated: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The matching loss of ``simulated`` against the target (``loss`` unless a likelihood overrides it)."""
+        if self.likelihood is not None:
+            return likelihood_distance(self.likelihood, simulated, self.target)
+        return gradient_distance(loss, simulated, self.target)
+
+    def loss_name(self, loss: str) -> str:
+        """The loss :meth:`distance` computes for an attack configured with ``loss``."""
+        return f"likelihood-{self.likelihood}" if self.likelihood else loss
 
 
-def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.device) -> Matcher:
+def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.device,
+                  adaptive: str = "auto") -> Matcher:
     """The matching target and the differentiable simulation of the client for ``update``.
 
+    Args:
+        update: the uploaded update (its metadata drives the simulation).
+        victim: the attacker's copy of the model, in the client's train/eval mode.
+        device: where the target goes.
+        adaptive: ``"auto"`` (simulate the recorded defense, if any), ``"on"`` (the same, and an
+            update without a recorded defense is refused) or ``"off"`` (the unaware attacker).
+
     Raises:
-        UpdateError: a delta whose local hyperparameters (lr, batch size) are not in the update.
+        UpdateError: a delta whose local hyperparameters (lr, batch size) are not in the update, or a
+            recorded defense that is unknown, lacks its parameters or does not fit the protocol.
+        ConfigError: an unknown ``adaptive`` mode, or ``"on"`` for an update without a defense.
     """
+    check_adaptive("matching", adaptive)
+    if adaptive == "on" and not update.defenses:
+        raise ConfigError("adaptive 'on': expected an update that records a defense, got one without; "
+                          "use 'auto' to attack defended and undefended updates alike")
     params = [p for p in victim.parameters() if p.requires_grad]
     tensors = [t.to(device) for t in update.gradients()]
-
-    def gradient(images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        return model_gradients(victim, images, labels, create_graph=True, params=params)
-
-    if update.kind == "gradient" and update.protocol == "fedsgd":
-        return Matcher(tensors, gradient, "gradient")
     if update.kind == "delta" and not update.local_lr:
         raise UpdateError("delta update: expected its local learning rate (local_lr) in the metadata, got none")
-    from gradleak.threat.aggregate import simulate_update
-
-    def replay(images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        return simulate_update(update, model=victim, images=images, labels=labels, create_graph=True)
-
     if update.protocol == "aggregate":
         mode = f"aggregate of {update.num_clients} clients, each replayed"
-    else:
+    elif update.kind == "delta":
         mode = f"fedavg replay of {update.local_steps} local steps"
-    return Matcher(tensors, replay, mode)
+    else:
+        mode = "gradient"
+    if adaptive == "off" or not update.defenses:
+        info = {"requested": adaptive, "active": False,
+                "note": "the update records no defense" if not update.defenses else "unaware: defense ignored"}
+        return Matcher(tensors, _plain(update, victim, params), mode, info)
+    if update.protocol == "aggregate":
+        simulate, likelihood, described = _adaptive_aggregate(update, victim)
+    else:
+        model = DefenseModel.of(update)
+        if model.per_sample_clip is not None and (update.kind != "gradient" or update.protocol != "fedsgd"):
+            raise UpdateError(f"update defense 'dpsgd': expected a FedSGD gradient (DP-SGD is one noisy gradient "
+                              f"here), got a {update.protocol} {update.kind}")
+        raw = adaptive_gradient(model, victim, params) if mode == "gradient" else _plain(update, victim, params)
+
+        def simulate(images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+            return model.apply(raw(images, labels), tensors)
+
+        likelihood, described = model.likelihood, model.describe()
+    info = {"requested": adaptive, "active": True, **described}
+    return Matcher(tensors, simulate, f"{mode}, defense simulated ({described['defense']})", info, likelihood)
+
+
+def _plain(update: ClientUpdate, victim: nn.Module, params: list[torch.Tensor]) -> Simulate:
+    if update.kind == "gradient" and update.protocol == "fedsgd":
+        return lambda images, labels: model_gradients(victim, images, labels, create_graph=True, params=params)
+    return lambda images, labels: simulate_update(update, model=victim, images=images, labels=labels,
+                                                  create_graph=True)
+
+
+def _adaptive_aggregate(update: ClientUpdate, victim: nn.Module) -> tuple[Simulate, str | None, dict[str, Any]]:
+    """Each client's recorded defense, simulated on its share before the clients are averaged."""
+    models: dict[str, DefenseModel] = {}
+
+    def model_of(part: ClientUpdate) -> DefenseModel:
+        key = json.dumps([part.defenses, part.metadata.get("defense_params", [])], sort_keys=True, default=str)
+        if key not in models:
+            models[key] = DefenseModel.of(part)
+        return models[key]
+
+    parts = client_updates(update)
+    for part in parts:  # every record is checked before the first step
+        if model_of(part).per_sample_clip is not None and part.kind != "gradient":
+            raise UpdateError(f"aggregate client defense 'dpsgd': expected a FedSGD gradient, got a {part.kind}")
+
+    def client(part: ClientUpdate, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        model = model_of(part)
+        raw = model.simulate(victim, images, labels, lambda: simulate_update(
+            part, model=victim, images=images, labels=labels, create_graph=True))
+        return model.apply(raw, None)  # one client's own upload is not visible in the aggregate
+
+    likelihoods = {model_of(p).likelihood for p in parts} - {None}
+    # an average of Laplace noises is no longer Laplace: anything but one client is matched as Gaussian
+    likelihood = (likelihoods.pop() if len(parts) == 1 else "l2") if likelihoods else None
+    specs = sorted({model_of(p).defense.spec() for p in parts})
+    described = {"defense": " / ".join(specs), "per_client": True, "likelihood": likelihood}
+    return (lambda images, labels: simulate_update(update, model=victim, images=images, labels=labels,
+                                                   create_graph=True, client=client)), likelihood, described

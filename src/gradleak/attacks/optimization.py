@@ -29,12 +29,14 @@ from typing import Any, Callable
 
 import torch
 
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
 from gradleak.attacks.checkpoint import Checkpointer, flatten_optimizer, unflatten_optimizer
+from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.matching import build_matcher
 from gradleak.errors import CheckpointError, ConfigError
-from gradleak.functional import gradient_distance, total_variation
+from gradleak.functional import total_variation
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class OptimizationConfig:
         label_strategy: how labels are recovered when ``soft_labels`` is off (``gradleak.labels``).
         log_every: iterations between loss readings and progress callbacks.
         checkpoint_every: iterations between checkpoints when a run folder is given (0: none).
+        adaptive: ``"auto"`` (simulate the update's recorded defense), ``"on"`` (the same; refuse an
+            undefended update) or ``"off"`` (the unaware attacker).
     """
 
     iterations: int = 300
@@ -84,9 +88,11 @@ class OptimizationConfig:
     label_strategy: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 100
+    adaptive: str = "auto"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_adaptive(name, self.adaptive)
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{name} {key}: expected one of {', '.join(map(repr, allowed))}, "
@@ -160,12 +166,11 @@ class OptimizationAttack(Attack):
             y_hard, label_strategy, notes, label_info = lab.labels, lab.strategy, lab.warnings, lab.info
         victim = copy.deepcopy(server.model).to(self.device)
         victim.train(server.bn_mode == "train")
-        matcher = build_matcher(update, victim, device=self.device)
+        matcher = build_matcher(update, victim, device=self.device, adaptive=cfg.adaptive)
         shape = (n,) + tuple(server.input_shape)
 
         def objective(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            match = gradient_distance(cfg.loss, matcher.simulate(x, torch.softmax(v, -1) if soft else y_hard),
-                                      matcher.target)
+            match = matcher.distance(cfg.loss, matcher.simulate(x, torch.softmax(v, -1) if soft else y_hard))
             return (match + cfg.tv * total_variation(x) if cfg.tv > 0 else match), match
 
         rng = torch.Generator().manual_seed(self.seed)
@@ -242,7 +247,7 @@ class OptimizationAttack(Attack):
             images=best_x.clamp(0, 1).detach().cpu(), labels=y_out.detach().cpu(), label_strategy=label_strategy,
             history=run.history,
             info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": label_info,
-                  "matching": matcher.mode,
+                  "matching": matcher.mode, "adaptive": matcher.adaptive, "matching_loss": matcher.loss_name(cfg.loss),
                   "restart_scores": scores, "best_restart": int(min(range(len(scores)), key=scores.__getitem__)),
                   "diverged": run.diverged, "stopped_early": stop,
                   "iterations": run.restart * cfg.iterations + run.iteration,
@@ -376,6 +381,7 @@ class DLGAttack(OptimizationAttack):
 
     name = "dlg"
     Config = DLGConfig
+    knowledge = Knowledge(labels="joint", sok="A")
     presets = {
         # DLG's code: torch L-BFGS(lr=1) with its defaults, 300 steps, N(0,1) images and label logits.
         "paper": dict(optimizer="lbfgs", lr=1.0, iterations=300, line_search=None, soft_labels=True, init="randn"),
@@ -393,6 +399,7 @@ class IDLGAttack(OptimizationAttack):
 
     name = "idlg"
     Config = OptimizationConfig
+    knowledge = Knowledge(sok="A")
     presets = {
         # iDLG's code: L-BFGS(lr=1), 300 steps, N(0,1) images, label from the last layer's gradient.
         "paper": dict(optimizer="lbfgs", lr=1.0, iterations=300, line_search=None, init="randn"),
@@ -411,6 +418,7 @@ class InvertingGradientsAttack(OptimizationAttack):
 
     name = "ig"
     Config = IGConfig
+    knowledge = Knowledge(sok="B")
     presets = {
         # inversefed's DEFAULT_CONFIG (CIFAR): 4800 steps, Adam 0.1, TV 1e-1, one trial.
         "paper": dict(iterations=4800, restarts=1, tv=0.1),

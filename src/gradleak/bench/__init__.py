@@ -2,6 +2,7 @@
 
 ``step`` (where one CI-Net iteration's time goes, and the floor), ``quality`` (time to SSIM
 0.80 / 0.90 / 0.95), ``scale`` (time and peak memory against batch size and resolution),
-``memory`` (activation checkpointing and bf16 on and off), ``labels`` (label-recovery accuracy).
+``memory`` (activation checkpointing and bf16 on and off), ``labels`` (label-recovery accuracy,
+also under defenses), ``adaptive`` (the adaptive attacker's step cost per defense).
 Timings are measurements of the machine they run on: quote ratios measured in one run.
 """

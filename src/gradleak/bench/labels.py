@@ -9,6 +9,8 @@ server's model and the update; the truth is used for scoring alone.
 Usage:
     gradleak bench labels --quick            # 1 trial, batch sizes 1, 8, 32 (about a minute)
     gradleak bench labels --out labels.json  # 3 trials, batch sizes 1..128 (a few minutes)
+    gradleak bench labels --defenses none,prune:0.9,quantize:4,sign,noise:1e-3 --states untrained \
+        --batch-sizes 1 8 32 --unique-sizes          # label recovery from defended updates
 
 Rows "8u" hold batches of 8 distinct labels (what Yin et al. assume); the other rows draw labels
 with repeats. Prints a Markdown table (mean accuracy over trials; "-" where the strategy refused every trial
@@ -30,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from gradleak.data import builtin_batch
+from gradleak.defenses import defended_update, split_defenses
 from gradleak.errors import GradleakError
 from gradleak.labels import label_accuracy, recover_labels
 from gradleak.labels.ilrg import ilrg
 from gradleak.models import build_model
-from gradleak.threat import fedsgd_update
 from gradleak.types import ModelSpec, ServerState
 
 VICTIMS = {
@@ -84,7 +86,7 @@ def draw(pool_labels: torch.Tensor, n: int, *, seed: int, unique: bool) -> torch
 
 
 def run(*, trials: int, batch_sizes: list[int], unique_sizes: list[int], victims: list[str], states: list[str],
-        steps: int, lr: float) -> list[dict[str, Any]]:
+        steps: int, lr: float, defenses: list[str] = ("none",)) -> list[dict[str, Any]]:  # type: ignore[assignment]
     pool = builtin_batch(POOL, source="photos")
     rows: list[dict[str, Any]] = []
     for victim in victims:
@@ -100,38 +102,45 @@ def run(*, trials: int, batch_sizes: list[int], unique_sizes: list[int], victims
                     idx = draw(pool.labels, n, seed=1000 * trial + n, unique=unique)
                     images, labels = pool.images[idx], pool.labels[idx]
                     size = f"{n}u" if unique else n
-                    update = fedsgd_update(server, images, labels)
-                    for strategy in STRATEGIES:
-                        t0 = time.perf_counter()
+                    for defense in defenses:
                         try:
-                            if strategy == "ilrg-paper":
-                                result = ilrg(server, update, shrinkage="paper")
-                            else:
-                                result = recover_labels(server, update, strategy=strategy)
-                        except GradleakError as e:
-                            rows.append(dict(victim=victim, state=state, batch=size, trial=trial, strategy=strategy,
-                                             accuracy=None, seconds=time.perf_counter() - t0, error=str(e),
-                                             train_loss=train_loss))
+                            update = defended_update(server, images, labels, defense=defense,
+                                                     generator=torch.Generator().manual_seed(trial))
+                        except GradleakError as e:  # e.g. DP-SGD on train-mode BatchNorm
+                            print(f"  {victim} {defense}: skipped ({e})", file=sys.stderr)
                             continue
-                        rows.append(dict(victim=victim, state=state, batch=size, trial=trial, strategy=strategy,
-                                         used=result.strategy, accuracy=label_accuracy(result.labels, labels),
-                                         seconds=time.perf_counter() - t0, warnings=result.warnings,
-                                         info=_jsonable(result.info), distinct=int(labels.unique().numel()),
-                                         train_loss=train_loss))
+                        for strategy in STRATEGIES:
+                            base = dict(victim=victim, state=state, batch=size, trial=trial, strategy=strategy,
+                                        defense=defense, train_loss=train_loss)
+                            t0 = time.perf_counter()
+                            try:
+                                if strategy == "ilrg-paper":
+                                    result = ilrg(server, update, shrinkage="paper")
+                                else:
+                                    result = recover_labels(server, update, strategy=strategy)
+                            except GradleakError as e:
+                                rows.append(dict(base, accuracy=None, seconds=time.perf_counter() - t0, error=str(e)))
+                                continue
+                            rows.append(dict(base, used=result.strategy, accuracy=label_accuracy(result.labels, labels),
+                                             seconds=time.perf_counter() - t0, warnings=result.warnings,
+                                             info=_jsonable(result.info), distinct=int(labels.unique().numel())))
                 print(f"  {victim:16s} {state:9s} N={size!s:<4s} done", file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    keys = sorted({(r["victim"], r["state"], r["batch"]) for r in rows},
-                  key=lambda k: (list(VICTIMS).index(k[0]), k[1] != "untrained", int(str(k[2]).rstrip("u")),
-                                 str(k[2]).endswith("u")))
-    head = "| victim | state | N | " + " | ".join(STRATEGIES) + " |"
-    lines = [head, "|" + "---|" * (3 + len(STRATEGIES))]
-    for victim, state, n in keys:
+    defenses = list(dict.fromkeys(r.get("defense", "none") for r in rows))
+    keys = sorted({(r["victim"], r["state"], r["batch"], r.get("defense", "none")) for r in rows},
+                  key=lambda k: (list(VICTIMS).index(k[0]), k[1] != "untrained", defenses.index(k[3]),
+                                 int(str(k[2]).rstrip("u")), str(k[2]).endswith("u")))
+    many = len(defenses) > 1
+    head = "| victim | state | " + ("defense | " if many else "") + "N | " + " | ".join(STRATEGIES) + " |"
+    lines = [head, "|" + "---|" * (3 + many + len(STRATEGIES))]
+    for victim, state, n, defense in keys:
         cells = []
         for s in STRATEGIES:
-            sel = [r for r in rows if (r["victim"], r["state"], r["batch"], r["strategy"]) == (victim, state, n, s)]
+            sel = [r for r in rows if (r["victim"], r["state"], r["batch"], r["strategy"], r.get("defense", "none"))
+                   == (victim, state, n, s, defense)]
             ok = [r["accuracy"] for r in sel if r["accuracy"] is not None]
             ms = 1000 * statistics.mean(r["seconds"] for r in sel)
             if not ok:
@@ -141,7 +150,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 used = {r.get("used") for r in sel if r["accuracy"] is not None}
                 via = f" via {'/'.join(sorted(u for u in used if u))}" if s == "auto" else ""
                 cells.append(f"{statistics.mean(ok):.3f} ({ms:.0f} ms){mark}{via}")
-        lines.append(f"| {victim} | {state} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {victim} | {state} | " + (f"{defense} | " if many else "") + f"{n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -156,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--states", nargs="+", choices=["untrained", "trained"], default=["untrained", "trained"])
     parser.add_argument("--train-steps", type=int, default=20, help="SGD steps of the 'trained' victims")
     parser.add_argument("--train-lr", type=float, default=0.05)
+    parser.add_argument("--defenses", default="none",
+                        help="comma-separated defense settings applied on the client (default none)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("bench-results/labels.json"), help="JSON output")
     args = parser.parse_args(argv)
@@ -165,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.batch_sizes or ([1, 8, 32] if args.quick else [1, 8, 32, 64, 128])
     t0 = time.perf_counter()
     rows = run(trials=trials, batch_sizes=sizes, unique_sizes=args.unique_sizes, victims=args.victims,
-               states=args.states, steps=args.train_steps, lr=args.train_lr)
+               states=args.states, steps=args.train_steps, lr=args.train_lr,
+               defenses=split_defenses(args.defenses))
     text = table(rows)
     print(text)
     total = time.perf_counter() - t0

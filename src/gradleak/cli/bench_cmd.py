@@ -4,7 +4,8 @@
     gradleak bench quality   # wall time and iterations to mean SSIM 0.80 / 0.90 / 0.95
     gradleak bench scale     # seconds per iteration and peak memory against batch size and resolution
     gradleak bench memory    # the memory switches (activation checkpointing, bf16) on and off
-    gradleak bench labels    # label-recovery accuracy: strategy x victim x batch size
+    gradleak bench labels    # label-recovery accuracy: strategy x victim x batch size (x defense)
+    gradleak bench adaptive  # the adaptive attacker's step cost against the unaware one, per defense
 
 ``gradleak bench NAME --help`` lists each one's options; the same runs as
 ``python -m gradleak.bench.NAME``.
@@ -20,7 +21,8 @@ BENCHMARKS = {
     "quality": "wall time and iterations to mean SSIM 0.80 / 0.90 / 0.95",
     "scale": "seconds per iteration and peak memory against batch size and resolution",
     "memory": "activation checkpointing and bf16 on and off: peak memory and time",
-    "labels": "label-recovery accuracy and time: strategy x victim x batch size",
+    "labels": "label-recovery accuracy and time: strategy x victim x batch size (x defense)",
+    "adaptive": "seconds per CI-Net iteration, unaware and adaptive, per defense",
 }
 
 

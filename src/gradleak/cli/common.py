@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from gradleak.attacks import ATTACKS
+from gradleak.attacks.adaptive import ADAPTIVE_MODES
 from gradleak.attacks.base import config_from_dict
 from gradleak.errors import ConfigError
 
@@ -46,6 +47,9 @@ def add_attack(p: argparse.ArgumentParser, *, default_preset: str | None = None)
     p.add_argument("--labels", default="recovered", choices=["recovered", "given"],
                    help="recover labels from the update (default) or use the ground truth (needs --truth)")
     p.add_argument("--label-strategy", default=None, help="label recovery strategy (default: the attack's, 'auto')")
+    p.add_argument("--adaptive", default=None, choices=list(ADAPTIVE_MODES),
+                   help="auto (default): the attacker simulates the defense the update records; on: the same, "
+                        "and refuse an undefended update; off: the unaware attacker")
     p.add_argument("--pairing", default="hungarian", choices=["hungarian", "greedy"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -77,6 +81,11 @@ def attack_config(args: argparse.Namespace) -> Any:
         overrides["log_every"] = 1
     if args.label_strategy is not None:
         overrides["label_strategy"] = args.label_strategy
+    if getattr(args, "adaptive", None) is not None:
+        if "adaptive" not in names:
+            raise ConfigError(f"--adaptive: {args.attack} does not simulate defenses (it is not iterative), "
+                              f"expected an attack among {', '.join(adaptive_attacks())}")
+        overrides["adaptive"] = args.adaptive
     cfg = cls.preset(args.preset, **overrides) if args.preset else config_from_dict(cls.Config, overrides)
     budget = 2 if getattr(args, "dry_run", False) else args.iterations
     if budget is None:
@@ -85,6 +94,11 @@ def attack_config(args: argparse.Namespace) -> Any:
     if not fields_for_budget and args.iterations is not None:
         raise ConfigError(f"--iterations: {args.attack} has no iteration count (see gradleak list presets)")
     return replace(cfg, **fields_for_budget)
+
+
+def adaptive_attacks() -> list[str]:
+    """The registered attacks whose config has an ``adaptive`` switch."""
+    return [n for n in ATTACKS.available() if "adaptive" in {f.name for f in fields(ATTACKS.get(n).Config)}]
 
 
 def check_device(device: str) -> str:

@@ -30,6 +30,12 @@ def run(args: argparse.Namespace) -> int:
     except (ImportError, AttributeError):
         sections["defenses"] = []
     for name, items in sections.items():
-        if args.what in ("all", name):
+        if args.what == "attacks" == name:
+            for attack in items:
+                print(f"{attack:9s} {ATTACKS.get(attack).knowledge.describe()}")
+        elif args.what in ("all", name):
             print(f"{name}: {', '.join(items) if items else '(none)'}")
+    if args.what == "attacks":
+        print("(SoK: threat models of Carletti et al., USENIX Security 2025; a run that replays local steps or "
+              "simulates a defense uses training details: C. Every attack here is passive.)")
     return 0

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from gradleak.integrations.sweep import load_grid, run_sweep, trial_folder
+    from gradleak.reporting.audit import cell_finished
 
     # Ray's anonymous usage statistics would go over the network: off unless the user set it.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out("sweep")
     if args.list:
         for t in grid.trials():
-            done = (trial_folder(out, t) / "metrics.json").is_file()
+            done = cell_finished(trial_folder(out, t))
             print(f"{t.id}{'  (done)' if done else ''}")
         return 0
 

@@ -7,11 +7,11 @@ Registered: ``none``, ``noise`` (Gaussian, sigma), ``laplace`` (scale), ``clip``
 the client with :func:`defended_update` (needed for ``dpsgd``).
 """
 
-from gradleak.defenses.base import DEFENSES, ComposeDefense, Defense, IdentityDefense, compose
+from gradleak.defenses.base import DEFENSES, ComposeDefense, Defense, IdentityDefense, compose, declare_defense
 from gradleak.defenses.clip import NormClipDefense, global_norm
-from gradleak.defenses.dpsgd import DPSGDDefense, dpsgd_update, per_sample_gradients, rdp_epsilon
+from gradleak.defenses.dpsgd import DPSGDDefense, clipped_sum, dpsgd_update, per_sample_gradients, rdp_epsilon
 from gradleak.defenses.noise import GaussianNoiseDefense, LaplaceNoiseDefense
-from gradleak.defenses.parse import defended_update, parse_defense, parse_defenses
+from gradleak.defenses.parse import defended_update, parse_defense, parse_defenses, recorded_defense, split_defenses
 from gradleak.defenses.prune import TopKPruneDefense, kept_entries
 from gradleak.defenses.quantize import QuantizeDefense, SignDefense, quantization_scale
 
@@ -34,7 +34,9 @@ __all__ = [
     "SignDefense",
     "TopKPruneDefense",
     "available",
+    "clipped_sum",
     "compose",
+    "declare_defense",
     "defended_update",
     "dpsgd_update",
     "global_norm",
@@ -44,4 +46,6 @@ __all__ = [
     "per_sample_gradients",
     "quantization_scale",
     "rdp_epsilon",
+    "recorded_defense",
+    "split_defenses",
 ]

@@ -97,6 +97,23 @@ def record(update: ClientUpdate, defense: Defense, tensors: dict[str, torch.Tens
     return update.replace(tensors=tensors, defenses=(*update.defenses, defense.name), metadata=metadata)
 
 
+def declare_defense(update: ClientUpdate, defense: "Defense") -> ClientUpdate:
+    """``update`` with ``defense`` recorded as applied, its tensors unchanged.
+
+    For updates defended outside gradleak (a Flower client with its own DP or compression): the
+    record is what lets an auditor attack them with the adaptive attacker.
+
+    Example:
+        >>> from gradleak.defenses import parse_defense
+        >>> u = declare_defense(ClientUpdate(tensors={"w": torch.ones(2)}), parse_defense("clip:1+noise:0.1"))
+        >>> u.defenses, u.metadata["defense_params"][1]
+        (('clip', 'noise'), {'name': 'noise', 'sigma': 0.1})
+    """
+    for part in defense.parts():
+        update = record(update, part, dict(update.tensors))
+    return update
+
+
 def check_number(owner: str, what: str, value: Any, *, low: float, high: float = math.inf,
                  low_open: bool = False, high_open: bool = True, integer: bool = False) -> None:
     """Raise :class:`ConfigError` ("expected X, got Y") unless ``value`` lies in the interval."""

@@ -70,13 +70,16 @@ def _opacus() -> Any:
 
 
 def per_sample_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                         method: str = "auto") -> list[torch.Tensor]:
+                         method: str = "auto", create_graph: bool = False) -> list[torch.Tensor]:
     """Each sample's gradient of its own cross-entropy, shape (N, *param.shape) per trainable parameter.
 
     ``method="opacus"`` uses Opacus' ``GradSampleModule`` on a deep copy of ``model`` (its hooks
     never touch ``model``); Opacus refuses layers with buffers, so for models with eval-mode
     BatchNorm ``"auto"`` falls back to ``"functorch"``: ``torch.func.vmap`` of ``torch.func.grad``
     over ``functional_call`` with the buffers held constant. The model's train/eval mode is used.
+    ``create_graph=True`` keeps the result differentiable w.r.t. ``images`` (the adaptive attacker
+    simulates DP-SGD's per-sample clipping on its candidates); it always uses ``torch.func``.
+    ``labels`` are class indices (N,) or probability vectors (N, C).
 
     Raises:
         UnsupportedModelError: the model has BatchNorm in train mode.
@@ -99,8 +102,11 @@ def per_sample_gradients(model: nn.Module, images: torch.Tensor, labels: torch.T
     if method == "opacus" and not model.training:
         raise ConfigError("per-sample gradients method 'opacus': expected a model in training mode "
                           "(Opacus ignores eval-mode modules), got eval mode; use method='functorch'")
-    if method == "functorch" or (method == "auto" and (has_buffers or not model.training)):
-        return _functorch_per_sample(model, images, labels)
+    if create_graph and method == "opacus":
+        raise ConfigError("per-sample gradients method 'opacus': expected create_graph=False (Opacus' hooks "
+                          "are not differentiable), got True; use method='functorch'")
+    if create_graph or method == "functorch" or (method == "auto" and (has_buffers or not model.training)):
+        return _functorch_per_sample(model, images, labels, create_graph=create_graph)
     gsm_cls = _opacus().grad_sample.GradSampleModule
     work = copy.deepcopy(model)
     for p in work.parameters():
@@ -116,7 +122,8 @@ def per_sample_gradients(model: nn.Module, images: torch.Tensor, labels: torch.T
     return grads
 
 
-def _functorch_per_sample(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+def _functorch_per_sample(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                          create_graph: bool = False) -> list[torch.Tensor]:
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -126,7 +133,22 @@ def _functorch_per_sample(model: nn.Module, images: torch.Tensor, labels: torch.
         return F.cross_entropy(logits, y.unsqueeze(0))
 
     grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(trainable, images, labels)
-    return [grads[n].detach() for n in trainable]
+    return [grads[n] if create_graph else grads[n].detach() for n in trainable]
+
+
+def clipped_sum(samples: list[torch.Tensor], max_grad_norm: float) -> list[torch.Tensor]:
+    """``sum_i g_i * min(1, C / (||g_i|| + 1e-6))`` per parameter, ``||g_i||`` over all parameters.
+
+    Opacus' ``DPOptimizer`` clip factor; differentiable when ``samples`` are (the adaptive attacker
+    runs it on its candidates' per-sample gradients).
+
+    Shape:
+        samples: one (N, *param.shape) tensor per parameter; returns one param-shaped tensor each.
+    """
+    n = int(samples[0].shape[0])
+    norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [torch.einsum("i,i...", factor.to(g.dtype), g) for g in samples]
 
 
 def dpsgd_update(
@@ -226,12 +248,9 @@ class DPSGDDefense(Defense):
         model.train(server.bn_mode == "train")
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         samples = per_sample_gradients(model, images, labels)
-        norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
-        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         std = self.noise_multiplier * self.max_grad_norm
         tensors = {}
-        for name, g in zip(names, samples):
-            summed = torch.einsum("i,i...", factor.to(g.dtype), g)
+        for name, summed in zip(names, clipped_sum(samples, self.max_grad_norm)):
             if std > 0:
                 noise = torch.normal(mean=0.0, std=std, size=summed.shape, generator=generator,
                                      device=generator.device).to(summed.device, summed.dtype)

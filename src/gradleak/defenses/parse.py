@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from gradleak.defenses.base import DEFENSES, Defense, IdentityDefense, compose
-from gradleak.errors import ConfigError, UnknownNameError
+from gradleak.errors import ConfigError, UnknownNameError, UpdateError
 from gradleak.threat.fedsgd import fedsgd_update
 from gradleak.types import ClientUpdate, ServerState
 
@@ -126,6 +126,61 @@ def parse_defenses(text: str) -> list[Defense]:
     if any(not t for t in items):
         raise ConfigError(f"defenses '{text}': expected a defense between every pair of commas, got an empty item")
     return [parse_defense(t) for t in items]
+
+
+def split_defenses(text: str) -> list[str]:
+    """The settings of a comma-separated list as written, each checked by :func:`parse_defenses`.
+
+    Example:
+        >>> split_defenses(" none, noise:1e-3 ")
+        ['none', 'noise:1e-3']
+    """
+    parse_defenses(text)  # its errors name the bad item (empty list, empty item, unknown name, range)
+    return [t.strip() for t in text.split(",")]
+
+
+def recorded_defense(update: ClientUpdate) -> Defense:
+    """The defense an update records (``defenses`` and ``metadata["defense_params"]``), rebuilt.
+
+    An aggregate's own record lists every defense any client applied; each client's record is in
+    ``metadata["clients"][k]`` (read it with ``recorded_defense`` on a per-client update).
+
+    Raises:
+        UpdateError: a recorded name that is not a registered defense, a ``defense_params`` list that
+            does not match ``defenses`` one to one, a record without a required parameter, or a
+            parameter out of range.
+
+    Example:
+        >>> from gradleak.defenses import parse_defense
+        >>> u = ClientUpdate(tensors={"w": torch.ones(4)})
+        >>> recorded_defense(parse_defense("clip:2+prune:0.5")(u, generator=torch.Generator())).spec()
+        'clip:max_norm=2.0+prune:sparsity=0.5'
+    """
+    names = list(update.defenses)
+    params = update.metadata.get("defense_params", [])
+    if not isinstance(params, list) or len(params) != len(names) or not all(isinstance(p, dict) for p in params):
+        raise UpdateError(f"update defenses {names}: expected one record per defense in metadata['defense_params'] "
+                          f"(its name and parameters), got {params!r:.120}")
+    parts = []
+    for k, (name, record) in enumerate(zip(names, params)):
+        if record.get("name") != name:
+            raise UpdateError(f"update defense {k} '{name}': expected its record in defense_params[{k}] to name it, "
+                              f"got {record.get('name')!r}")
+        if name not in DEFENSES.available():
+            raise UpdateError(f"update defense '{name}': expected one of {', '.join(DEFENSES.available())} "
+                              "(an attacker that knows the defense must know what it is), got an unknown name")
+        cls = DEFENSES.get(name)
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        missing = [f for f, spec in fields.items() if f not in record
+                   and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING]
+        if missing:
+            raise UpdateError(f"update defense '{name}': expected its parameter(s) {', '.join(missing)} in "
+                              f"defense_params[{k}], got {sorted(k2 for k2 in record if k2 != 'name')}")
+        try:
+            parts.append(cls(**{f: record[f] for f in fields if f in record}))
+        except (ConfigError, TypeError) as e:
+            raise UpdateError(f"update defense '{name}' as recorded: {e}") from None
+    return compose(*parts)
 
 
 def defended_update(

@@ -206,7 +206,7 @@ class AuditJob:
         attack_config: its config (dataclass or dict).
         label_strategy: label recovery strategy recorded in ``labels.json``.
         model: the architecture: a ``ModelSpec`` (rebuilt by name) or a template module.
-        seed: the attack's seed.
+        seeds: the attack seeds every attacker runs with.
         device: where the attack runs.
         threads: torch CPU threads of the job (``None``: torch's default).
         time_budget: wall-clock seconds for the attack (``None``: its iteration budget only).
@@ -217,7 +217,7 @@ class AuditJob:
     attack_config: Any
     label_strategy: str = "auto"
     model: Any = None
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     device: str = "cpu"
     threads: int | None = None
     time_budget: float | None = None
@@ -257,17 +257,21 @@ def _load_server(job: AuditJob) -> ServerState:
 
 
 def run_audit_job(job: AuditJob) -> dict[str, Any]:
-    """Recover the labels and run the attack in ``job.folder``; return the run's summary.
+    """Recover the labels and run the attackers in ``job.folder``; return the client's verdict.
 
     Writes ``labels.json`` (the recovered labels, the strategy, its warnings and, with a truth file,
-    the label accuracy) and the run folder of :func:`gradleak.reporting.run_attack`. A truth file in
-    the folder is used for scoring only; it never reaches the attack.
+    the label accuracy) and one run folder of :func:`gradleak.reporting.run_attack` per attacker and
+    seed (``<attacker>-s<seed>/``): the unaware and the adaptive attacker when the update records a
+    defense, as in ``gradleak audit``. A truth file in the folder is used for scoring only; it
+    never reaches the attack.
 
     Returns:
-        The ``summary`` of ``metrics.json``.
+        The worst case over attackers and seeds (:func:`gradleak.reporting.verdicts.worst_case`),
+        its ``verdict`` text, and the update's protocol facts.
     """
     from gradleak.labels import label_accuracy
-    from gradleak.reporting import run_attack
+    from gradleak.reporting.audit import attackers_for, run_attackers
+    from gradleak.reporting.verdicts import load_runs, verdict, worst_case
 
     if job.threads:
         torch.set_num_threads(int(job.threads))
@@ -285,13 +289,18 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
         labels_doc["error"] = str(e)
     (folder / "labels.json").write_text(json.dumps(labels_doc, indent=2))
     capture = json.loads((folder / "capture.json").read_text())
-    run = run_attack(server, update, attack=job.attack, config=job.attack_config, out=folder,
-                     truth_images=None if truth is None else truth[0], truth_labels=None if truth is None else truth[1],
-                     case={"source": "flower", **{k: v for k, v in capture.items() if k != "truth"}},
-                     device=job.device, seed=job.seed, progress=False, time_budget=job.time_budget)
+    defended = bool(update.defenses)
+    attackers, not_tried = attackers_for(job.attack, job.attack_config, defended=defended)
+    run_attackers(server, update, attack=job.attack, attack_config=job.attack_config, folder=folder,
+                  attackers=attackers, seeds=job.seeds,
+                  case={"source": "flower", **{k: v for k, v in capture.items() if k != "truth"}},
+                  truth_images=None if truth is None else truth[0], truth_labels=None if truth is None else truth[1],
+                  device=job.device, progress=False, time_budget=job.time_budget)
     log.info("audit of round %s node %s written to %s", capture.get("round"), capture.get("node_id"), folder)
-    return {**run.metrics["summary"], "protocol": update.protocol, "kind": update.kind,
-            "num_samples": update.num_samples, "local_steps": update.local_steps}
+    row = worst_case(load_runs(folder), defended=defended, not_tried=not_tried)
+    return {**row, "verdict": verdict(row), "defense": "+".join(update.defenses) or "none",
+            "protocol": update.protocol, "kind": update.kind, "num_samples": update.num_samples,
+            "local_steps": update.local_steps}
 
 
 @dataclass(frozen=True)
@@ -315,13 +324,17 @@ def write_index(out: str | Path, records: list[AuditRecord]) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cols = ["round", "node_id", "status", "n", "protocol", "local_steps", "label_strategy", "label_accuracy",
-            "ssim_mean", "psnr_mean", "lpips_mean", "seconds", "folder", "error"]
+    cols = ["round", "node_id", "status", "n", "protocol", "local_steps", "defense", "label_strategy",
+            "label_accuracy", "ssim_mean", "ssim_worst_image", "recognisable_fraction", "verdict_attacker", "psnr_mean",
+            "lpips_mean", "seconds", "verdict", "folder", "error"]
     rows = []
     for r in sorted(records, key=lambda r: (r.round, r.node_id)):
         s = r.summary
         rows.append({"round": r.round, "node_id": r.node_id, "status": r.status, "n": s.get("num_samples"),
-                     "protocol": s.get("protocol"), "local_steps": s.get("local_steps"),
+                     "protocol": s.get("protocol"), "local_steps": s.get("local_steps"), "defense": s.get("defense"),
+                     "ssim_worst_image": s.get("ssim_worst_image"),
+                     "recognisable_fraction": s.get("recognisable_fraction"),
+                     "verdict_attacker": s.get("verdict_attacker"), "verdict": s.get("verdict"),
                      "label_strategy": s.get("label_strategy"), "label_accuracy": s.get("label_accuracy"),
                      "ssim_mean": s.get("ssim_mean"), "psnr_mean": s.get("psnr_mean"), "lpips_mean": s.get("lpips_mean"),
                      "seconds": s.get("seconds"), "folder": r.folder, "error": r.error})
@@ -333,11 +346,13 @@ def write_index(out: str | Path, records: list[AuditRecord]) -> None:
     def cell(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    head = ["round", "node", "status", "N", "protocol", "steps", "labels", "label acc.", "SSIM", "PSNR", "folder"]
+    head = ["round", "node", "status", "N", "protocol", "steps", "defense", "labels", "label acc.",
+            "worst-case SSIM", "PSNR", "verdict", "folder"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         folder = Path(row["folder"]).relative_to(out) if Path(row["folder"]).is_relative_to(out) else row["folder"]
         lines.append("| " + " | ".join(cell(row[k]) for k in ("round", "node_id", "status", "n", "protocol",
-                                                              "local_steps", "label_strategy", "label_accuracy",
-                                                              "ssim_mean", "psnr_mean")) + f" | {folder} |")
+                                                              "local_steps", "defense", "label_strategy",
+                                                              "label_accuracy", "ssim_mean", "psnr_mean", "verdict"))
+                     + f" | {folder} |")
     (out / "audits.md").write_text("\n".join(lines) + "\n")

@@ -41,7 +41,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from gradleak.defenses import declare_defense, parse_defense
 from gradleak.errors import ConfigError
+from gradleak.reporting.verdicts import Condition
 from gradleak.integrations.capture import (
     AuditJob,
     AuditRecord,
@@ -82,6 +84,9 @@ class AuditKeys:
     batch_size: tuple[str, ...] = ("batch-size", "local-batch-size")
     shuffle_seed: tuple[str, ...] = ("shuffle-seed",)
     num_examples: tuple[str, ...] = ("num-examples",)
+    defense: tuple[str, ...] = ("defense", "gradleak-defense")
+    """A defense setting (``"clip:1+noise:1e-3"``) the client applied to what it sent: recorded on the
+    update, so the adaptive attacker simulates it (the defense is public, as the server mandates it)."""
 
 
 def truth_path(truth_dir: str | Path, *, server_round: int, node_id: int) -> Path:
@@ -148,7 +153,13 @@ class AuditStrategy(Strategy):
         input_shape: (C, H, W) for a template module.
         num_classes: C for a template module.
         bn_mode: the clients' BatchNorm mode for a template module.
-        seed: seed of the attacks.
+        seed: seed of the attacks (when ``seeds`` is not given).
+        seeds: attack seeds every attacker runs with; a client's verdict is the worst case over the
+            unaware and the adaptive attacker (when its update records a defense) and these seeds.
+        defense: the defense setting every client applies (e.g. mandated by the server), when a
+            client does not report its own under ``keys.defense``.
+        fail_if: leak limits such as ``"ssim>0.5"`` (:class:`gradleak.reporting.verdicts.Condition`);
+            :meth:`leaks` lists the audits that exceed one.
         device: where the attacks run.
         time_budget: wall-clock seconds per attack.
 
@@ -163,10 +174,17 @@ class AuditStrategy(Strategy):
                  executor: str = "process", max_workers: int = 1, threads: int | None = None,
                  wait_at_end: bool = True, keys: AuditKeys = AuditKeys(), gradient_key: str = "gradients",
                  input_shape: Sequence[int] | None = None, num_classes: int | None = None, bn_mode: str = "train",
-                 seed: int = 0, device: str = "cpu", time_budget: float | None = None) -> None:
+                 seed: int = 0, device: str = "cpu", time_budget: float | None = None,
+                 seeds: Sequence[int] | None = None, defense: str | None = None,
+                 fail_if: Sequence[str] = ()) -> None:
         from gradleak.attacks import create
 
         create(attack, attack_config)  # an unknown attack or config field fails before the federation starts
+        if defense:
+            parse_defense(defense)
+        self.conditions = [Condition.parse(c) for c in fail_if]
+        self.seeds = tuple(int(v) for v in (seeds if seeds is not None else [seed]))
+        self.defense = defense
         if executor not in ("process", "inline"):
             raise ConfigError(f"audit executor: expected 'process' or 'inline', got {executor!r}")
         if max_workers < 1:
@@ -326,13 +344,16 @@ class AuditStrategy(Strategy):
             named = name_arrays(_arrays(received), server.model, what="client parameters")
             update = update_from_parameters(server, named, num_examples=int(num_examples), training=training,
                                             metadata=meta)
+        defense = self._value(self.keys.defense, metrics, config) or self.defense
+        if defense:
+            update = declare_defense(update, parse_defense(str(defense)))
         capture = {**meta, "num_examples": int(num_examples), "config": config, "metrics": metrics,
                    "strategy": type(self.strategy).__name__, "attack": self.attack,
                    "input_shape": list(server.input_shape), "num_classes": server.num_classes,
                    "bn_mode": server.bn_mode, "update": update.meta_dict()}
         write_capture(folder, server=server, update=update, capture=capture, truth=self._truth(server_round, node))
         return AuditJob(folder=str(folder), attack=self.attack, attack_config=self.attack_config,
-                        label_strategy=self.label_strategy, model=self.model, seed=self.seed, device=self.device,
+                        label_strategy=self.label_strategy, model=self.model, seeds=self.seeds, device=self.device,
                         threads=self.threads, time_budget=self.time_budget)
 
     def _template_model(self) -> nn.Module:
@@ -385,6 +406,10 @@ class AuditStrategy(Strategy):
     def records(self) -> list[AuditRecord]:
         """The audits finished so far."""
         return list(self._records)
+
+    def leaks(self) -> list[tuple[AuditRecord, str]]:
+        """The finished audits whose worst case exceeds a ``fail_if`` limit, with the limit."""
+        return [(r, str(c)) for r in self._records for c in self.conditions if r.status == "done" and c.holds(r.summary)]
 
 
 def _inline(job: AuditJob) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from gradleak.errors import ConfigError
-from gradleak.reporting.audit import AuditCell, ProtocolSetting, audit_grid
+from gradleak.reporting.audit import AuditCell, ProtocolSetting, audit_grid, cell_finished
 from gradleak.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def _check(grid: SweepGrid, trials: list[Trial], out: Path, dry_run: bool) -> li
         if path.is_file() and json.loads(path.read_text()) != doc:
             raise ConfigError(f"sweep trial '{trial.id}': expected a folder made with the same settings, got one made "
                               f"with others ({path}); use a new --out")
-        if (folder / "metrics.json").is_file():
+        if cell_finished(folder):
             continue
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=2))

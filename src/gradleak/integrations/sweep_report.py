@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from gradleak.reporting.audit import load_row, verdict
+from gradleak.reporting.audit import cell_finished, load_row, verdict
 from gradleak.reporting.runner import write_json
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def gather(out: Path, trials: Sequence["Trial"], errors: dict[str, str]) -> list
     rows = []
     for t in trials:
         folder = trial_folder(out, t)
-        if (folder / "metrics.json").is_file() and (folder / "cell.json").is_file():
+        if cell_finished(folder):
             rows.append(trial_row(folder, t))
         else:
             rows.append({"trial": t.id, "status": "failed" if t.id in errors else "missing", "attack": t.attack.tag,

@@ -22,6 +22,7 @@ References:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradleak.attacks import ATTACKS
 from gradleak.data import load_batch
 from gradleak.defenses import Defense, defended_update, parse_defense
 from gradleak.errors import ConfigError, UnsupportedModelError
@@ -113,19 +115,20 @@ class AuditCell:
         return parse_defense(self.defense)
 
 
-def parse_int_list(text: str, *, what: str) -> list[int]:
-    """``"1,4,8"`` -> ``[1, 4, 8]``: positive, distinct integers.
+def parse_int_list(text: str, *, what: str, low: int = 1) -> list[int]:
+    """``"1,4,8"`` -> ``[1, 4, 8]``: distinct integers of at least ``low`` (positive by default).
 
     Raises:
-        ConfigError: an empty list, a non-integer, a value below 1, or a repeat.
+        ConfigError: an empty list, a non-integer, a value below ``low``, or a repeat.
     """
+    kind = "positive integers" if low == 1 else f"integers >= {low}"
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
-        raise ConfigError(f"{what}: expected a comma-separated list of positive integers such as '1,4,8', got {text!r}")
+        raise ConfigError(f"{what}: expected a comma-separated list of {kind} such as '1,4,8', got {text!r}")
     values = []
     for t in items:
-        if not re.fullmatch(r"\d+", t) or int(t) < 1:
-            raise ConfigError(f"{what}: expected positive integers, got {t!r}")
+        if not re.fullmatch(r"\d+", t) or int(t) < low:
+            raise ConfigError(f"{what}: expected {kind}, got {t!r}")
         if int(t) in values:
             raise ConfigError(f"{what}: expected distinct values, got {t} twice")
         values.append(int(t))
@@ -237,12 +240,80 @@ def _cell_seed(seed: int, cell: AuditCell) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(cell.name.encode())) % 2**62
 
 
+def attackers_for(attack: str, attack_config: Any, *, defended: bool) -> tuple[list[str], list[str]]:
+    """Which attackers attack an update, and which cannot (stated with its verdict).
+
+    A defended update gets the unaware attacker and the adaptive one (the attack's ``adaptive`` mode
+    ``auto``); an undefended one is attacked once (both are the same attack there). An attack
+    without an ``adaptive`` switch, or a config with ``adaptive="off"``, runs the unaware attacker
+    only, and the verdict says that the adaptive one was not tried.
+
+    Example:
+        >>> attackers_for("cinet", {}, defended=True)
+        (['unaware', 'adaptive'], [])
+        >>> attackers_for("analytic", {}, defended=True)
+        (['unaware'], ['adaptive (analytic has no adaptive mode)'])
+    """
+    fields = {f.name for f in dataclasses.fields(ATTACKS.get(attack).Config)}
+    mode = attack_config.get("adaptive") if isinstance(attack_config, dict) else getattr(attack_config, "adaptive", None)
+    if "adaptive" not in fields:
+        return ["unaware"], ([f"adaptive ({attack} has no adaptive mode)"] if defended else [])
+    if not defended:
+        return ["adaptive"], []
+    if mode == "off":
+        return ["unaware"], ["adaptive (turned off)"]
+    return ["unaware", "adaptive"], []
+
+
+def attacker_config(attack: str, attack_config: Any, attacker: str) -> Any:
+    """``attack_config`` for one attacker: ``adaptive="off"`` for ``unaware``, ``"auto"`` for ``adaptive``."""
+    if "adaptive" not in {f.name for f in dataclasses.fields(ATTACKS.get(attack).Config)}:
+        return attack_config
+    mode = "off" if attacker == "unaware" else "auto"
+    if isinstance(attack_config, dict):
+        return {**attack_config, "adaptive": mode}
+    return dataclasses.replace(attack_config, adaptive=mode)
+
+
+def run_attackers(server: ServerState, update: ClientUpdate, *, attack: str, attack_config: Any, folder: Path,
+                  attackers: Sequence[str], seeds: Sequence[int], case: dict[str, Any], **run: Any) -> None:
+    """Every attacker x seed into ``folder/<attacker>-s<seed>/`` (:func:`run_attack`); finished runs are kept.
+
+    ``run`` holds :func:`run_attack`'s other keywords (truth, device, pairing, budget, ...); an
+    interrupted run resumes from its checkpoint.
+    """
+    for attacker in attackers:
+        for attack_seed in seeds:
+            run_dir = folder / f"{attacker}-s{attack_seed}"
+            if (run_dir / "metrics.json").is_file():
+                continue
+            run_attack(server, update, attack=attack, config=attacker_config(attack, attack_config, attacker),
+                       out=run_dir, seed=attack_seed, case={**case, "attacker": attacker},
+                       resume=(run_dir / "checkpoint.json").is_file(), **run)
+
+
+def cell_finished(folder: str | Path) -> bool:
+    """Whether a cell folder holds every run its ``cell.json`` asks for (each attacker x seed)."""
+    info_path = Path(folder) / "cell.json"
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    seeds = (info.get("settings") or {}).get("seeds") or []
+    return bool(seeds) and all((Path(folder) / f"{a}-s{s}" / "metrics.json").is_file()
+                               for a in info.get("attacker_names", []) for s in seeds)
+
+
 def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attack_config: Any, out: str | Path,
               model_seed: int = 42, data: str = "cifar10", data_root: str | Path | None = None, data_seed: int = 0,
               utility_steps: int = 20, utility_lr: float = 0.1, give_labels: bool = False, device: str = "cpu",
-              seed: int = 0, pairing: str = "hungarian", time_budget: float | None = None, progress: bool = True,
+              seed: int = 0, seeds: Sequence[int] | None = None, pairing: str = "hungarian",
+              time_budget: float | None = None, progress: bool = True, write_images: bool = True,
               on_event: EventFn | None = None) -> list[dict[str, Any]]:
-    """Run ``attack`` on every cell into ``<out>/<cell.name>/`` and return one row per cell.
+    """Run ``attack`` on every cell into ``<out>/<cell.name>/<attacker>-s<seed>/`` and return one row per cell.
+
+    Each defended cell is attacked by the unaware and the adaptive attacker (:func:`attackers_for`),
+    each with every seed of ``seeds``; the row is the worst case over them
+    (:func:`gradleak.reporting.verdicts.worst_case`).
 
     Args:
         spec: the victim architecture; its weights come from ``build_model(spec, seed=model_seed)``.
@@ -258,10 +329,13 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
         utility_lr: server learning rate applied to FedSGD gradients in the utility rounds.
         give_labels: hand the ground-truth labels to the attack instead of recovering them.
         device: where the attack runs (clients and utility run on the CPU).
-        seed: seed of the attack and, per cell, of the defense's noise.
+        seed: seed of the defense's noise (per cell), and of the attack when ``seeds`` is not given.
+        seeds: the attack seeds every attacker runs with (default ``[seed]``).
         pairing: ``"hungarian"`` or ``"greedy"``.
         time_budget: wall-clock seconds per cell's attack (``None``: its iteration budget only).
         progress: show the attack's progress bar.
+        write_images: ``False``: numbers only (no reconstructions, grids, truth files or checkpoints
+            left on disk); reconstructions of real client data are themselves sensitive.
         on_event: told ``(cell_name, "skipped" | "running" | "done")``.
 
     Returns:
@@ -277,13 +351,16 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
         raise ConfigError(f"audit utility learning rate: expected a positive number, got {utility_lr!r}")
     if not cells:
         raise ConfigError("audit grid: expected at least one cell, got none")
+    seeds = list(dict.fromkeys(int(s) for s in (seeds if seeds is not None else [seed])))
+    if not seeds:
+        raise ConfigError("audit seeds: expected at least one attack seed, got none")
     out = Path(out)
     server = ServerState.from_spec(build_model(spec, seed=model_seed), spec)
     check_victim(server, cells)
     settings = {"model": spec.to_dict(), "model_seed": model_seed, "data": data, "data_seed": data_seed,
                 "data_root": str(data_root) if data_root else None, "attack": attack,
                 "attack_config": _plain(attack_config), "labels": "given" if give_labels else "recovered",
-                "seed": seed, "pairing": pairing, "time_budget": time_budget,
+                "seed": seed, "seeds": seeds, "pairing": pairing, "time_budget": time_budget, "images": write_images,
                 "utility": {"steps": utility_steps, "lr": utility_lr}}
     tell = on_event or (lambda name, status: None)
     batches: dict[int, Any] = {}
@@ -304,7 +381,8 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
             if recorded != _plain(settings):
                 raise ConfigError(f"audit cell '{cell.name}': expected results made with the same settings, got a "
                                   f"folder made with others ({info_path}); use a new --out")
-        if (folder / "metrics.json").is_file() and info_path.is_file():
+        attackers, not_tried = attackers_for(attack, attack_config, defended=bool(cell.parsed().parts()))
+        if cell_finished(folder):  # same settings (checked above), so the same attackers and seeds
             tell(cell.name, "skipped")
             log.debug("audit: %s already done, skipped", cell.name)
         else:
@@ -316,7 +394,8 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
             privacy = update.metadata.get("privacy")
             info = {"cell": cell.name, "batch_size": cell.batch_size, "defense": cell.defense,
                     "defense_spec": cell.parsed().spec(), "protocol": asdict(cell.protocol),
-                    "protocol_tag": cell.protocol.tag(), "privacy": privacy, "settings": settings}
+                    "protocol_tag": cell.protocol.tag(), "privacy": privacy, "attacker_names": attackers,
+                    "not_tried": not_tried, "settings": settings}
             if info_path.is_file():  # an interrupted attack: keep the utility already measured
                 info["utility"] = json.loads(info_path.read_text()).get("utility")
             else:
@@ -324,18 +403,18 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
                     server, batch.images, batch.labels, cell=cell, steps=utility_steps, lr=utility_lr,
                     generator=torch.Generator().manual_seed(cell_seed + 1))
             folder.mkdir(parents=True, exist_ok=True)
-            save_truth(batch.images, batch.labels, folder / "truth.safetensors", names=batch.names)
+            if write_images:
+                save_truth(batch.images, batch.labels, folder / "truth.safetensors", names=batch.names)
             write_json(info_path, info)
-            run_attack(server, update, attack=attack, config=attack_config, out=folder, truth_images=batch.images,
-                       truth_labels=batch.labels, give_labels=give_labels, device=device, seed=seed,
-                       case={**settings, "audit_cell": {k: v for k, v in info.items() if k != "settings"},
-                             "images": batch.names},
-                       resume=(folder / "checkpoint.json").is_file(), progress=progress, pairing=pairing,
-                       time_budget=time_budget)
+            case = {**settings, "audit_cell": {k: v for k, v in info.items() if k != "settings"}, "images": batch.names}
+            run_attackers(server, update, attack=attack, attack_config=attack_config, folder=folder,
+                          attackers=attackers, seeds=seeds, case=case, truth_images=batch.images,
+                          truth_labels=batch.labels, give_labels=give_labels, device=device, progress=progress,
+                          pairing=pairing, time_budget=time_budget, write_images=write_images)
             tell(cell.name, "done")
         rows.append(load_row(folder))
     return rows
 
 
-__all__ = ["AuditCell", "ProtocolSetting", "audit_grid", "cell_update", "check_victim", "load_row", "parse_int_list",
+__all__ = ["AuditCell", "ProtocolSetting", "attacker_config", "attackers_for", "audit_grid", "run_attackers", "cell_finished", "cell_update", "check_victim", "load_row", "parse_int_list",
            "run_audit", "utility", "verdict", "write_audit_report"]

@@ -15,50 +15,28 @@ from typing import Any, Sequence
 import torch
 
 from gradleak.errors import ConfigError
+from gradleak.reporting.verdicts import PARTIAL_SSIM, RECOGNISABLE_SSIM, load_runs, verdict, worst_case
 
 log = logging.getLogger(__name__)
 
 
 def load_row(folder: Path) -> dict[str, Any]:
-    """One audit row from a finished cell folder (``cell.json`` + ``metrics.json``)."""
+    """One audit row from a finished cell folder: ``cell.json`` and every attacker's runs, worst case first.
+
+    The row holds the cell's settings, ``epsilon``/``delta``/``dp``, and the worst case over
+    attackers and seeds (:func:`gradleak.reporting.verdicts.worst_case`): ``ssim_mean`` etc. are the
+    worst-case attacker's, ``attackers`` holds each one's.
+    """
     info = json.loads((folder / "cell.json").read_text())
-    summary = json.loads((folder / "metrics.json").read_text())["summary"]
     privacy = info.get("privacy") or {}
-    return {**summary, **{k: v for k, v in info.items() if k != "settings"},
+    row = worst_case(load_runs(folder), defended=info.get("defense_spec", "none") != "none",
+                     not_tried=info.get("not_tried", []))
+    return {**row, **{k: v for k, v in info.items() if k not in ("settings", "not_tried")},
             "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"), "dp": bool(privacy)}
 
 
 # ---------------------------------------------------------------------------------------------------
 # The report: table, plots, examples and the page an FL engineer reads.
-
-LEAK_SSIM = 0.6
-"""Mean SSIM from which a cell's reconstructions count as recognisable images (a reading aid, not a standard)."""
-PARTIAL_SSIM = 0.3
-"""Mean SSIM from which coarse structure (layout, colours) is visible."""
-
-
-def verdict(row: dict[str, Any]) -> str:
-    """A plain-language reading of one cell from its mean SSIM and label accuracy.
-
-    Example:
-        >>> verdict({"ssim_mean": 0.8, "label_accuracy": 1.0})
-        'leaks: recognisable images; labels recovered exactly'
-    """
-    s, acc = row.get("ssim_mean"), row.get("label_accuracy")
-    if s is None:
-        text = "not scored"
-    elif s >= LEAK_SSIM:
-        text = "leaks: recognisable images"
-    elif s >= PARTIAL_SSIM:
-        text = "partial leak: coarse shapes and colours"
-    else:
-        text = "no recognisable images from this attack at this budget"
-    if acc is not None and acc >= 1.0:
-        text += "; labels recovered exactly"
-    elif acc is not None and acc >= 0.5:
-        text += f"; {acc:.0%} of labels recovered"
-    return text
-
 
 def _loss_cost(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> float | None:
     base = next((r for r in rows if r["defense_spec"] == "none" and r["batch_size"] == row["batch_size"]
@@ -79,20 +57,39 @@ def _eps(row: dict[str, Any]) -> str:
     return "inf" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"
 
 
+def _attacker_ssim(row: dict[str, Any], name: str) -> str:
+    attackers = row.get("attackers") or {}
+    if name in attackers and attackers[name].get("ssim_mean") is not None:
+        return f"{attackers[name]['ssim_mean']:.3f}"
+    if name == "unaware" and not row.get("defended") and "adaptive" in attackers:
+        return "same"  # no defense: the two attackers are one attack
+    return "not tried"
+
+
+def _ci(row: dict[str, Any]) -> str:
+    mean, ci = row.get("ssim_mean"), row.get("ssim_ci")
+    if mean is None:
+        return "n/a"
+    return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{mean:.3f}"
+
+
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The audit table as a header and one list of cell texts per row (Markdown and HTML share it)."""
     steps = next((r["utility"]["steps"] for r in rows if r.get("utility")), None)
     many = len({r["protocol_tag"] for r in rows}) > 1
-    head = (["protocol"] if many else []) + ["batch", "defense", "ε", "SSIM", "FSIM", "PSNR", "label acc."]
+    head = (["protocol"] if many else []) + [
+        "batch", "defense", "ε", "SSIM unaware", "SSIM adaptive", "worst-case SSIM [95% CI]", "best image",
+        f"recognisable (≥{RECOGNISABLE_SSIM})", "PSNR", "label acc."]
     if steps is not None:
         head += [f"loss after {steps}", f"acc. after {steps}", "loss cost"]
     head += ["seconds", "verdict"]
     body = []
     for r in rows:
-        acc = r.get("label_accuracy")
+        acc, frac, best = r.get("label_accuracy"), r.get("recognisable_fraction"), r.get("ssim_worst_image")
         cells = ([r["protocol_tag"]] if many else []) + [
-            str(r["batch_size"]), r["defense"], _eps(r), _pm(r, "ssim", 3),
-            _pm(r, "fsim", 3), _pm(r, "psnr", 2), "n/a" if acc is None else f"{acc:.2f}"]
+            str(r["batch_size"]), r["defense"], _eps(r), _attacker_ssim(r, "unaware"), _attacker_ssim(r, "adaptive"),
+            _ci(r), "n/a" if best is None else f"{best:.3f}", "n/a" if frac is None else f"{frac:.2f}",
+            _pm(r, "psnr", 2), "n/a" if acc is None else f"{acc:.2f}"]
         if steps is not None:
             u, cost = r.get("utility"), _loss_cost(r, rows)
             cells += ["n/a", "n/a"] if not u else [f"{u['loss']:.3f}", f"{u['accuracy']:.2f}"]
@@ -103,9 +100,11 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
 
 
 CSV_KEYS = ["cell", "protocol", "local_steps", "local_lr", "clients", "batch_size", "defense", "defense_spec",
-            "epsilon", "delta", "ssim_mean", "ssim_std", "fsim_mean", "fsim_std", "psnr_mean", "psnr_std",
-            "lpips_mean", "lpips_std", "label_accuracy", "label_strategy", "utility_steps", "utility_loss",
-            "utility_accuracy", "utility_loss_cost", "iterations", "seconds", "verdict"]
+            "epsilon", "delta", "ssim_mean", "ssim_std", "ssim_ci_low", "ssim_ci_high", "ssim_worst_image",
+            "recognisable_fraction", "verdict_attacker", "ssim_unaware", "ssim_adaptive", "fsim_mean", "fsim_std",
+            "psnr_mean", "psnr_std", "lpips_mean", "lpips_std", "label_accuracy", "label_strategy", "seeds",
+            "utility_steps", "utility_loss", "utility_accuracy", "utility_loss_cost", "iterations", "seconds",
+            "not_tried", "verdict"]
 
 
 def _series(rows: Sequence[dict[str, Any]], by: str) -> dict[str, list[dict[str, Any]]]:
@@ -139,7 +138,7 @@ def _line_plot(path: Path, rows: Sequence[dict[str, Any]], *, metric: str, x: st
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.set_xlabel("batch size per client")
     if metric == "ssim":
-        ax.axhline(LEAK_SSIM, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(RECOGNISABLE_SSIM, color="grey", linestyle=":", linewidth=1)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -162,11 +161,12 @@ def _examples(path: Path, out: Path, rows: Sequence[dict[str, Any]], *, max_imag
         truth = load_file(str(out / group[0]["cell"] / "truth.safetensors"))["images"]
         many = len({r["protocol_tag"] for r in rows}) > 1
         blocks.append((f"truth {key[0]} N={key[1]}" if many else f"truth N={key[1]}", truth))
-        for r in group:
-            rec = load_file(str(out / r["cell"] / "reconstruction.safetensors"))["images"]
-            pairs = json.loads((out / r["cell"] / "metrics.json").read_text())["per_image"]
+        for r in group:  # each cell's worst case: the best run of its worst-case attacker
+            run = out / r["cell"] / str(r.get("verdict_run"))
+            rec = load_file(str(run / "reconstruction.safetensors"))["images"]
+            pairs = json.loads((run / "metrics.json").read_text())["per_image"]
             order = torch.tensor([p["reconstruction"] for p in pairs]) if pairs else torch.arange(rec.shape[0])
-            blocks.append((r["defense"], rec[order]))
+            blocks.append((f"{r['defense']} ({r.get('verdict_attacker')})", rec[order]))
     n = min(max_images, max(t.shape[0] for _, t in blocks))
     width = n * 0.85 + 1.4
     fig, axes = plt.subplots(len(blocks), n, figsize=(width, len(blocks) * 0.85), squeeze=False)
@@ -187,14 +187,17 @@ def _examples(path: Path, out: Path, rows: Sequence[dict[str, Any]], *, max_imag
 
 
 def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title: str = "",
-                       command: str | None = None) -> dict[str, Path]:
-    """Write ``audit.md``, ``audit.csv``, the three plots, ``examples.png`` and ``report.html`` into ``out``.
+                       command: str | None = None, images: bool = True,
+                       epsilon_rounds: int = 100) -> dict[str, Path]:
+    """Write ``audit.md``, ``audit.csv``, ``audit.json``, the plots, ``examples.png`` and ``report.html``.
 
     Args:
         out: the audit folder holding the cells' run folders.
         rows: :func:`run_audit`'s rows, in grid order.
         title: one line describing the setup (model, protocol, attack), shown above the table.
         command: the command line that made the audit, recorded in the report.
+        images: ``False``: no ``examples.png`` and no pictures of reconstructions in the page.
+        epsilon_rounds: R of the "after R rounds" epsilon in ``ssim_vs_epsilon.png`` (DP-SGD cells).
 
     Returns:
         The written files by name.
@@ -214,7 +217,11 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
         w.writeheader()
         for r in rows:
             u = r.get("utility") or {}
+            attackers, ci = r.get("attackers") or {}, r.get("ssim_ci") or [None, None]
             w.writerow({**r, **{k: r["protocol"][k] for k in ("protocol", "local_steps", "local_lr", "clients")},
+                        "ssim_ci_low": ci[0], "ssim_ci_high": ci[1],
+                        **{f"ssim_{a}": (attackers.get(a) or {}).get("ssim_mean") for a in ("unaware", "adaptive")},
+                        "seeds": " ".join(map(str, r.get("seeds", []))), "not_tried": "; ".join(r.get("not_tried", [])),
                         "utility_steps": u.get("steps"), "utility_loss": u.get("loss"),
                         "utility_accuracy": u.get("accuracy"), "utility_loss_cost": _loss_cost(r, rows),
                         "verdict": verdict(r)})
@@ -223,11 +230,76 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
                                     ("ssim_vs_batch.png", "ssim", "batch", "SSIM (mean ± std)")):
         files[name] = out / name
         _line_plot(files[name], rows, metric=metric, x=x, ylabel=ylabel)
-    files["examples.png"] = out / "examples.png"
-    _examples(files["examples.png"], out, rows)
+    if any(r.get("dp") and r.get("ssim_mean") is not None for r in rows):
+        files["ssim_vs_epsilon.png"] = out / "ssim_vs_epsilon.png"
+        epsilon_plot(files["ssim_vs_epsilon.png"], rows, rounds=epsilon_rounds)
+    if images:
+        files["examples.png"] = out / "examples.png"
+        _examples(files["examples.png"], out, rows)
+    files["audit.json"] = out / "audit.json"
+    files["audit.json"].write_text(json.dumps(audit_document(rows, title=title, command=command), indent=2,
+                                              default=str))
     files["report.html"] = out / "report.html"
     files["report.html"].write_text(_html(out, head, body, rows, title=title, command=command))
     return files
+
+
+def audit_document(rows: Sequence[dict[str, Any]], *, title: str = "", command: str | None = None) -> dict[str, Any]:
+    """``audit.json``: the verdict per cell, with the numbers behind it and what was not tried."""
+    keep = ("cell", "protocol_tag", "batch_size", "defense", "defense_spec", "epsilon", "delta", "ssim_mean",
+            "ssim_std", "ssim_ci", "ssim_worst_image", "recognisable_fraction", "psnr_mean", "fsim_mean", "lpips_mean",
+            "label_accuracy", "label_strategy", "verdict_attacker", "verdict_run", "seeds", "not_tried", "utility",
+            "seconds")
+    cells = []
+    for r in rows:
+        cell = {k: r.get(k) for k in keep}
+        cell["attackers"] = {name: {k: v for k, v in a.items() if k != "seeds"}
+                             for name, a in (r.get("attackers") or {}).items()}
+        cell["verdict"] = verdict(r)
+        cells.append(cell)
+    return {"title": title, "command": command, "recognisable_ssim": RECOGNISABLE_SSIM,
+            "confidence": "bootstrap 95% percentile interval of the worst-case attacker's mean SSIM over images "
+                          "and seeds", "cells": cells}
+
+
+def epsilon_plot(path: Path, rows: Sequence[dict[str, Any]], *, rounds: int) -> None:
+    """Worst-case SSIM of the DP-SGD cells against their epsilon: for one round, and after ``rounds`` rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradleak.defenses import parse_defense, rdp_epsilon
+
+    dp = [r for r in rows if r.get("dp") and r.get("ssim_mean") is not None and r.get("epsilon") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
+    delta = next((r["delta"] for r in dp), None)
+    for ax, steps in zip(axes, (1, rounds)):
+        for n in sorted({r["batch_size"] for r in dp}):
+            group = [r for r in dp if r["batch_size"] == n]
+            xs = []
+            for r in group:
+                part = parse_defense(r["defense"]).parts()[0]
+                sample_rate = (r.get("privacy") or {}).get("sample_rate", 1.0)
+                xs.append(r["epsilon"] if steps == 1 else rdp_epsilon(
+                    noise_multiplier=part.noise_multiplier, sample_rate=sample_rate,  # type: ignore[attr-defined]
+                    steps=steps * part.rounds, delta=part.delta))  # type: ignore[attr-defined]
+            lo = [r["ssim_mean"] - r["ssim_ci"][0] if r.get("ssim_ci") else 0.0 for r in group]
+            hi = [r["ssim_ci"][1] - r["ssim_mean"] if r.get("ssim_ci") else 0.0 for r in group]
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            ax.errorbar([xs[i] for i in order], [group[i]["ssim_mean"] for i in order],
+                        yerr=[[lo[i] for i in order], [hi[i] for i in order]], marker="o", capsize=3, label=f"N={n}")
+        ax.set_xscale("log")
+        ax.axhline(RECOGNISABLE_SSIM, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("ε per round (as uploaded)" if steps == 1 else f"ε after {rounds} rounds")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("worst-case SSIM [95% CI]")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"DP-SGD: leakage against the privacy budget (RDP accountant, δ = {delta:g})" if delta else
+                 "DP-SGD: leakage against the privacy budget", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _html(out: Path, head: list[str], body: list[list[str]], rows: Sequence[dict[str, Any]], *, title: str,
@@ -236,17 +308,21 @@ def _html(out: Path, head: list[str], body: list[list[str]], rows: Sequence[dict
     import html
 
     def img(name: str) -> str:
+        if not (out / name).is_file():
+            return ""
         data = base64.b64encode((out / name).read_bytes()).decode()
         return f'<img alt="{name}" src="data:image/png;base64,{data}" style="max-width:100%">'
 
     def colour(r: dict[str, Any]) -> str:
         s = r.get("ssim_mean")
-        return "#f8d0d0" if s is not None and s >= LEAK_SSIM else "#fbe7c6" if s is not None and s >= PARTIAL_SSIM else "#d8f0d8"
+        return ("#f8d0d0" if r.get("recognisable_fraction") else
+                "#fbe7c6" if s is not None and s >= PARTIAL_SSIM else "#d8f0d8")
 
     esc = html.escape
     th = "".join(f"<th>{esc(h)}</th>" for h in head) + "<th>run</th>"
     trs = "".join(f'<tr style="background:{colour(r)}">' + "".join(f"<td>{esc(c)}</td>" for c in cells)
-                  + f'<td><a href="{esc(r["cell"])}/report.html">{esc(r["cell"])}</a></td></tr>'
+                  + f'<td><a href="{esc(r["cell"])}/{esc(str(r.get("verdict_run")))}/report.html">'
+                  f'{esc(r["cell"])}</a></td></tr>'
                   for r, cells in zip(rows, body))
     worst: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -264,14 +340,20 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head
 <p>{esc(title)}</p>
 <h2>Bottom line, per defense (its worst cell)</h2><ul>{summary}</ul>
 <h2>Every cell</h2><table><tr>{th}</tr>{trs}</table>
-<p>How to read it. SSIM compares each reconstruction with its private image (1 = identical); from
-{LEAK_SSIM} on the images are usually recognisable (red), from {PARTIAL_SSIM} coarse shapes and colours show
-(orange). Green only means <em>this attack at this budget</em> recovered nothing recognisable; it is not a
-guarantee. &epsilon; is the DP-SGD guarantee (RDP accountant, per round, at the recorded &delta;); "&mdash;"
-means the defense gives none. The loss and accuracy columns are the victim's training loss and accuracy on the
-same batch after the stated number of rounds under the defense; "loss cost" is the difference to no defense.</p>
-<h2>SSIM and PSNR against defense</h2>{img("ssim_vs_defense.png")}{img("psnr_vs_defense.png")}
+<p>How to read it. Every defended cell is attacked twice: by the <em>unaware</em> attacker, which matches the
+raw update, and by the <em>adaptive</em> one, which knows the defense (its name and parameters are public metadata
+of the update) and simulates it; the cell's verdict is the worse of the two, over every attack seed. SSIM
+compares each reconstruction with its private image (1 = identical); an image counts as recognisable from SSIM
+{RECOGNISABLE_SSIM} on (red), from a mean of {PARTIAL_SSIM} coarse shapes and colours show (orange); the bracket is a
+bootstrap 95% interval of the mean over images and seeds, "best image" the best reconstruction of any one image.
+Green means <em>not broken by these attacks at this budget</em>: a stronger attack or budget may still break
+it; it is not a guarantee. &epsilon; is the DP-SGD guarantee (RDP accountant, per round, at the recorded
+&delta;); "&mdash;" means the defense gives none. The loss and accuracy columns are the victim's training loss
+and accuracy on the same batch after the stated number of rounds under the defense; "loss cost" is the
+difference to no defense.</p>
+<h2>SSIM and PSNR against defense (worst case)</h2>{img("ssim_vs_defense.png")}{img("psnr_vs_defense.png")}
 <h2>SSIM against batch size</h2>{img("ssim_vs_batch.png")}
-<h2>Examples (private images, then each defense's reconstructions)</h2>{img("examples.png")}
+{"<h2>Leakage against the privacy budget</h2>" + img("ssim_vs_epsilon.png") if (out / "ssim_vs_epsilon.png").is_file() else ""}
+{"<h2>Examples (private images, then each defense's worst-case reconstructions)</h2>" + img("examples.png") if (out / "examples.png").is_file() else ""}
 {cmd}</body></html>
 """

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import gradleak
 from gradleak import attacks as attack_api
 from gradleak.attacks.base import Progress
+from gradleak.attacks.threat_model import run_threat_model
 from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
 from gradleak.metrics.pairing import pair_images
@@ -110,7 +111,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
                truth_images: torch.Tensor | None = None, truth_labels: torch.Tensor | None = None,
                give_labels: bool = False, case: dict[str, Any] | None = None, device: str = "cpu",
                seed: int = 0, resume: bool = False, progress: bool = True, pairing: str = "hungarian",
-               time_budget: float | None = None) -> AttackRun:
+               time_budget: float | None = None, write_images: bool = True) -> AttackRun:
     """Run ``attack`` on ``update`` and write the run folder ``out``.
 
     Args:
@@ -131,6 +132,9 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         pairing: ``"hungarian"`` or ``"greedy"``.
         time_budget: stop the attack at the end of the first iteration past this many seconds
             (attacks that honour a callback's stop request; their ``log_every`` is set to 1).
+        write_images: ``False`` writes numbers only: no reconstruction file, no image grid, and the
+            checkpoint (which can regenerate the images) is removed once the run is finished.
+            Reconstructions of real client data are themselves sensitive.
 
     Returns:
         The run folder, the reconstruction and the metrics.
@@ -165,8 +169,12 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     finally:
         bar.close()
     wall = time.perf_counter() - t0
-    save_file({"images": rec.images.contiguous(), "labels": rec.labels.contiguous()},
-              str(run_dir / "reconstruction.safetensors"))
+    if write_images:
+        save_file({"images": rec.images.contiguous(), "labels": rec.labels.contiguous()},
+                  str(run_dir / "reconstruction.safetensors"))
+    else:
+        for name in ("checkpoint.safetensors", "checkpoint.json"):
+            (run_dir / name).unlink(missing_ok=True)
 
     history = dict(rec.history)
     if bar.ssim:
@@ -182,14 +190,20 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         summary = {"n_images": int(rec.images.shape[0]), "note": "no ground truth given: nothing scored"}
     summary.update({
         "attack": attack, "label_strategy": rec.label_strategy, "labels": config_doc["labels"],
+        "adaptive": bool((rec.info.get("adaptive") or {}).get("active")), "seed": seed,
+        "defense": (rec.info.get("adaptive") or {}).get("defense") or ("+".join(update.defenses) or "none"),
         "iterations": rec.info.get("iterations"), "seconds": rec.info.get("seconds", wall) - bar.spent,
         "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": peak_memory_mb(dev),
         "peak_memory_scope": memory_scope,
     })
-    metrics = {"summary": summary, "per_image": per_image, "history": history,
+    threat = run_threat_model(att.knowledge, update, rec.info, bn_mode=server.bn_mode, labels=config_doc["labels"])
+    summary["threat_model"] = threat["sok"]
+    metrics = {"summary": summary, "threat_model": threat, "per_image": per_image, "history": history,
                "info": {k: v for k, v in rec.info.items() if k != "config"}}
     write_json(run_dir / "metrics.json", metrics)
-    if truth_images is not None and pairs is not None:
+    if not write_images:
+        pass
+    elif truth_images is not None and pairs is not None:
         save_grid(run_dir / "grid.png", truth_images.cpu(), rec.images[torch.tensor(pairs)])
     else:
         save_grid(run_dir / "grid.png", None, rec.images)

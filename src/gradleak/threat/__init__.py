@@ -1,6 +1,6 @@
 """The client side of federated learning: what a client computes and uploads, and its files."""
 
-from gradleak.threat.aggregate import aggregate_updates, simulate_clients, simulate_update
+from gradleak.threat.aggregate import aggregate_updates, client_updates, simulate_clients, simulate_update
 from gradleak.threat.fedavg import fedavg_update, local_schedule, schedule_of, simulate_local_delta
 from gradleak.threat.fedsgd import fedsgd_update
 from gradleak.threat.io import (
@@ -27,4 +27,5 @@ __all__ = [
     "simulate_clients",
     "simulate_local_delta",
     "simulate_update",
+    "client_updates",
 ]

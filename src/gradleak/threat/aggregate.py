@@ -177,6 +177,32 @@ def simulate_clients(
     return aggregate_updates(updates, weighting=weighting)
 
 
+def client_updates(update: ClientUpdate) -> list[ClientUpdate]:
+    """An aggregate's clients as the server knows them: each recorded header, with the aggregate's tensors.
+
+    The tensors are the aggregate's (no client's own tensors reach the server); the header holds
+    the client's protocol, sample count, local hyperparameters and recorded defenses.
+
+    Raises:
+        UpdateError: ``update`` is not an aggregate, or its per-client metadata is missing or
+            does not sum to its ``num_samples``.
+    """
+    clients = update.metadata.get("clients")
+    if update.protocol != "aggregate":
+        raise UpdateError(f"client updates: expected an aggregate, got a {update.protocol} update")
+    if (not isinstance(clients, list) or not clients or not all(isinstance(c, dict) for c in clients)
+            or sum(int(c.get("num_samples", 0)) for c in clients) != update.num_samples):
+        raise UpdateError("simulate: expected an aggregate with per-client metadata ('clients') summing to "
+                          f"{update.num_samples} samples, got {clients!r:.80}")
+    try:
+        return [ClientUpdate(tensors=update.tensors, kind=c["kind"], num_samples=int(c["num_samples"]),
+                             protocol=c["protocol"], local_steps=int(c["local_steps"]), local_lr=c["local_lr"],
+                             local_batch_size=c["local_batch_size"], defenses=tuple(c.get("defenses", ())),
+                             metadata=c.get("metadata", {})) for c in clients]
+    except KeyError as e:
+        raise UpdateError(f"aggregate client header: expected the field {e}, got a header without it") from None
+
+
 def simulate_update(
     update: ClientUpdate,
     *,
@@ -184,6 +210,7 @@ def simulate_update(
     images: torch.Tensor,
     labels: torch.Tensor,
     create_graph: bool = True,
+    client: Callable[[ClientUpdate, torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """What ``update``'s protocol would produce from candidate ``(images, labels)``, differentiably.
 
@@ -199,6 +226,9 @@ def simulate_update(
         images: candidates, shape (update.num_samples, C, H, W).
         labels: class indices (N,) or probability vectors (N, C).
         create_graph: keep the graph so the result can be differentiated w.r.t. ``images``.
+        client: replaces the simulation of each single client's update (the adaptive attacker
+            passes one that also simulates the client's recorded defense); an aggregate's clients
+            get their own header, recorded defenses included.
 
     Returns:
         One tensor per trainable parameter, comparable with ``update.gradients()``.
@@ -211,23 +241,19 @@ def simulate_update(
         raise UpdateError(f"simulate: expected {update.num_samples} candidate images (the update's num_samples), "
                           f"got {int(images.shape[0])}")
     if update.protocol == "aggregate":
-        clients = update.metadata.get("clients")
-        if not clients or sum(int(c["num_samples"]) for c in clients) != update.num_samples:
-            raise UpdateError("simulate: expected an aggregate with per-client metadata ('clients') summing to "
-                              f"{update.num_samples} samples, got {clients!r:.80}")
+        parts = client_updates(update)
         total: list[torch.Tensor] | None = None
         start = 0
-        for c in clients:
+        for c, part in zip(update.metadata["clients"], parts):
             stop = start + int(c["num_samples"])
-            part = ClientUpdate(tensors=update.tensors, kind=c["kind"], num_samples=int(c["num_samples"]),
-                                protocol=c["protocol"], local_steps=int(c["local_steps"]), local_lr=c["local_lr"],
-                                local_batch_size=c["local_batch_size"], metadata=c.get("metadata", {}))
             out = simulate_update(part, model=model, images=images[start:stop], labels=labels[start:stop],
-                                  create_graph=create_graph)
+                                  create_graph=create_graph, client=client)
             weighted = [float(c["weight"]) * t for t in out]
             total = weighted if total is None else [a + b for a, b in zip(total, weighted)]
             start = stop
         return total  # type: ignore[return-value]
+    if client is not None:
+        return client(update, images, labels)
     if update.kind == "gradient":
         grads = model_gradients(model, images, labels, create_graph=create_graph)
         return grads if create_graph else [g.detach() for g in grads]
