@@ -14,7 +14,10 @@ al. 2019; Tramer et al. 2020); the adaptive attacker puts the defense into its f
 * ``sign``: a smooth sign, ``tanh(g / (tau * rms(g)))``, compared with the uploaded signs.
 * ``clip``: the same norm clip on the simulated update (differentiable).
 * ``noise`` / ``laplace``: the matching loss is the noise's negative log-likelihood, squared (L2) or
-  absolute (L1) error, normalised by the update's own magnitude.
+  absolute (L1) error, normalised by the update's own magnitude; the attack stops when the loss
+  reaches the value the true batch would have (the noise floor, :func:`noise_floor`), since
+  below it the candidates fit the noise (Morozov's discrepancy principle: measured on LeNet with
+  ``noise:1e-4``, SSIM 0.82 at the floor, 0.54 at 200 iterations and 0.39 at 600).
 * ``dpsgd``: per-sample gradients of the candidates (``torch.func``), clipped as the client did,
   summed and averaged, then the Gaussian likelihood.
 
@@ -25,6 +28,8 @@ References:
     Carlini et al., "On Evaluating Adversarial Robustness", 2019.
     Tramer et al., "On Adaptive Attacks to Adversarial Example Defenses", NeurIPS 2020.
     Balunovic et al., "Bayesian Framework for Gradient Leakage", ICLR 2022.
+    Morozov, "On the solution of functional equations by the method of regularization", 1966
+    (the discrepancy principle).
     Bengio et al., "Estimating or Propagating Gradients Through Stochastic Neurons", 2013
     (straight-through estimator).
 """
@@ -46,8 +51,11 @@ ADAPTIVE_MODES = ("auto", "on", "off")
 """``auto``: adapt to whatever defense the update records (the default); ``on``: the same, and refuse
 an update that records none; ``off``: the unaware attacker, which matches the raw update."""
 
-SIGN_TEMPERATURE = 0.1
-"""tau of the smooth sign ``tanh(g / (tau * rms(g)))``: entries above 0.2 rms are within 4% of +-1."""
+SIGN_TEMPERATURE = 0.01
+"""tau of the smooth sign ``tanh(g / (tau * rms(g)))``: entries above 0.02 rms are within 4% of +-1.
+Measured on LeNet-sigmoid, one image, CI-Net 200 iterations: SSIM 0.14 / 0.25 / 0.38 / 0.36 / 0.14 /
+0.07 at tau 0.001 / 0.003 / 0.01 / 0.03 / 0.1 / 1 (a straight-through sign with the tau-0.01
+surrogate: 0.42); the unaware attacker reached 0.03."""
 
 ZERO_PRESERVING = frozenset({"prune", "quantize", "sign", "clip"})
 """Stages after which a pruned entry is still 0, so the update shows the support that was sent."""
@@ -163,6 +171,20 @@ class DefenseModel:
                 likelihood = "l2"
         return cls(defense, tuple(transforms), clip, likelihood)
 
+    def noise_scale(self, num_samples: int) -> float | None:
+        """Per-entry scale of the recorded noise in the update's units (Gaussian std, or Laplace b).
+
+        ``noise`` gives sigma, ``laplace`` b, ``dpsgd`` ``noise_multiplier * C / N`` (the noise is
+        added to the sum of the N clipped gradients, then divided by N). ``None`` without a
+        likelihood.
+        """
+        if self.likelihood is None:
+            return None
+        last = self.defense.parts()[-1]
+        if last.name == "dpsgd":
+            return float(last.noise_multiplier * last.max_grad_norm / num_samples)  # type: ignore[attr-defined]
+        return float(last.scale if last.name == "laplace" else last.sigma)  # type: ignore[attr-defined]
+
     def simulate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  plain: Callable[[], Tensors]) -> Tensors:
         """The client's raw update on the candidates: per-sample clipped under DP-SGD, else ``plain()``."""
@@ -200,6 +222,19 @@ def likelihood_distance(kind: str, grads: Sequence[torch.Tensor], target: Sequen
     return num / den.clamp_min(1e-30)  # type: ignore[union-attr]
 
 
+def noise_floor(kind: str, scale: float, target: Sequence[torch.Tensor]) -> float:
+    """The expected :func:`likelihood_distance` at the true batch: what matching the noise would cost.
+
+    ``"l2"``: ``n * scale^2 / sum t^2``; ``"l1"``: ``n * scale / sum |t|`` (``E|Laplace(0, b)| = b``),
+    with n the number of entries. An attack that drives its loss below this fits the noise, not
+    the data: the adaptive attacker stops there (Morozov's discrepancy principle).
+    """
+    n = sum(t.numel() for t in target)
+    if kind == "l2":
+        return float(n * scale ** 2 / max(float(sum(t.double().pow(2).sum() for t in target)), 1e-300))
+    return float(n * scale / max(float(sum(t.double().abs().sum() for t in target)), 1e-300))
+
+
 def adaptive_gradient(model: DefenseModel, victim: nn.Module, params: Sequence[torch.Tensor]) -> Callable[
         [torch.Tensor, torch.Tensor], Tensors]:
     """The raw FedSGD simulation under ``model`` (per-sample clipped for DP-SGD)."""
@@ -210,4 +245,4 @@ def adaptive_gradient(model: DefenseModel, victim: nn.Module, params: Sequence[t
 
 
 __all__ = ["ADAPTIVE_MODES", "DefenseModel", "SIGN_TEMPERATURE", "adaptive_gradient", "check_adaptive",
-           "likelihood_distance"]
+           "likelihood_distance", "noise_floor"]

@@ -201,6 +201,7 @@ class CINetAttack(Attack):
                                 "channels": choice.channels, "config": asdict(cfg)})
 
         it = done = start
+        stopped_at_floor = False
         try:
             for it in range(start + 1, cfg.iterations + 1):
                 with autocast():
@@ -217,16 +218,18 @@ class CINetAttack(Attack):
                 opt.step()
                 sched.step()
                 done = it
-                if it % cfg.log_every == 0 or it == cfg.iterations:
+                floor = matcher.at_floor(float(loss.detach())) if matcher.floor is not None else False
+                if it % cfg.log_every == 0 or it == cfg.iterations or floor:
                     value = float(loss.detach())
                     history["iteration"].append(it)
                     history["loss"].append(value)
                     stop = callback is not None and callback(Progress(it, cfg.iterations, value, x.detach().float()))
                 else:
                     stop = False
+                stopped_at_floor = floor
                 if ckpt is not None and ckpt.due(it):
                     save(it)
-                if stop:
+                if stop or floor:
                     break
         except KeyboardInterrupt:
             if ckpt is not None and done > start:
@@ -241,6 +244,7 @@ class CINetAttack(Attack):
             info={"attack": self.name, "config": asdict(cfg), "channel_choice": choice.to_dict(),
                   "label_notes": notes, "label_info": lab.info, "matching": matcher.mode, "adaptive": matcher.adaptive,
                   "matching_loss": matcher.loss_name(cfg.loss), "iterations": done,
+                  "stopped_early": "noise floor reached" if stopped_at_floor else done < cfg.iterations,
                   "resumed_from": start,
                   "seconds": elapsed_before + time.perf_counter() - start_time},
         )

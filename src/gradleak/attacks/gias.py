@@ -249,7 +249,7 @@ class GIASAttack(Attack):
 
         rng = torch.Generator().manual_seed(self.seed)
         ckpt = Checkpointer(run_dir, cfg.checkpoint_every) if run_dir is not None else None
-        run = _Run(objective=objective, callback=callback, ckpt=ckpt, rng=rng, start_time=start_time,
+        run = _Run(objective=objective, callback=callback, floor=matcher.floor, ckpt=ckpt, rng=rng, start_time=start_time,
                    total=cfg.restarts * cfg.latent_iterations + cfg.generator_iterations,
                    z=torch.randn(zshape, generator=rng).to(self.device))
         run.best_z = run.z.clone()
@@ -297,7 +297,7 @@ class GIASAttack(Attack):
             images=out.detach().cpu(), labels=y.cpu(), label_strategy=label_strategy, history=run.history,
             info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": lab.info,
                   "matching": matcher.mode, "adaptive": matcher.adaptive, "matching_loss": matcher.loss_name(cfg.loss),
-                  "restart_scores": run.scores, "latent_shape": list(zshape[1:]), "stopped_early": run.stopped,
+                  "restart_scores": run.scores, "latent_shape": list(zshape[1:]), "stopped_early": "noise floor reached" if run.at_floor else run.stopped,
                   "iterations": (cfg.restarts if run.stage == "generator" else run.restart) * cfg.latent_iterations
                   + run.iteration,
                   "generator_parameters": sum(p.numel() for p in base.parameters()),
@@ -329,7 +329,7 @@ class GIASAttack(Attack):
 
         try:
             for it in range(run.iteration + 1, iterations + 1):
-                loss, _ = run.objective(forward())
+                loss, match = run.objective(forward())
                 for var, g in zip(variables, torch.autograd.grad(loss, variables)):
                     var.grad = g.sign() if cfg.signed else g
                 opt.step()
@@ -343,6 +343,8 @@ class GIASAttack(Attack):
                         with torch.no_grad():
                             preview = forward().clamp(0, 1)
                         run.stopped = bool(run.callback(Progress(offset + it, run.total, value, preview)))
+                if run.floor is not None and float(match.detach()) <= run.floor:
+                    run.stopped = run.at_floor = True  # below the noise floor the images fit the noise
                 if run.ckpt is not None and (run.ckpt.due(offset + it) or run.stopped):
                     save(it)
                 if run.stopped:
@@ -363,6 +365,8 @@ class _Run:
     start_time: float
     total: int
     z: torch.Tensor
+    floor: float | None = None
+    at_floor: bool = False
     best_z: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     stage: str = "latent"
     restart: int = 0

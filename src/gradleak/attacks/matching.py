@@ -16,13 +16,14 @@ where the defense adds noise; ``adaptive="off"`` is the unaware attacker.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from gradleak.attacks.adaptive import DefenseModel, adaptive_gradient, check_adaptive, likelihood_distance
+from gradleak.attacks.adaptive import DefenseModel, adaptive_gradient, check_adaptive, likelihood_distance, noise_floor
 from gradleak.errors import ConfigError, UpdateError
 from gradleak.functional import gradient_distance, model_gradients
 from gradleak.threat.aggregate import client_updates, simulate_update
@@ -43,6 +44,8 @@ class Matcher:
         adaptive: what the run records about the attacker's knowledge of the defense.
         likelihood: ``"l2"`` / ``"l1"``: the loss is the recorded noise's likelihood, not the
             attack's configured one.
+        floor: the likelihood loss of the true batch (:func:`~gradleak.attacks.adaptive.noise_floor`);
+            iterative attacks stop when they reach it.
     """
 
     target: list[torch.Tensor]
@@ -50,6 +53,11 @@ class Matcher:
     mode: str
     adaptive: dict[str, Any] = field(default_factory=lambda: {"requested": "off", "active": False})
     likelihood: str | None = None
+    floor: float | None = None
+
+    def at_floor(self, value: float) -> bool:
+        """Whether a matching loss has reached the noise floor (the attack should stop: below it fits noise)."""
+        return self.floor is not None and value <= self.floor
 
     def distance(self, loss: str, simulated: Sequence[torch.Tensor]) -> torch.Tensor:
         """The matching loss of ``simulated`` against the target (``loss`` unless a likelihood overrides it)."""
@@ -98,6 +106,7 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
         return Matcher(tensors, _plain(update, victim, params), mode, info)
     if update.protocol == "aggregate":
         simulate, likelihood, described = _adaptive_aggregate(update, victim)
+        described.setdefault("noise_floor", None)
     else:
         model = DefenseModel.of(update)
         if model.per_sample_clip is not None and (update.kind != "gradient" or update.protocol != "fedsgd"):
@@ -109,8 +118,11 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
             return model.apply(raw(images, labels), tensors)
 
         likelihood, described = model.likelihood, model.describe()
+        scale = model.noise_scale(update.num_samples)
+        described["noise_floor"] = None if scale is None else noise_floor(likelihood, scale, tensors)  # type: ignore[arg-type]
     info = {"requested": adaptive, "active": True, **described}
-    return Matcher(tensors, simulate, f"{mode}, defense simulated ({described['defense']})", info, likelihood)
+    return Matcher(tensors, simulate, f"{mode}, defense simulated ({described['defense']})", info, likelihood,
+                   described.get("noise_floor"))
 
 
 def _plain(update: ClientUpdate, victim: nn.Module, params: list[torch.Tensor]) -> Simulate:
@@ -145,6 +157,16 @@ def _adaptive_aggregate(update: ClientUpdate, victim: nn.Module) -> tuple[Simula
     # an average of Laplace noises is no longer Laplace: anything but one client is matched as Gaussian
     likelihood = (likelihoods.pop() if len(parts) == 1 else "l2") if likelihoods else None
     specs = sorted({model_of(p).defense.spec() for p in parts})
-    described = {"defense": " / ".join(specs), "per_client": True, "likelihood": likelihood}
+    floor = None
+    if likelihood is not None:
+        weights = [float(c["weight"]) for c in update.metadata["clients"]]
+        scales = [model_of(p).noise_scale(p.num_samples) or 0.0 for p in parts]
+        if likelihood == "l1":  # one client: its Laplace scale, weighted
+            scale = weights[0] * scales[0]
+        else:  # the aggregate's noise sum_k w_k n_k has variance sum_k w_k^2 var_k (Laplace: var = 2 b^2)
+            scale = math.sqrt(sum(w * w * s * s * (2.0 if model_of(p).likelihood == "l1" else 1.0)
+                                  for w, s, p in zip(weights, scales, parts)))
+        floor = noise_floor(likelihood, scale, update.gradients())
+    described = {"defense": " / ".join(specs), "per_client": True, "likelihood": likelihood, "noise_floor": floor}
     return (lambda images, labels: simulate_update(update, model=victim, images=images, labels=labels,
                                                    create_graph=True, client=client)), likelihood, described

@@ -194,14 +194,14 @@ class OptimizationAttack(Attack):
             ckpt.save(tensors, {**run.meta(), "optimizer": opt_meta, "scheduler": scheduler_state(sched),
                                 "config": asdict(cfg), "elapsed": run.elapsed + time.perf_counter() - start_time})
 
-        total, stop = cfg.restarts * cfg.iterations, False
+        total, stop, at_floor = cfg.restarts * cfg.iterations, False, False
         partial: list[float] = []
         good = x.detach().clone()
         try:
             while run.restart < cfg.restarts and not stop:
                 diverged = False
                 for it in range(run.iteration + 1, cfg.iterations + 1):
-                    value = self._step(opt, sched, x, v, soft, objective)
+                    value, match = self._step(opt, sched, x, v, soft, objective)
                     if not (math.isfinite(value) and bool(torch.isfinite(x).all())):
                         logger.warning("%s: restart %d diverged at iteration %d; keeping its last finite images",
                                        self.name, run.restart, it)
@@ -217,6 +217,8 @@ class OptimizationAttack(Attack):
                         run.history["loss"].append(value)
                         if callback is not None:
                             stop = bool(callback(Progress(step, total, value, x.detach().clamp(0, 1))))
+                    if matcher.at_floor(match):  # below the noise floor the images fit the noise
+                        stop = at_floor = True
                     if ckpt is not None and ckpt.due(step):
                         save()
                     if stop:
@@ -249,7 +251,7 @@ class OptimizationAttack(Attack):
             info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": label_info,
                   "matching": matcher.mode, "adaptive": matcher.adaptive, "matching_loss": matcher.loss_name(cfg.loss),
                   "restart_scores": scores, "best_restart": int(min(range(len(scores)), key=scores.__getitem__)),
-                  "diverged": run.diverged, "stopped_early": stop,
+                  "diverged": run.diverged, "stopped_early": "noise floor reached" if at_floor else stop,
                   "iterations": run.restart * cfg.iterations + run.iteration,
                   "seconds": run.elapsed + time.perf_counter() - start_time},
         )
@@ -281,13 +283,17 @@ class OptimizationAttack(Attack):
         return opt, make_scheduler(opt, cfg.lr_decay, cfg.iterations)
 
     def _step(self, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, v: torch.Tensor, soft: bool,
-              objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimiser step; returns the objective before it (L-BFGS: at its first evaluation)."""
+              objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """One optimiser step; returns the objective and its matching part before it (L-BFGS: at its
+        first evaluation)."""
         cfg = self.config
         variables = [x, v] if soft else [x]
 
+        matches: list[float] = []
+
         def closure() -> torch.Tensor:
-            loss, _ = objective(x, v)
+            loss, match = objective(x, v)
+            matches.append(float(match.detach()))
             grads = torch.autograd.grad(loss, variables)  # not .backward(): keep the victim's .grad clean
             for var, g in zip(variables, grads):
                 var.grad = g.sign() if (cfg.signed and var is x) else g
@@ -302,7 +308,7 @@ class OptimizationAttack(Attack):
         if cfg.boxed:
             with torch.no_grad():
                 x.clamp_(0, 1)
-        return value
+        return value, matches[0]
 
     @staticmethod
     def _score(objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
