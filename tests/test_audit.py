@@ -77,7 +77,7 @@ def test_tiny_audit_writes_one_row_per_cell_plots_and_report(tiny_audit):
         metrics = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / f"{attacker}-s0" / "metrics.json").read_text())
         assert metrics["info"]["matching_loss"] == ("cosine" if mode == "off" else "likelihood-l2")
     doc = json.loads((tiny_audit / "audit.json").read_text())
-    assert [c["cell"] for c in doc["cells"]] == CELLS and doc["recognisable_ssim"] == 0.6
+    assert [c["cell"] for c in doc["cells"]] == CELLS and doc["recognisable_ssim"] == 0.5
     noisy = doc["cells"][3]
     assert set(noisy["attackers"]) == {"unaware", "adaptive"} and noisy["verdict"]
     worst = max(noisy["attackers"].values(), key=lambda a: a["ssim_mean"])

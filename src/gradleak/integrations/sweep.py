@@ -2,9 +2,10 @@
 
 A grid file (YAML or JSON, :func:`load_grid`) names the victim case and the axes. :meth:`SweepGrid.trials`
 expands it; every trial is one :func:`gradleak.reporting.audit.run_audit` cell, written to
-``<out>/trials/<attack>-s<seed>-d<data_seed>/<cell>/`` (a full run folder: ``metrics.json``,
-``grid.png``, ``report.html``, ...). :func:`run_sweep` runs the trials whose ``metrics.json`` does not
-exist yet (resumable; a trial folder made with other settings is refused), as Ray tasks with the
+``<out>/trials/<attack>-s<seed>-d<data_seed>/<cell>/`` (``cell.json`` and one full run folder per
+attacker: ``adaptive-s<seed>/`` and, for a defended cell, ``unaware-s<seed>/``; the trial's row is
+their worst case). :func:`run_sweep` runs the trials not finished yet
+(resumable; a trial folder made with other settings is refused), as Ray tasks with the
 grid's ``num_cpus``/``num_gpus`` requests (``backend="ray"``) or in a spawn process pool
 (``backend="local"``), then gathers every finished trial into ``table.md``, ``table.csv`` and
 ``report.md`` (:mod:`gradleak.integrations.sweep_report`).

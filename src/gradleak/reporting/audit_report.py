@@ -225,9 +225,9 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
                         "utility_steps": u.get("steps"), "utility_loss": u.get("loss"),
                         "utility_accuracy": u.get("accuracy"), "utility_loss_cost": _loss_cost(r, rows),
                         "verdict": verdict(r)})
-    for name, metric, x, ylabel in (("ssim_vs_defense.png", "ssim", "defense", "SSIM (mean ± std)"),
+    for name, metric, x, ylabel in (("ssim_vs_defense.png", "ssim", "defense", "worst-case SSIM (mean ± std)"),
                                     ("psnr_vs_defense.png", "psnr", "defense", "PSNR dB (mean ± std)"),
-                                    ("ssim_vs_batch.png", "ssim", "batch", "SSIM (mean ± std)")):
+                                    ("ssim_vs_batch.png", "ssim", "batch", "worst-case SSIM (mean ± std)")):
         files[name] = out / name
         _line_plot(files[name], rows, metric=metric, x=x, ylabel=ylabel)
     if any(r.get("dp") and r.get("ssim_mean") is not None for r in rows):
