@@ -106,7 +106,6 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
         return Matcher(tensors, _plain(update, victim, params), mode, info)
     if update.protocol == "aggregate":
         simulate, likelihood, described = _adaptive_aggregate(update, victim)
-        described.setdefault("noise_floor", None)
     else:
         model = DefenseModel.of(update)
         if model.per_sample_clip is not None and (update.kind != "gradient" or update.protocol != "fedsgd"):
