@@ -61,3 +61,20 @@ def test_bench_step_reports_phases_floor_and_ratio(tmp_path):
                                       "matching loss", "backward to generator", "optimizer step"}
     assert data["ratio"] == pytest.approx(data["attack_ms"] / data["floor_ms"])
     assert all(v > 0 for v in data["phases_ms"].values())
+
+
+def test_bench_adaptive_and_labels_under_defenses_write_their_rows(tmp_path, one_thread):
+    out = tmp_path / "adaptive.json"
+    assert main(["bench", "adaptive", "--model", "lenet", "--batch", "1", "--iters", "1", "--rounds", "1",
+                 "--channels", "8", "--threads", "1", "--defenses", "prune:0.9,dpsgd:1.0", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["defense"] for r in rows] == ["prune:0.9", "dpsgd:1.0"]
+    assert all(r["unaware_s"] > 0 and r["adaptive_s"] > 0 and r["ratio"] > 0 for r in rows)
+    out = tmp_path / "labels.json"
+    assert main(["bench", "labels", "--victims", "lenet", "--states", "untrained", "--batch-sizes", "1", "8",
+                 "--unique-sizes", "--trials", "1", "--threads", "1", "--defenses", "none,prune:0.9",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["defense"] for r in rows} == {"none", "prune:0.9"}
+    # batch 1: iDLG's one negative bias entry is also the largest, so it survives top-k pruning
+    assert all(r["accuracy"] == 1.0 for r in rows if r["batch"] == 1 and r["strategy"] == "idlg")

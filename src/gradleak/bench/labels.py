@@ -86,7 +86,7 @@ def draw(pool_labels: torch.Tensor, n: int, *, seed: int, unique: bool) -> torch
 
 
 def run(*, trials: int, batch_sizes: list[int], unique_sizes: list[int], victims: list[str], states: list[str],
-        steps: int, lr: float, defenses: list[str] = ("none",)) -> list[dict[str, Any]]:  # type: ignore[assignment]
+        steps: int, lr: float, defenses: tuple[str, ...] | list[str] = ("none",)) -> list[dict[str, Any]]:
     pool = builtin_batch(POOL, source="photos")
     rows: list[dict[str, Any]] = []
     for victim in victims:
