@@ -1,8 +1,10 @@
 """Top-k pruning (gradient sparsification): keep each tensor's largest-magnitude entries, zero the rest.
 
-DLG reports that pruning more than 20% of the gradient's smallest entries starts to hurt the
-attack and 70% stops it for LeNet (Zhu et al. 2019, Section 5); the same operation is Deep
-Gradient Compression's sparsifier (Lin et al. 2018).
+DLG reports that pruning more than 20% of the gradient's smallest entries starts to hurt its
+attack, which ignores the pruning, and that 70% defeats it on LeNet (Zhu et al. 2019, Section 5).
+An attacker that matches on the transmitted support only is not stopped: gradleak's adaptive
+CI-Net recovers a LeNet image through 90% pruning (SSIM 0.89, docs/audit.md). The same operation is
+Deep Gradient Compression's sparsifier (Lin et al. 2018).
 
 References:
     Zhu et al., "Deep Leakage from Gradients", NeurIPS 2019, Section 5 (gradient pruning).
