@@ -5,7 +5,7 @@
 """
 
 from gradleak.attacks.analytic import AnalyticAttack, AnalyticConfig
-from gradleak.attacks.base import ATTACKS, Attack, Progress, available, create, target_gradients
+from gradleak.attacks.base import ATTACKS, Attack, Progress, available, create, supports_adaptive, target_gradients
 from gradleak.attacks.cinet import CINetAttack, CINetConfig
 from gradleak.attacks.gias import GIASAttack, GIASConfig
 from gradleak.attacks.optimization import (
@@ -20,4 +20,4 @@ from gradleak.attacks.optimization import (
 
 __all__ = ["ATTACKS", "AnalyticAttack", "AnalyticConfig", "Attack", "CINetAttack", "CINetConfig", "DLGAttack",
            "DLGConfig", "GIASAttack", "GIASConfig", "IDLGAttack", "IGConfig", "InvertingGradientsAttack", "OptimizationAttack",
-           "OptimizationConfig", "Progress", "available", "create", "target_gradients"]
+           "OptimizationConfig", "Progress", "available", "create", "supports_adaptive", "target_gradients"]

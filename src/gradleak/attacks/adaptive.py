@@ -44,7 +44,6 @@ from torch import nn
 
 from gradleak.defenses import Defense, clipped_sum, kept_entries, per_sample_gradients, recorded_defense
 from gradleak.errors import ConfigError
-from gradleak.functional import model_gradients
 from gradleak.types import ClientUpdate
 
 ADAPTIVE_MODES = ("auto", "on", "off")
@@ -60,7 +59,8 @@ surrogate: 0.42); the unaware attacker reached 0.03."""
 ZERO_PRESERVING = frozenset({"prune", "quantize", "sign", "clip"})
 """Stages after which a pruned entry is still 0, so the update shows the support that was sent."""
 
-NOISES = frozenset({"noise", "laplace", "dpsgd"})
+NOISES = {"noise": "sigma", "laplace": "scale", "dpsgd": "noise_multiplier"}
+"""Stages that add noise, and the parameter that sets its strength."""
 
 Tensors = list[torch.Tensor]
 Transform = Callable[[Tensors, "Tensors | None"], Tensors]
@@ -131,6 +131,11 @@ _TRANSFORMS: dict[str, Callable[[Any, bool], Transform]] = {
     "noise": _identity, "laplace": _identity, "dpsgd": _identity}
 
 
+def _noise_strength(part: Any) -> float:
+    """A noise stage's parameter: sigma (``noise``), b (``laplace``) or the noise multiplier (``dpsgd``)."""
+    return float(getattr(part, NOISES[part.name]))
+
+
 @dataclass(frozen=True)
 class DefenseModel:
     """The attacker's model of one client's recorded defense chain.
@@ -161,14 +166,9 @@ class DefenseModel:
             sees = all(n in ZERO_PRESERVING for n in later) if part.name == "prune" else not later
             transforms.append(_TRANSFORMS[part.name](part, sees))
         clip = parts[0].max_grad_norm if parts and parts[0].name == "dpsgd" else None  # type: ignore[attr-defined]
-        last = parts[-1] if parts else None
         likelihood = None
-        if last is not None and last.name in NOISES:
-            sigma = last.noise_multiplier if last.name == "dpsgd" else getattr(last, "sigma", None)  # type: ignore[attr-defined]
-            if last.name == "laplace":
-                likelihood = "l1" if last.scale > 0 else None  # type: ignore[attr-defined]
-            elif sigma:
-                likelihood = "l2"
+        if parts and parts[-1].name in NOISES and _noise_strength(parts[-1]) > 0:
+            likelihood = "l1" if parts[-1].name == "laplace" else "l2"
         return cls(defense, tuple(transforms), clip, likelihood)
 
     def noise_scale(self, num_samples: int) -> float | None:
@@ -182,18 +182,15 @@ class DefenseModel:
             return None
         last = self.defense.parts()[-1]
         if last.name == "dpsgd":
-            return float(last.noise_multiplier * last.max_grad_norm / num_samples)  # type: ignore[attr-defined]
-        return float(last.scale if last.name == "laplace" else last.sigma)  # type: ignore[attr-defined]
+            return _noise_strength(last) * float(last.max_grad_norm) / num_samples  # type: ignore[attr-defined]
+        return _noise_strength(last)
 
     def simulate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  plain: Callable[[], Tensors]) -> Tensors:
         """The client's raw update on the candidates: per-sample clipped under DP-SGD, else ``plain()``."""
         if self.per_sample_clip is None:
             return plain()
-        params = [p for p in model.parameters() if p.requires_grad]
         samples = per_sample_gradients(model, images, labels, create_graph=True)
-        if len(samples) != len(params):
-            raise ConfigError("adaptive dpsgd: expected one per-sample gradient per trainable parameter")
         n = int(images.shape[0])
         return [s / n for s in clipped_sum(samples, self.per_sample_clip)]
 
@@ -235,14 +232,5 @@ def noise_floor(kind: str, scale: float, target: Sequence[torch.Tensor]) -> floa
     return float(n * scale / max(float(sum(t.double().abs().sum() for t in target)), 1e-300))
 
 
-def adaptive_gradient(model: DefenseModel, victim: nn.Module, params: Sequence[torch.Tensor]) -> Callable[
-        [torch.Tensor, torch.Tensor], Tensors]:
-    """The raw FedSGD simulation under ``model`` (per-sample clipped for DP-SGD)."""
-    def raw(images: torch.Tensor, labels: torch.Tensor) -> Tensors:
-        return model.simulate(victim, images, labels,
-                              lambda: model_gradients(victim, images, labels, create_graph=True, params=params))
-    return raw
-
-
-__all__ = ["ADAPTIVE_MODES", "DefenseModel", "SIGN_TEMPERATURE", "adaptive_gradient", "check_adaptive",
-           "likelihood_distance", "noise_floor"]
+__all__ = ["ADAPTIVE_MODES", "DefenseModel", "SIGN_TEMPERATURE", "check_adaptive", "likelihood_distance",
+           "noise_floor"]

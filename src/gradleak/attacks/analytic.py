@@ -241,7 +241,7 @@ class AnalyticAttack(Attack):
 
     name = "analytic"
     Config = AnalyticConfig
-    knowledge = Knowledge(adaptive=False, sok="B")
+    knowledge = Knowledge(sok="B")
     presets = {
         # Proposition 1 as stated: alternate P_hat and x = N grad_W pinv(P_hat) only.
         "paper": dict(alternations=200, refine_steps=0),

@@ -147,6 +147,11 @@ def available() -> list[str]:
     return ATTACKS.available()
 
 
+def supports_adaptive(name: str) -> bool:
+    """Whether the registered attack ``name`` can simulate a recorded defense (its config has ``adaptive``)."""
+    return "adaptive" in {f.name for f in dataclasses.fields(ATTACKS.get(name).Config)}
+
+
 def target_gradients(update: ClientUpdate) -> list[torch.Tensor]:
     """The gradient a single-step update stands for (a FedSGD gradient, or -delta/lr for one local step).
 

@@ -249,7 +249,8 @@ class GIASAttack(Attack):
 
         rng = torch.Generator().manual_seed(self.seed)
         ckpt = Checkpointer(run_dir, cfg.checkpoint_every) if run_dir is not None else None
-        run = _Run(objective=objective, callback=callback, floor=matcher.floor, ckpt=ckpt, rng=rng, start_time=start_time,
+        run = _Run(objective=objective, callback=callback, floor=matcher.at_floor if matcher.floor is not None else None,
+                   ckpt=ckpt, rng=rng, start_time=start_time,
                    total=cfg.restarts * cfg.latent_iterations + cfg.generator_iterations,
                    z=torch.randn(zshape, generator=rng).to(self.device))
         run.best_z = run.z.clone()
@@ -343,7 +344,7 @@ class GIASAttack(Attack):
                         with torch.no_grad():
                             preview = forward().clamp(0, 1)
                         run.stopped = bool(run.callback(Progress(offset + it, run.total, value, preview)))
-                if run.floor is not None and float(match.detach()) <= run.floor:
+                if run.floor is not None and run.floor(float(match.detach())):
                     run.stopped = run.at_floor = True  # below the noise floor the images fit the noise
                 if run.ckpt is not None and (run.ckpt.due(offset + it) or run.stopped):
                     save(it)
@@ -365,7 +366,7 @@ class _Run:
     start_time: float
     total: int
     z: torch.Tensor
-    floor: float | None = None
+    floor: Callable[[float], bool] | None = None  # the matcher's noise-floor test, when it has a floor
     at_floor: bool = False
     best_z: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     stage: str = "latent"

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from gradleak.attacks.adaptive import DefenseModel, adaptive_gradient, check_adaptive, likelihood_distance, noise_floor
+from gradleak.attacks.adaptive import DefenseModel, check_adaptive, likelihood_distance, noise_floor
 from gradleak.errors import ConfigError, UpdateError
 from gradleak.functional import gradient_distance, model_gradients
 from gradleak.threat.aggregate import client_updates, simulate_update
@@ -111,10 +111,11 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
         if model.per_sample_clip is not None and (update.kind != "gradient" or update.protocol != "fedsgd"):
             raise UpdateError(f"update defense 'dpsgd': expected a FedSGD gradient (DP-SGD is one noisy gradient "
                               f"here), got a {update.protocol} {update.kind}")
-        raw = adaptive_gradient(model, victim, params) if mode == "gradient" else _plain(update, victim, params)
+        plain = _plain(update, victim, params)
 
         def simulate(images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-            return model.apply(raw(images, labels), tensors)
+            raw = model.simulate(victim, images, labels, lambda: plain(images, labels))
+            return model.apply(raw, tensors)
 
         likelihood, described = model.likelihood, model.describe()
         scale = model.noise_scale(update.num_samples)

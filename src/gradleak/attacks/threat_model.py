@@ -39,7 +39,6 @@ class Knowledge:
             own statistics: nothing of the client's is known), or ``"running"`` when the client
             runs BatchNorm in eval mode (its running statistics are part of the weights).
         surrogate_data: a model trained on public data (GIAS's pretrained generator).
-        adaptive: can simulate a recorded defense (:mod:`gradleak.attacks.adaptive`).
         sok: the SoK threat model of the attack without training details.
     """
 
@@ -47,14 +46,13 @@ class Knowledge:
     labels: str = "recovered"
     batchnorm_statistics: str = "batch"
     surrogate_data: bool = False
-    adaptive: bool = True
     sok: str = "B"
 
-    def describe(self) -> str:
-        """One line for ``gradleak list attacks``."""
+    def describe(self, *, adaptive: bool) -> str:
+        """One line for ``gradleak list attacks``; ``adaptive``: whether the attack simulates defenses."""
         parts = ["weights and architecture", f"labels {self.labels}"]
         parts.append("surrogate data (a pretrained generator)" if self.surrogate_data else "no data")
-        parts.append("simulates a recorded defense" if self.adaptive else "ignores defenses")
+        parts.append("simulates a recorded defense" if adaptive else "ignores defenses")
         sok = f"SoK {self.sok}" + (" (C with training details)" if self.sok in ("A", "B") else "")
         return f"{sok}: " + "; ".join(parts)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from gradleak.attacks import ATTACKS
+from gradleak.attacks import ATTACKS, supports_adaptive
 from gradleak.attacks.adaptive import ADAPTIVE_MODES
 from gradleak.attacks.base import config_from_dict
 from gradleak.errors import ConfigError
@@ -82,9 +82,9 @@ def attack_config(args: argparse.Namespace) -> Any:
     if args.label_strategy is not None:
         overrides["label_strategy"] = args.label_strategy
     if getattr(args, "adaptive", None) is not None:
-        if "adaptive" not in names:
+        if not supports_adaptive(args.attack):
             raise ConfigError(f"--adaptive: {args.attack} does not simulate defenses (it is not iterative), "
-                              f"expected an attack among {', '.join(adaptive_attacks())}")
+                              f"expected an attack among {', '.join(filter(supports_adaptive, ATTACKS.available()))}")
         overrides["adaptive"] = args.adaptive
     cfg = cls.preset(args.preset, **overrides) if args.preset else config_from_dict(cls.Config, overrides)
     budget = 2 if getattr(args, "dry_run", False) else args.iterations
@@ -94,11 +94,6 @@ def attack_config(args: argparse.Namespace) -> Any:
     if not fields_for_budget and args.iterations is not None:
         raise ConfigError(f"--iterations: {args.attack} has no iteration count (see gradleak list presets)")
     return replace(cfg, **fields_for_budget)
-
-
-def adaptive_attacks() -> list[str]:
-    """The registered attacks whose config has an ``adaptive`` switch."""
-    return [n for n in ATTACKS.available() if "adaptive" in {f.name for f in fields(ATTACKS.get(n).Config)}]
 
 
 def check_device(device: str) -> str:

@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradleak.attacks import ATTACKS
+    from gradleak.attacks import ATTACKS, supports_adaptive
     from gradleak.labels import LABEL_STRATEGIES
     from gradleak.models import available as models
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     for name, items in sections.items():
         if args.what == "attacks" == name:
             for attack in items:
-                print(f"{attack:9s} {ATTACKS.get(attack).knowledge.describe()}")
+                print(f"{attack:9s} {ATTACKS.get(attack).knowledge.describe(adaptive=supports_adaptive(attack))}")
         elif args.what in ("all", name):
             print(f"{name}: {', '.join(items) if items else '(none)'}")
     if args.what == "attacks":

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradleak.attacks import ATTACKS
+from gradleak.attacks import supports_adaptive
 from gradleak.data import load_batch
 from gradleak.defenses import Defense, defended_update, parse_defense
 from gradleak.errors import ConfigError, UnsupportedModelError
@@ -254,9 +254,8 @@ def attackers_for(attack: str, attack_config: Any, *, defended: bool) -> tuple[l
         >>> attackers_for("analytic", {}, defended=True)
         (['unaware'], ['adaptive (analytic has no adaptive mode)'])
     """
-    fields = {f.name for f in dataclasses.fields(ATTACKS.get(attack).Config)}
     mode = attack_config.get("adaptive") if isinstance(attack_config, dict) else getattr(attack_config, "adaptive", None)
-    if "adaptive" not in fields:
+    if not supports_adaptive(attack):
         return ["unaware"], ([f"adaptive ({attack} has no adaptive mode)"] if defended else [])
     if not defended:
         return ["adaptive"], []
@@ -267,7 +266,7 @@ def attackers_for(attack: str, attack_config: Any, *, defended: bool) -> tuple[l
 
 def attacker_config(attack: str, attack_config: Any, attacker: str) -> Any:
     """``attack_config`` for one attacker: ``adaptive="off"`` for ``unaware``, ``"auto"`` for ``adaptive``."""
-    if "adaptive" not in {f.name for f in dataclasses.fields(ATTACKS.get(attack).Config)}:
+    if not supports_adaptive(attack):
         return attack_config
     mode = "off" if attacker == "unaware" else "auto"
     if isinstance(attack_config, dict):
@@ -381,12 +380,12 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
             if recorded != _plain(settings):
                 raise ConfigError(f"audit cell '{cell.name}': expected results made with the same settings, got a "
                                   f"folder made with others ({info_path}); use a new --out")
-        attackers, not_tried = attackers_for(attack, attack_config, defended=bool(cell.parsed().parts()))
         if cell_finished(folder):  # same settings (checked above), so the same attackers and seeds
             tell(cell.name, "skipped")
             log.debug("audit: %s already done, skipped", cell.name)
         else:
             tell(cell.name, "running")
+            attackers, not_tried = attackers_for(attack, attack_config, defended=bool(cell.parsed().parts()))
             batch = batch_of(cell.batch_size * cell.protocol.clients)
             cell_seed = _cell_seed(seed, cell)
             update = cell_update(server, batch.images, batch.labels, cell=cell,
@@ -416,5 +415,6 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
     return rows
 
 
-__all__ = ["AuditCell", "ProtocolSetting", "attacker_config", "attackers_for", "audit_grid", "run_attackers", "cell_finished", "cell_update", "check_victim", "load_row", "parse_int_list",
-           "run_audit", "utility", "verdict", "write_audit_report"]
+__all__ = ["AuditCell", "ProtocolSetting", "attacker_config", "attackers_for", "audit_grid", "cell_finished",
+           "cell_update", "check_victim", "load_row", "parse_int_list", "run_attackers", "run_audit", "utility",
+           "verdict", "write_audit_report"]

@@ -201,11 +201,9 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     metrics = {"summary": summary, "threat_model": threat, "per_image": per_image, "history": history,
                "info": {k: v for k, v in rec.info.items() if k != "config"}}
     write_json(run_dir / "metrics.json", metrics)
-    if not write_images:
-        pass
-    elif truth_images is not None and pairs is not None:
+    if write_images and truth_images is not None and pairs is not None:
         save_grid(run_dir / "grid.png", truth_images.cpu(), rec.images[torch.tensor(pairs)])
-    else:
+    elif write_images:
         save_grid(run_dir / "grid.png", None, rec.images)
     save_curves(run_dir / "curves.png", history)
     write_report(run_dir, config=json.loads((run_dir / "config.json").read_text()), metrics=metrics)
