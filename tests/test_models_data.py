@@ -103,7 +103,27 @@ def test_builtin_photos_reach_large_batches_at_any_size():
     assert (batch.images[0] - batch.images[30]).abs().mean() > 0.01
 
 
+def test_builtin_default_serves_64_distinct_real_images_then_crops():
+    batch = builtin_batch(64)
+    assert batch.images.shape == (64, 3, 32, 32)
+    # the first 20 are exactly the CIFAR-10 set, so small batches are unchanged
+    assert torch.equal(batch.images[:20], builtin_batch(20, source="cifar10").images)
+    # real images from every set the packages ship, no crop among the first 68
+    assert [n.split("_")[0].split(":")[0] for n in batch.names[18:62:4]] == \
+        ["cifar10"] * 1 + ["cifar100"] * 5 + ["imagenet"] * 5
+    assert not any("#crop" in n for n in builtin_batch(68).names)
+    big = builtin_batch(256)
+    assert len(set(big.names)) == 256 and "#crop" in big.names[-1]
+    flat = big.images.flatten(1)
+    d = torch.cdist(flat, flat)
+    d.fill_diagonal_(float("inf"))
+    assert d.min() > 0.5  # no two images identical (or nearly: 3072 pixel values each)
+    assert 0 <= int(big.labels.min()) and int(big.labels.max()) < 10
+
+
 def test_builtin_errors():
+    with pytest.raises(DataError, match="at most 824"):
+        builtin_batch(825)
     with pytest.raises(DataError, match="at most 20"):
         builtin_batch(21, source="cifar10")
     with pytest.raises(ConfigError, match="unknown built-in source"):

@@ -23,7 +23,7 @@ def demo_case(batch: int, *, size: int = 32, model: str = "resnet18", activation
     spec = ModelSpec(name=model, image_size=size, activation=activation,
                      num_classes=1000 if model == "resnet18-imagenet" else 10)
     net = build_model(spec, seed=42, device=device)
-    source = "cifar10" if size == 32 and batch <= 20 else "photos"
+    source = "builtin" if size == 32 else "photos"
     data = builtin_batch(batch, size=size, source=source, num_classes=spec.num_classes)
     server = ServerState.from_spec(net, spec)
     update = fedsgd_update(server, data.images.to(device), data.labels.to(device))

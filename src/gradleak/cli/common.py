@@ -32,8 +32,8 @@ def add_case(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="architecture width, where it has one")
     p.add_argument("--model-seed", type=int, default=42, help="initialisation seed of the victim (42 as published)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--data", default="cifar10",
-                   help="cifar10|cifar100|imagenet|photos (built-in, offline), cifar10-dir|cifar100-dir|folder (with --data-root)")
+    p.add_argument("--data", default="builtin",
+                   help="builtin (default: 68 real images, then crops)|cifar10|cifar100|imagenet|photos (built-in, offline), cifar10-dir|cifar100-dir|folder (with --data-root)")
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--data-seed", type=int, default=0, help="which images to draw from a dataset")
 

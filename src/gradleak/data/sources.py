@@ -6,10 +6,17 @@ Built-in photos come from files that installed packages ship:
   in its ``data/`` folder, with the class in the file name (read as files; foolbox is not imported).
 * ``scikit-image`` ships colour photographs (``astronaut``, ``chelsea``, ``coffee``, ...).
 
-``source="cifar10"`` gives CIFAR-10 images at their native 32 px (resized for other sizes).
-``source="photos"`` gives ImageNet photos and scikit-image photos, centre-cropped and resized; when
-more images are asked for than there are photos, further images are deterministic crops of the
-same photos at other positions and scales (so a large batch holds related, not identical, images).
+``source="builtin"`` (the default) gives every real image there is, in this order: the 20 CIFAR-10
+images (so a batch of up to 20 is exactly ``source="cifar10"``), the 20 CIFAR-100, the 20 ImageNet
+photos (downsampled), the 8 scikit-image colour photos: 68 distinct real images. Beyond 68 come
+deterministic crops of the 28 high-resolution photos (ImageNet and scikit-image) at 3 scales and 9
+positions, up to 824 images: related views of the same photos, never a repeat.
+Labels are each image's own class (CIFAR-10 0-9, CIFAR-100 0-99, ImageNet 0-999, scikit-image
+photos 1000-1007) modulo the model's class count.
+
+``source="cifar10"``, ``"cifar100"``, ``"imagenet"`` give one set (20 each) at its native size,
+resized for other sizes. ``source="photos"`` gives ImageNet photos and scikit-image photos,
+centre-cropped and resized, then crops of them (the same crops, without the CIFAR images).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from PIL import Image
 
 from gradleak.errors import ConfigError, DataError
 
-BUILTIN_SOURCES = ("cifar10", "cifar100", "imagenet", "photos")
+BUILTIN_SOURCES = ("builtin", "cifar10", "cifar100", "imagenet", "photos")
+_CROPS_PER_PHOTO = 27
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field",
                    "retina", "ihc")
 
@@ -82,6 +90,13 @@ def _crop(img: Image.Image, k: int, size: int) -> Image.Image:
     return img.crop((x0, y0, x0 + s, y0 + s))
 
 
+def _crops(photos: list[tuple[str, Image.Image, int]], k: int, size: int) -> tuple[str, torch.Tensor, int]:
+    """The k-th crop view over ``photos``: crop k // len(photos) of photo k % len(photos)."""
+    name, img, label = photos[k % len(photos)]
+    j = k // len(photos)
+    return f"{name}#crop{j}", _to_tensor(_crop(img, j, size), size), label
+
+
 def _photos() -> list[tuple[str, Image.Image, int]]:
     out = [(f.name, Image.open(f).convert("RGB"), label) for f, label in _foolbox_files("imagenet")]
     sk = _package_dir("skimage") / "data"
@@ -96,15 +111,16 @@ def _photos() -> list[tuple[str, Image.Image, int]]:
     return out
 
 
-def builtin_batch(n: int, *, size: int = 32, source: str = "cifar10", num_classes: int = 10,
+def builtin_batch(n: int, *, size: int = 32, source: str = "builtin", num_classes: int = 10,
                   offset: int = 0) -> Batch:
     """A deterministic batch of ``n`` built-in real photos.
 
     Args:
         n: batch size.
         size: height = width in pixels (8..512).
-        source: ``"cifar10"``, ``"cifar100"``, ``"imagenet"`` (20 each) or ``"photos"`` (any ``n``:
-            ImageNet and scikit-image photos, then crops of them).
+        source: ``"builtin"`` (68 real images, CIFAR-10 first, then crops of the photos: up to
+            824), ``"cifar10"``, ``"cifar100"``, ``"imagenet"`` (20 each) or ``"photos"`` (ImageNet
+            and scikit-image photos, then crops of them: up to 784).
         num_classes: labels are the images' classes modulo ``num_classes`` (CIFAR-10 labels are
             unchanged with 10 classes).
         offset: index of the first image, to draw another batch from the same source.
@@ -123,15 +139,23 @@ def builtin_batch(n: int, *, size: int = 32, source: str = "cifar10", num_classe
     if n < 1:
         raise ConfigError(f"batch size: expected a positive integer, got {n}")
     items: list[tuple[str, torch.Tensor, int]] = []
-    if source == "photos":
+    if source in ("photos", "builtin"):
         photos = _photos()
-        k = offset
-        while len(items) < n:
-            name, img, label = photos[k % len(photos)]
-            round_ = k // len(photos)
-            view = img if round_ == 0 else _crop(img, round_ - 1, size)
-            items.append((name if round_ == 0 else f"{name}#crop{round_ - 1}", _to_tensor(view, size), label))
-            k += 1
+        whole: list[tuple[str, Image.Image, int]] = []
+        if source == "builtin":
+            whole = [(f.name, Image.open(f), label) for kind in ("cifar10", "cifar100") for f, label in _foolbox_files(kind)]
+        whole += photos
+        limit = len(whole) + _CROPS_PER_PHOTO * len(photos)
+        if offset + n > limit:
+            raise DataError(f"built-in source '{source}': expected at most {limit - offset} images from offset "
+                            f"{offset} ({len(whole)} photos and {limit - len(whole)} crops of them), got a request "
+                            f"for {n}; use your own data (--data folder) for more")
+        for k in range(offset, offset + n):
+            if k < len(whole):
+                name, img, label = whole[k]
+                items.append((name, _to_tensor(img, size), label))
+            else:
+                items.append(_crops(photos, k - len(whole), size))
     else:
         files = _foolbox_files(source)
         if offset + n > len(files):
@@ -203,7 +227,8 @@ def load_batch(source: str, n: int, *, size: int = 32, num_classes: int = 10, se
                root: str | Path | None = None) -> Batch:
     """Dispatch on ``source``: a built-in name, ``"cifar10-dir"``/``"cifar100-dir"`` or ``"folder"`` (with ``root``)."""
     if source in BUILTIN_SOURCES:
-        return builtin_batch(n, size=size, source=source, num_classes=num_classes, offset=seed if source == "photos" else 0)
+        return builtin_batch(n, size=size, source=source, num_classes=num_classes,
+                             offset=seed if source in ("photos", "builtin") else 0)
     if source in ("cifar10-dir", "cifar100-dir", "folder"):
         if root is None:
             raise ConfigError(f"data source '{source}': expected --data-root pointing at the local copy")

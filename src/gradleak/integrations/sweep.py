@@ -102,7 +102,7 @@ class SweepGrid:
     seeds: tuple[int, ...] = (0,)
     data_seeds: tuple[int, ...] = (0,)
     model_seed: int = 42
-    data: str = "cifar10"
+    data: str = "builtin"
     data_root: str | None = None
     iterations: int | None = None
     labels: str = "recovered"

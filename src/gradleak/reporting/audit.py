@@ -303,7 +303,7 @@ def cell_finished(folder: str | Path) -> bool:
 
 
 def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attack_config: Any, out: str | Path,
-              model_seed: int = 42, data: str = "cifar10", data_root: str | Path | None = None, data_seed: int = 0,
+              model_seed: int = 42, data: str = "builtin", data_root: str | Path | None = None, data_seed: int = 0,
               utility_steps: int = 20, utility_lr: float = 0.1, give_labels: bool = False, device: str = "cpu",
               seed: int = 0, seeds: Sequence[int] | None = None, pairing: str = "hungarian",
               time_budget: float | None = None, progress: bool = True, write_images: bool = True,
