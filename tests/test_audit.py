@@ -169,7 +169,7 @@ def test_bad_defense_strings_exit_2_with_one_line(defenses, message, tmp_path, c
     (["--defenses", "none,dpsgd:1.0", "--model", "resnet18"], "--bn-mode eval"),
     (["--defenses", "none,dpsgd:1.0", "--protocol", "fedavg"], "DP-FedAvg"),
     (["--protocol", "fedprox"], "'fedsgd' or 'fedavg'"),
-    (["--batch-sizes", "1,32"], "at most 20 images"),  # checked before the first cell runs
+    (["--batch-sizes", "1,900"], "at most 824 images"),  # checked before the first cell runs
 ])
 def test_bad_grid_exits_2(argv, message, tmp_path, capsys):
     assert main(["audit", "--model", "lenet", *argv, "--out", str(tmp_path / "bad")]) == 2

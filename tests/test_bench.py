@@ -40,15 +40,47 @@ def test_bench_quality_records_thresholds_in_iteration_order(tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]
     assert [(r["batch"], r["seed"], r["channels"]) for r in rows] == [(2, 0, 128), (2, 1, 128)]
     for r in rows:
-        iterations = [i for i, _ in r["curve"]]
+        iterations = [i for i, *_ in r["curve"]]
         assert iterations == [5, 10, 15, 20] and r["final_ssim"] == r["curve"][-1][1]
+        seconds = [c[3] for c in r["curve"]]
+        assert seconds == sorted(seconds) and r["final_psnr"] == r["curve"][-1][2] > 0
         reached = [r["reached"][t] for t in ("0.8", "0.9", "0.95")]
         hits = [hit[0] for hit in reached if hit is not None]
         assert hits == sorted(hits)  # a higher threshold is never reached earlier
         for t, hit in zip((0.8, 0.9, 0.95), reached):  # reached exactly at the first reading above it
-            first = next((i for i, v in r["curve"] if v >= t), None)
+            first = next((i for i, v, *_ in r["curve"] if v >= t), None)
             assert (hit[0] if hit else None) == first
     assert "SSIM 0.95" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_quality_resumes_an_interrupted_run_and_skips_a_finished_one(tmp_path, one_thread):
+    from gradleak.bench import quality
+
+    common = dict(batch=2, variant="default", every=5, device="cpu", out=tmp_path, size=16)
+    whole = quality.run(iters=20, **common)
+    assert whole["finished"] == "iterations" and [c[0] for c in whole["curve"]] == [5, 10, 15, 20]
+    folder = tmp_path / "b2-16px-default-s0"
+    assert quality.run(iters=20, **common) == whole  # finished: read back, not rerun
+    assert json.loads((folder / "run.json").read_text()) == whole
+    # an interrupted run: its record and checkpoint stop at iteration 10, unfinished (as after a kill)
+    first = quality.run(iters=10, **{**common, "out": tmp_path / "part"})
+    part = tmp_path / "part" / "b2-16px-default-s0"
+    state = json.loads((part / "run.json").read_text())
+    state["finished"] = None
+    (part / "run.json").write_text(json.dumps(state))
+    resumed = quality.run(iters=20, **{**common, "out": tmp_path / "part"})
+    assert [c[0] for c in resumed["curve"]] == [5, 10, 15, 20]
+    assert resumed["curve"][:2] == first["curve"]  # history kept, not recomputed
+    assert resumed["curve"][2][3] > first["curve"][-1][3]  # the clock goes on from the checkpoint
+    # the same seed continued from the checkpoint lands where the uninterrupted run did
+    assert resumed["final_ssim"] == pytest.approx(whole["final_ssim"], abs=1e-4)
+    stopped = quality.run(iters=20, **{**common, "out": tmp_path / "target"}, target=-1.0)
+    assert stopped["finished"] == "target" and stopped["iterations"] == 5
+    assert quality.run(iters=20, **{**common, "out": tmp_path / "target"}, target=-1.0) == stopped
+    # a larger budget continues a finished run from its checkpoint
+    longer = quality.run(iters=30, **common)
+    assert [c[0] for c in longer["curve"]] == [5, 10, 15, 20, 25, 30] and longer["curve"][:4] == whole["curve"]
 
 
 @pytest.mark.slow
@@ -61,6 +93,10 @@ def test_bench_step_reports_phases_floor_and_ratio(tmp_path):
                                       "matching loss", "backward to generator", "optimizer step"}
     assert data["ratio"] == pytest.approx(data["attack_ms"] / data["floor_ms"])
     assert all(v > 0 for v in data["phases_ms"].values())
+    # the work against the machine: counted FLOPs over the floor's time, against the measured GEMM peak
+    assert data["gflop_per_step"] > 0 and data["gemm_peak_gflops"] > 0
+    assert data["achieved_gflops"] == pytest.approx(data["gflop_per_step"] / (data["floor_ms"] / 1000))
+    assert data["fraction_of_peak"] == pytest.approx(data["achieved_gflops"] / data["gemm_peak_gflops"])
 
 
 def test_bench_adaptive_and_labels_under_defenses_write_their_rows(tmp_path, one_thread):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gradleak.data import builtin_batch
+from gradleak.data import builtin_batch, load_batch
 from gradleak.models import build_model
 from gradleak.reporting.memory import current_memory_mb as current_mb
 from gradleak.reporting.memory import peak_memory_mb as peak_mb
@@ -18,13 +18,19 @@ from gradleak.types import ModelSpec, ServerState
 
 
 def demo_case(batch: int, *, size: int = 32, model: str = "resnet18", activation: str = "sigmoid",
-              device: str = "cpu"):
-    """The demo case: untrained CIFAR ResNet-18-sigmoid (seed 42), built-in photos, FedSGD."""
+              device: str = "cpu", data_root: str | Path | None = None):
+    """The demo case: untrained CIFAR ResNet-18-sigmoid (seed 42), built-in photos, FedSGD.
+
+    ``data_root``: draw the batch from a local CIFAR-10 copy (torchvision's format) instead.
+    """
     spec = ModelSpec(name=model, image_size=size, activation=activation,
                      num_classes=1000 if model == "resnet18-imagenet" else 10)
     net = build_model(spec, seed=42, device=device)
-    source = "builtin" if size == 32 else "photos"
-    data = builtin_batch(batch, size=size, source=source, num_classes=spec.num_classes)
+    if data_root is not None:
+        data = load_batch("cifar10-dir", batch, size=size, num_classes=spec.num_classes, root=data_root)
+    else:
+        data = builtin_batch(batch, size=size, source="builtin" if size == 32 else "photos",
+                             num_classes=spec.num_classes)
     server = ServerState.from_spec(net, spec)
     update = fedsgd_update(server, data.images.to(device), data.labels.to(device))
     return server, update, data.images, data.labels

@@ -1,24 +1,35 @@
 """Time to quality: wall time and iterations until mean SSIM (Hungarian) reaches 0.80 / 0.90 / 0.95.
 
     gradleak bench quality --batches 4,8,16 --iters 800 [--variant NAME ...] [--seeds 0,1]
+    gradleak bench quality --batches 32,64 --iters 3000 --variant default --variant reference \
+        --target 0.9 --minutes 60 --out bench-results/large --plot docs/img/large-batch.png
 
-SSIM is measured every ``--every`` iterations in the progress callback, off the clock (the
+SSIM and PSNR are measured every ``--every`` iterations in the progress callback, off the clock (the
 callback's own time is subtracted). Labels are recovered from the update, as in the demo.
 Variants are CI-Net configs to compare (``--variant`` repeatable, default: all listed below);
 ``--seeds`` repeats each with other attack seeds (generator initialisation and latent), since one
 seed's iteration count can be off by a factor of two.
+
+Long runs: ``--out DIR`` gives each run its own folder with a checkpoint at every reading; the same
+command again resumes every unfinished run where it stopped (its curve and on-clock seconds kept),
+and skips finished ones; a larger ``--minutes`` or ``--iters`` continues them. ``--target`` stops a run once its SSIM reaches it, ``--minutes`` once its
+on-clock time passes the budget. ``--plot`` draws SSIM against iterations and against wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 from typing import Any
+
+import torch
 
 import gradleak
 from gradleak.bench.common import demo_case, print_table, write_json
 from gradleak.attacks import CINetAttack
-from gradleak.metrics import pair_images, ssim
+from gradleak.metrics import pair_images, psnr, ssim
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "reference": CINetAttack.presets["reference"],
@@ -40,40 +51,126 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "64ch-lr3e-3-cos": dict(loss="cosine", update="sign-adam", channels=64, lr=3e-3, lr_decay="cosine"),
     "64ch-lr5e-4": dict(loss="cosine", update="sign-adam", channels=64, lr=5e-4),
     "64ch-l2": dict(loss="l2", update="sign-adam", channels=64, lr=1e-3),
+    # short budgets (the demo): a higher rate decayed to 0 over the run
+    "lr1e-3-cos": dict(lr=1e-3, lr_decay="cosine"),
+    "lr2e-3-cos": dict(lr=2e-3, lr_decay="cosine"),
+    "lr3e-3-cos": dict(lr=3e-3, lr_decay="cosine"),
+    "lr3e-3-step": dict(lr=3e-3, lr_decay="step"),
+    # large batches: the width
+    "256ch": dict(channels=256),
+    "192ch": dict(channels=192),
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
 
 
-def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: bool = False,
-        seed: int = 0) -> dict[str, Any]:
-    server, update, images, _ = demo_case(batch, device=device)
-    cfg = {**VARIANTS[variant], "iterations": iters, "log_every": every, "checkpoint_every": 0}
-    attack = gradleak.attacks.create("cinet", cfg, device=device, seed=seed)
-    off_clock = 0.0
-    t0 = time.perf_counter()
-    reached: dict[float, tuple[int, float]] = {}
-    curve: list[tuple[int, float]] = []
+def _more_to_do(previous: dict[str, Any], iters: int, target: float | None, minutes: float | None) -> bool:
+    """Whether a finished run continues under a larger budget (more iterations or minutes, or a
+    target it has not reached)."""
+    if target is not None and (previous["final_ssim"] or 0.0) >= target:
+        return False
+    return previous["iterations"] < iters and (minutes is None or previous["seconds"] < 60 * minutes)
 
-    def callback(p: gradleak.attacks.Progress) -> None:
-        nonlocal off_clock
-        s = time.perf_counter()
-        x = p.images.cpu()
-        value = float(ssim(x[pair_images(x, images)], images).mean())
-        curve.append((p.iteration, value))
-        if verbose:
-            print(f"  {variant} batch {batch} it {p.iteration}: SSIM {value:.3f} loss {p.loss:.3e} "
-                  f"{s - t0 - off_clock:.1f} s", flush=True)
+
+def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: bool = False,
+        seed: int = 0, out: Path | None = None, target: float | None = None,
+        minutes: float | None = None, size: int = 32, data_root: str | None = None) -> dict[str, Any]:
+    """One CI-Net run on the demo case at ``batch``, read every ``every`` iterations.
+
+    With ``out`` the run checkpoints at every reading into ``out/b<batch>-<variant>-s<seed>/`` and a
+    second call resumes it, or returns the recorded result of a finished one (unless the call gives it
+more iterations or minutes, or a target it has not reached: then it continues).
+    """
+    folder = None if out is None else Path(out) / f"b{batch}-{size}px-{variant}-s{seed}"
+    record = folder / "run.json" if folder is not None else None
+    if record is not None and record.is_file():
+        previous = json.loads(record.read_text())
+        if previous.get("finished") and not _more_to_do(previous, iters, target, minutes):
+            return previous
+    server, update, images, _ = demo_case(batch, size=size, model="resnet18" if size <= 64 else "resnet18-imagenet",
+                                          device=device, data_root=data_root)
+    cfg = {**VARIANTS[variant], "iterations": iters, "log_every": every,
+           "checkpoint_every": every if folder is not None else 0}
+    attack = gradleak.attacks.create("cinet", cfg, device=device, seed=seed)
+    resume = folder is not None and (folder / "checkpoint.json").is_file()
+    curve: list[list[float]] = []  # [iteration, SSIM, PSNR, on-clock seconds]
+    before = 0.0
+    if resume:
+        done = int(json.loads((folder / "checkpoint.json").read_text())["iteration"])  # type: ignore[operator]
+        curve = [c for c in json.loads(record.read_text())["curve"] if c[0] <= done] if record.is_file() else []  # type: ignore[union-attr]
+        before = curve[-1][3] if curve else 0.0
+    reached: dict[float, tuple[int, float]] = {}
+    for it, value, _, sec in curve:
         for t in THRESHOLDS:
             if value >= t and t not in reached:
-                reached[t] = (p.iteration, s - t0 - off_clock)
-        off_clock += time.perf_counter() - s
+                reached[t] = (int(it), sec)
+    off_clock = 0.0
+    t0 = time.perf_counter()
+    channels = "?"
 
-    rec = attack.reconstruct(server, update, callback=callback)
-    total = time.perf_counter() - t0 - off_clock
-    return {"batch": batch, "variant": variant, "seed": seed, "channels": rec.info["channel_choice"]["channels"],
-            "seconds": total, "s_per_it": total / iters,
-            "final_ssim": curve[-1][1] if curve else None, "label_strategy": rec.label_strategy,
-            "reached": {str(t): reached.get(t) for t in THRESHOLDS}, "curve": curve}
+    def result(finished: str | None) -> dict[str, Any]:
+        total = curve[-1][3] if curve else 0.0
+        last = int(curve[-1][0]) if curve else 0
+        return {"batch": batch, "size": size, "variant": variant, "seed": seed, "channels": channels, "device": device,
+                "seconds": total, "s_per_it": total / max(last, 1), "iterations": last,
+                "final_ssim": curve[-1][1] if curve else None, "final_psnr": curve[-1][2] if curve else None,
+                "reached": {str(t): reached.get(t) for t in THRESHOLDS}, "curve": curve,
+                "config": cfg, "threads": torch.get_num_threads(), "finished": finished}
+
+    def callback(p: gradleak.attacks.Progress) -> bool:
+        nonlocal off_clock
+        s = time.perf_counter()
+        on_clock = before + s - t0 - off_clock
+        x = p.images.cpu()
+        paired = x[pair_images(x, images)]
+        value = float(ssim(paired, images).mean())
+        curve.append([p.iteration, value, float(psnr(paired, images).mean()), on_clock])
+        if verbose:
+            print(f"  {variant} batch {batch} it {p.iteration}: SSIM {value:.3f} loss {p.loss:.3e} "
+                  f"{on_clock:.1f} s", flush=True)
+        for t in THRESHOLDS:
+            if value >= t and t not in reached:
+                reached[t] = (p.iteration, on_clock)
+        if record is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_json(record, result(None))
+        off_clock += time.perf_counter() - s
+        return (target is not None and value >= target) or (minutes is not None and on_clock >= 60 * minutes)
+
+    rec = attack.reconstruct(server, update, callback=callback, run_dir=folder, resume=resume)
+    channels = rec.info["channel_choice"]["channels"]
+    done = result("target" if target is not None and curve and curve[-1][1] >= target
+                  else "budget" if rec.info["iterations"] < iters else "iterations")
+    done["label_strategy"] = rec.label_strategy
+    if record is not None:
+        write_json(record, done)
+    return done
+
+
+def plot(results: list[dict[str, Any]], path: str | Path) -> None:
+    """SSIM against iterations and against on-clock wall time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in results:
+        if not r["curve"]:
+            continue
+        it, ssim_, _, sec = zip(*r["curve"])
+        label = f"batch {r['batch']} {r['variant']} ({r['channels']} ch)" + (f" s{r['seed']}" if r["seed"] else "")
+        axes[0].plot(it, ssim_, label=label)
+        axes[1].plot([t / 60 for t in sec], ssim_, label=label)
+    for ax, xlabel in zip(axes, ("iteration", "wall time (min, on the clock)")):
+        ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean SSIM (Hungarian)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,23 +183,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="bench-results/quality.json")
     p.add_argument("--verbose", action="store_true", help="print every SSIM reading")
+    p.add_argument("--out", type=Path, default=None, help="resumable run folders (checkpoint at every reading)")
+    p.add_argument("--target", type=float, default=None, help="stop a run once its mean SSIM reaches this")
+    p.add_argument("--minutes", type=float, default=None, help="stop a run after this much on-clock time")
+    p.add_argument("--size", type=int, default=32, help="image size (above 64 px: the ImageNet-stem ResNet-18)")
+    p.add_argument("--data-root", default=None, help="a local CIFAR-10 copy to draw the batch from (default: built-in)")
+    p.add_argument("--plot", default=None, help="write SSIM against iterations and wall time (PNG)")
     args = p.parse_args(argv)
     results = []
     for b in (int(x) for x in args.batches.split(",")):
         for v, seed in ((v, int(s)) for v in args.variant or list(VARIANTS) for s in args.seeds.split(",")):
-            r = run(b, v, args.iters, args.every, args.device, args.verbose, seed)
+            r = run(b, v, args.iters, args.every, args.device, args.verbose, seed, args.out, args.target, args.minutes,
+                  args.size, args.data_root)
             results.append(r)
-            print(f"batch {b} {v} seed {seed}: final SSIM {r['final_ssim']:.3f}, {r['s_per_it']:.3f} s/it, reached {r['reached']}",
-                  flush=True)
-            write_json(args.json, {"args": vars(args), "results": results})
+            print(f"batch {b} {v} seed {seed}: final SSIM {r['final_ssim']:.3f}, PSNR {r['final_psnr']:.2f} dB, "
+                  f"{r['s_per_it']:.3f} s/it, reached {r['reached']}", flush=True)
+            write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                   "results": results})
+            if args.plot:
+                plot(results, args.plot)
 
     def cell(r: dict[str, Any], t: float) -> str:
         hit = r["reached"][str(t)]
         return "-" if hit is None else f"{hit[0]} it / {hit[1]:.0f} s"
 
-    print_table(["batch", "variant", "channels", "seed", "s/it", "final SSIM"] + [f"SSIM {t}" for t in THRESHOLDS],
-                [[r["batch"], r["variant"], r["channels"], r["seed"], r["s_per_it"], r["final_ssim"]]
-                 + [cell(r, t) for t in THRESHOLDS] for r in results])
+    print_table(["batch", "variant", "channels", "seed", "s/it", "iterations", "final SSIM", "final PSNR"]
+                + [f"SSIM {t}" for t in THRESHOLDS],
+                [[r["batch"], r["variant"], r["channels"], r["seed"], r["s_per_it"], r["iterations"], r["final_ssim"],
+                  r["final_psnr"]] + [cell(r, t) for t in THRESHOLDS] for r in results])
+    print(f"threads {torch.get_num_threads()}; seconds are on the clock (SSIM readings excluded)")
     return 0
 
 

@@ -7,6 +7,18 @@ the generator, optimizer step. The floor is the same tensor work in a bare loop 
 no framework); the attack row is ``CINetAttack.reconstruct`` itself. step/floor is the overhead.
 The two alternate over ``--rounds`` rounds and the fastest round of each counts, so that a shared,
 noisy machine slows both alike.
+
+Against the machine: the step's floating-point work is counted once with
+``torch.utils.flop_counter`` (the step run with ``backward()``, which the counter supports, instead
+of ``autograd.grad`` on leaves, which it refuses), and the achieved GFLOP/s of the floor is set
+against the float32 matrix-product peak measured in the same run on the same threads
+(:func:`gradleak.hardware.matmul_gflops`, the best of 1024 and 2048 square products).
+
+    gradleak bench step --batch 32 --iters 5 --rounds 2 [--threads N] [--channels-last] [--compile-generator]
+
+``--channels-last`` stores the generator, the victim and their activations in NHWC;
+``--compile-generator`` runs the generator through ``torch.compile`` (the victim's double backward
+is not supported by compile's autograd, so only the generator can be).
 """
 
 from __future__ import annotations
@@ -22,6 +34,28 @@ import gradleak
 from gradleak.bench.common import Timer, demo_case, print_table, sync, write_json
 from gradleak.functional import cosine_distance
 from gradleak.generators import CINetGenerator
+from gradleak.hardware import matmul_gflops, native_bf16
+
+
+def step_flops(gen: torch.nn.Module, victim: torch.nn.Module, z: torch.Tensor, y: torch.Tensor,
+               target: list[torch.Tensor]) -> int:
+    """Floating-point operations of one CI-Net step (generator and victim forward, the victim's
+    gradient with create_graph, the cosine, the backward to the generator), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [q for q in victim.parameters() if q.requires_grad]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = F.cross_entropy(victim(gen(z)), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        cosine_distance(grads, target).backward()
+    gen.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def gemm_peak(device: str) -> float:
+    """The float32 matrix-product peak on the current threads, GFLOP/s (best of two sizes)."""
+    return max(matmul_gflops(torch.float32, size=n, device=device) for n in (1024, 2048))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3, help="alternating floor/attack rounds (the fastest counts)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for both networks")
+    p.add_argument("--compile-generator", action="store_true", help="torch.compile the generator (floor only)")
+    p.add_argument("--no-attack", action="store_true", help="time the floor only (no CINetAttack rounds)")
     p.add_argument("--json", default="bench-results/step.json")
     args = p.parse_args(argv)
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     server, update, _, labels = demo_case(args.batch, size=args.size, device=dev)
     victim = copy.deepcopy(server.model).to(dev).train()
     params = [q for q in victim.parameters() if q.requires_grad]
@@ -45,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     z = torch.randn(args.batch, 100, device=dev)
     gp = list(gen.parameters())
     opt = torch.optim.Adam(gp, lr=1e-3)
+    flops = step_flops(gen, victim, z, y, target)
+    if args.channels_last:
+        gen = gen.to(memory_format=torch.channels_last)
+        victim = victim.to(memory_format=torch.channels_last)
+    forward = torch.compile(gen) if args.compile_generator else gen
 
     def step(timer: Timer | None) -> None:
         t = timer or (lambda _n: _Null())
         with t("generator forward"):
-            x = gen(z)
+            x = forward(z)
         with t("victim forward"):
             loss = F.cross_entropy(victim(x), y)
         with t("gradient (create_graph)"):
@@ -71,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     attack = gradleak.attacks.create("cinet", {"iterations": args.iters, "channels": args.channels,
                                                "log_every": 25, "checkpoint_every": 0}, device=dev)
-    attack.reconstruct(server, update, labels=labels)  # warm-up (and label-free path checked elsewhere)
+    if not args.no_attack:
+        attack.reconstruct(server, update, labels=labels)  # warm-up (and label-free path checked elsewhere)
 
     # floor and attack alternate, so that a noisy machine slows both alike; the fastest round counts
+    peak = gemm_peak(dev)
     floors, fulls = [], []
     for _ in range(args.rounds):
         sync(dev)
@@ -82,20 +129,32 @@ def main(argv: list[str] | None = None) -> int:
             step(None)
         sync(dev)
         floors.append((time.perf_counter() - t0) / args.iters)
-        t0 = time.perf_counter()
-        attack.reconstruct(server, update, labels=labels)
-        sync(dev)
-        fulls.append((time.perf_counter() - t0) / args.iters)
-    floor, full = min(floors), min(fulls)
+        if not args.no_attack:
+            t0 = time.perf_counter()
+            attack.reconstruct(server, update, labels=labels)
+            sync(dev)
+            fulls.append((time.perf_counter() - t0) / args.iters)
+    peak = max(peak, gemm_peak(dev))
+    floor = min(floors)
+    full = min(fulls) if fulls else float("nan")
+    achieved = flops / floor / 1e9
 
     rows = [[k, v / args.iters * 1000, 100 * v / sum(timer.totals.values())] for k, v in timer.totals.items()]
     rows.append(["floor (bare loop)", floor * 1000, 100.0])
     rows.append(["CINetAttack.reconstruct", full * 1000, 100 * full / floor])
-    print(f"CI-Net step, ResNet-18-sigmoid, batch {args.batch}, {args.size} px, {args.channels} channels, {dev}")
+    threads = torch.get_num_threads()
+    print(f"CI-Net step, ResNet-18-sigmoid, batch {args.batch}, {args.size} px, {args.channels} channels, {dev}, "
+          f"{threads} threads{', channels_last' if args.channels_last else ''}"
+          f"{', compiled generator' if args.compile_generator else ''}")
     print_table(["phase", "ms / iteration", "% of phases (floor rows: % of floor)"], rows)
     print(f"step/floor = {full / floor:.3f}")
-    write_json(args.json, {"args": vars(args), "phases_ms": {k: v / args.iters * 1000 for k, v in timer.totals.items()},
+    print(f"work: {flops / 1e9:.1f} GFLOP per step (torch.utils.flop_counter); floor achieves {achieved:.1f} GFLOP/s "
+          f"= {100 * achieved / peak:.0f}% of the fp32 GEMM peak {peak:.1f} GFLOP/s measured now on {threads} threads "
+          f"(native bf16: {native_bf16(dev)})")
+    write_json(args.json, {"args": vars(args), "threads": threads, "phases_ms": {k: v / args.iters * 1000 for k, v in timer.totals.items()},
                            "floor_ms": floor * 1000, "attack_ms": full * 1000, "ratio": full / floor,
+                           "gflop_per_step": flops / 1e9, "achieved_gflops": achieved, "gemm_peak_gflops": peak,
+                           "fraction_of_peak": achieved / peak, "native_bf16": native_bf16(dev),
                            "floor_rounds_ms": [f * 1000 for f in floors], "attack_rounds_ms": [f * 1000 for f in fulls]})
     return 0
 

@@ -76,7 +76,8 @@ def print_summary(result: AttackRun) -> None:
         v = s.get(key)
         return "n/a" if v is None else format(v, fmt)
 
-    print(f"{s['attack']}: {s['n_images']} images, {s['iterations']} iterations, {s['seconds']:.1f} s, "
+    per = f" ({s['seconds'] / s['iterations']:.2f} s per iteration on this machine)" if s.get("iterations") else ""
+    print(f"{s['attack']}: {s['n_images']} images, {s['iterations']} iterations, {s['seconds']:.1f} s{per}, "
           f"peak {s['peak_memory_mb']:.0f} MB")
     if "ssim_mean" in s:
         print(f"  SSIM {f('ssim_mean')} +- {f('ssim_std')}   FSIM {f('fsim_mean')}   PSNR {f('psnr_mean', '.2f')} dB   "

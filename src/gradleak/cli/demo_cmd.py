@@ -2,7 +2,8 @@
 
 Simulates a client (CIFAR ResNet-18 with Sigmoid, untrained, 8 real CIFAR-10 photos, FedSGD),
 writes its update files into the run folder, then attacks them with CI-Net (labels recovered from
-the update) and writes the report. About 2 minutes on 2 CPU cores.
+the update) and writes the report. 150 CI-Net iterations: about 2.5 minutes where a batch-8 step
+takes 0.9 s (the summary prints this machine's step time).
 """
 
 from __future__ import annotations

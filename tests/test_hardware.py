@@ -1,0 +1,64 @@
+"""The machine checks: native bfloat16 from the CPU's flags, the warning a run records, GEMM peak."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+import gradleak
+from gradleak import hardware
+
+from conftest import make_case
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    def set_flags(values: set[str], machine: str = "x86_64") -> None:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(values))
+        monkeypatch.setattr(platform, "machine", lambda: machine)
+    return set_flags
+
+
+def test_native_bf16_reads_the_cpu_flags(flags):
+    flags({"avx2", "avx512f", "avx512bw"})
+    assert hardware.native_bf16("cpu") is False
+    flags({"avx512f", "avx512_bf16"})
+    assert hardware.native_bf16("cpu") is True
+    flags({"amx_bf16", "amx_tile"})
+    assert hardware.native_bf16() is True
+    flags({"fp", "asimd", "bf16"}, machine="aarch64")
+    assert hardware.native_bf16() is True
+    flags({"fp", "asimd"}, machine="aarch64")
+    assert hardware.native_bf16() is False
+    flags(set())  # no /proc/cpuinfo: cannot tell, no warning
+    assert hardware.native_bf16() is None
+    assert hardware.precision_warning("bf16", "cpu") is None
+
+
+def test_this_machines_flags_are_read():
+    found = hardware.cpu_flags()
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        assert "sse2" in found  # every x86-64 CPU has it: the parser read the real file
+    assert hardware.native_bf16() in (True, False, None)
+
+
+def test_bf16_without_native_support_warns_and_is_recorded(flags, one_thread):
+    flags({"avx512f"})
+    assert "emulated" in hardware.precision_warning("bf16", "cpu")
+    assert hardware.precision_warning("fp32", "cpu") is None
+    server, update, _, labels = make_case("lenet", 1)
+    attack = gradleak.attacks.create("cinet", {"iterations": 1, "channels": 8, "precision": "bf16",
+                                               "checkpoint_every": 0})
+    with pytest.warns(RuntimeWarning, match="without native bfloat16"):
+        rec = attack.reconstruct(server, update, labels=labels)
+    assert "emulated" in rec.info["precision_note"]
+    flags({"avx512_bf16"})
+    rec = attack.reconstruct(server, update, labels=labels)
+    assert rec.info["precision_note"] is None
+
+
+def test_matmul_gflops_is_a_positive_measurement(one_thread):
+    fp32 = hardware.matmul_gflops(torch.float32, size=128, seconds=0.05)
+    assert 0.1 < fp32 < 1e6
