@@ -18,7 +18,8 @@ against the float32 matrix-product peak measured in the same run on the same thr
 
 ``--channels-last`` stores the generator, the victim and their activations in NHWC;
 ``--compile-generator`` runs the generator through ``torch.compile`` (the victim's double backward
-is not supported by compile's autograd, so only the generator can be).
+is not supported by compile's autograd, so only the generator can be); ``--no-mkldnn`` computes the
+CPU convolutions without oneDNN.
 """
 
 from __future__ import annotations
@@ -69,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for both networks")
     p.add_argument("--compile-generator", action="store_true", help="torch.compile the generator (floor only)")
+    p.add_argument("--no-mkldnn", action="store_true", help="CPU convolutions without oneDNN (im2col + GEMM)")
     p.add_argument("--no-attack", action="store_true", help="time the floor only (no CINetAttack rounds)")
     p.add_argument("--json", default="bench-results/step.json")
     args = p.parse_args(argv)
     dev = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_mkldnn:
+        torch.backends.mkldnn.enabled = False
     server, update, _, labels = demo_case(args.batch, size=args.size, device=dev)
     victim = copy.deepcopy(server.model).to(dev).train()
     params = [q for q in victim.parameters() if q.requires_grad]
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     print(f"CI-Net step, ResNet-18-sigmoid, batch {args.batch}, {args.size} px, {args.channels} channels, {dev}, "
           f"{threads} threads{', channels_last' if args.channels_last else ''}"
-          f"{', compiled generator' if args.compile_generator else ''}")
+          f"{', compiled generator' if args.compile_generator else ''}{', no oneDNN' if args.no_mkldnn else ''}")
     print_table(["phase", "ms / iteration", "% of phases (floor rows: % of floor)"], rows)
     print(f"step/floor = {full / floor:.3f}")
     print(f"work: {flops / 1e9:.1f} GFLOP per step (torch.utils.flop_counter); floor achieves {achieved:.1f} GFLOP/s "

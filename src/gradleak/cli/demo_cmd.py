@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     config = attack_config(args)
     out = args.out or default_out("demo")
     case = simulate(args, out / "client")
-    print(f"client: {args.model} ({args.activation}), {args.batch_size} built-in '{args.data}' photos at "
+    print(f"client: {args.model} ({args.activation}), {args.batch_size} images (--data {args.data}) at "
           f"{args.image_size} px -> {case['files']['update']}")
     result = attack_files(case["files"], attack=args.attack, config=config, out=out,
                           give_labels=args.labels == "given", case=case, device=device, seed=args.seed,
