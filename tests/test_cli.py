@@ -140,3 +140,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path):
     assert metrics["summary"]["iterations"] == reached + 5
     its = metrics["history"]["iteration"]
     assert its[0] == 5 and its[-1] == reached + 5  # history from before the kill survived
+
+
+def test_simulate_a_batch_of_64_from_the_default_built_in_data(tmp_path, one_thread):
+    from gradleak.threat.io import load_truth
+
+    out = tmp_path / "sim64"
+    assert main(["simulate", "--model", "lenet", "--batch-size", "64", "--out", str(out)]) == 0
+    images, labels = load_truth(out / "truth.safetensors")
+    assert images.shape == (64, 3, 32, 32) and labels.shape == (64,)
+    names = json.loads((out / "case.json").read_text())["images"]
+    assert len(set(names)) == 64 and not any("#crop" in n for n in names)  # 64 real images, no crops

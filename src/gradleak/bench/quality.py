@@ -29,6 +29,7 @@ import torch
 import gradleak
 from gradleak.bench.common import demo_case, print_table, write_json
 from gradleak.attacks import CINetAttack
+from gradleak.generators import choose_channels
 from gradleak.metrics import pair_images, psnr, ssim
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -105,7 +106,10 @@ more iterations or minutes, or a target it has not reached: then it continues).
                 reached[t] = (int(it), sec)
     off_clock = 0.0
     t0 = time.perf_counter()
-    channels = "?"
+    c, h, _ = server.input_shape
+    channels = choose_channels(attack.config.channels, victim_parameters=sum(t.numel() for t in update.gradients()),
+                               batch_size=batch, image_size=h, out_channels=c, nz=attack.config.nz,
+                               norm=attack.config.norm).channels
 
     def result(finished: str | None) -> dict[str, Any]:
         total = curve[-1][3] if curve else 0.0
