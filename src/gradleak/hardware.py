@@ -76,8 +76,7 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, *, size: int = 1024, secon
         while count < 2 or time.perf_counter() - t0 < seconds / 4:
             a @ b
             count += 1
-            if dev.type == "cuda":
-                sync()
+            sync()
         best = min(best, (time.perf_counter() - t0) / count)
     return 2 * size**3 / best / 1e9
 

@@ -12,8 +12,9 @@ seed's iteration count can be off by a factor of two.
 
 Long runs: ``--out DIR`` gives each run its own folder with a checkpoint at every reading; the same
 command again resumes every unfinished run where it stopped (its curve and on-clock seconds kept),
-and skips finished ones; a larger ``--minutes`` or ``--iters`` continues them. ``--target`` stops a run once its SSIM reaches it, ``--minutes`` once its
-on-clock time passes the budget. ``--plot`` draws SSIM against iterations and against wall time.
+and skips finished ones; a larger ``--minutes`` or ``--iters`` continues them. ``--target`` stops a
+run once its SSIM reaches it, ``--minutes`` once its on-clock time passes the budget (both checked
+at each reading). ``--plot`` draws SSIM against iterations and against wall time.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "64ch-lr3e-3-cos": dict(loss="cosine", update="sign-adam", channels=64, lr=3e-3, lr_decay="cosine"),
     "64ch-lr5e-4": dict(loss="cosine", update="sign-adam", channels=64, lr=5e-4),
     "64ch-l2": dict(loss="l2", update="sign-adam", channels=64, lr=1e-3),
-    # short budgets (the demo): a higher rate decayed to 0 over the run
+    # short budgets (the demo): the rate decayed to 0 over the run, from 1e-3 or higher
     "lr1e-3-cos": dict(lr=1e-3, lr_decay="cosine"),
     "lr2e-3-cos": dict(lr=2e-3, lr_decay="cosine"),
     "lr3e-3-cos": dict(lr=3e-3, lr_decay="cosine"),
@@ -77,16 +78,15 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
         minutes: float | None = None, size: int = 32, data_root: str | None = None) -> dict[str, Any]:
     """One CI-Net run on the demo case at ``batch``, read every ``every`` iterations.
 
-    With ``out`` the run checkpoints at every reading into ``out/b<batch>-<variant>-s<seed>/`` and a
-    second call resumes it, or returns the recorded result of a finished one (unless the call gives it
-more iterations or minutes, or a target it has not reached: then it continues).
+    With ``out`` the run checkpoints at every reading into ``out/b<batch>-<size>px-<variant>-s<seed>/``
+    and a second call resumes it, or returns the recorded result of a finished one (unless the call
+    gives it more iterations or minutes, or a target it has not reached: then it continues).
     """
     folder = None if out is None else Path(out) / f"b{batch}-{size}px-{variant}-s{seed}"
     record = folder / "run.json" if folder is not None else None
-    if record is not None and record.is_file():
-        previous = json.loads(record.read_text())
-        if previous.get("finished") and not _more_to_do(previous, iters, target, minutes):
-            return previous
+    previous = json.loads(record.read_text()) if record is not None and record.is_file() else None
+    if previous is not None and previous.get("finished") and not _more_to_do(previous, iters, target, minutes):
+        return previous
     server, update, images, _ = demo_case(batch, size=size, model="resnet18" if size <= 64 else "resnet18-imagenet",
                                           device=device, data_root=data_root)
     cfg = {**VARIANTS[variant], "iterations": iters, "log_every": every,
@@ -94,16 +94,10 @@ more iterations or minutes, or a target it has not reached: then it continues).
     attack = gradleak.attacks.create("cinet", cfg, device=device, seed=seed)
     resume = folder is not None and (folder / "checkpoint.json").is_file()
     curve: list[list[float]] = []  # [iteration, SSIM, PSNR, on-clock seconds]
-    before = 0.0
-    if resume:
+    if resume and previous is not None:  # the readings up to the checkpoint (a kill may have left one more)
         done = int(json.loads((folder / "checkpoint.json").read_text())["iteration"])  # type: ignore[operator]
-        curve = [c for c in json.loads(record.read_text())["curve"] if c[0] <= done] if record.is_file() else []  # type: ignore[union-attr]
-        before = curve[-1][3] if curve else 0.0
-    reached: dict[float, tuple[int, float]] = {}
-    for it, value, _, sec in curve:
-        for t in THRESHOLDS:
-            if value >= t and t not in reached:
-                reached[t] = (int(it), sec)
+        curve = [c for c in previous["curve"] if c[0] <= done]
+    before = curve[-1][3] if curve else 0.0
     off_clock = 0.0
     t0 = time.perf_counter()
     c, h, _ = server.input_shape
@@ -114,10 +108,12 @@ more iterations or minutes, or a target it has not reached: then it continues).
     def result(finished: str | None) -> dict[str, Any]:
         total = curve[-1][3] if curve else 0.0
         last = int(curve[-1][0]) if curve else 0
+        # each threshold at the first reading above it: [iteration, on-clock seconds], or None
+        reached = {str(t): next(([int(c[0]), c[3]] for c in curve if c[1] >= t), None) for t in THRESHOLDS}
         return {"batch": batch, "size": size, "variant": variant, "seed": seed, "channels": channels, "device": device,
                 "seconds": total, "s_per_it": total / max(last, 1), "iterations": last,
                 "final_ssim": curve[-1][1] if curve else None, "final_psnr": curve[-1][2] if curve else None,
-                "reached": {str(t): reached.get(t) for t in THRESHOLDS}, "curve": curve,
+                "reached": reached, "curve": curve,
                 "config": cfg, "threads": torch.get_num_threads(), "finished": finished}
 
     def callback(p: gradleak.attacks.Progress) -> bool:
@@ -131,17 +127,12 @@ more iterations or minutes, or a target it has not reached: then it continues).
         if verbose:
             print(f"  {variant} batch {batch} it {p.iteration}: SSIM {value:.3f} loss {p.loss:.3e} "
                   f"{on_clock:.1f} s", flush=True)
-        for t in THRESHOLDS:
-            if value >= t and t not in reached:
-                reached[t] = (p.iteration, on_clock)
         if record is not None:
-            record.parent.mkdir(parents=True, exist_ok=True)
             write_json(record, result(None))
         off_clock += time.perf_counter() - s
         return (target is not None and value >= target) or (minutes is not None and on_clock >= 60 * minutes)
 
     rec = attack.reconstruct(server, update, callback=callback, run_dir=folder, resume=resume)
-    channels = rec.info["channel_choice"]["channels"]
     done = result("target" if target is not None and curve and curve[-1][1] >= target
                   else "budget" if rec.info["iterations"] < iters else "iterations")
     done["label_strategy"] = rec.label_strategy
