@@ -132,13 +132,13 @@ def test_adaptive_attacks_stop_at_the_noise_floor(lenet_case, one_thread):
     update = _defended((server, None, x, y), "noise:1e-4")
     cfg = {"iterations": 300, "channels": 32}
     rec = gradleak.attacks.create("cinet", cfg).reconstruct(server, update)
-    assert rec.info["stopped_early"] == "noise floor reached" and rec.info["iterations"] < 300, rec.info
+    assert rec.stopped_early == "noise floor reached" and rec.iterations < 300, rec.outcome()
     assert rec.history["loss"][-1] <= rec.info["adaptive"]["noise_floor"]
     for name in ("cinet", "ig"):  # the unaware attacker knows no floor
         unaware = gradleak.attacks.create(name, {**cfg, "iterations": 20, "adaptive": "off"}
                                           if name == "cinet" else {"iterations": 20, "adaptive": "off"}).reconstruct(
             server, update)
-        assert unaware.info["iterations"] == 20 and unaware.info["stopped_early"] is False
+        assert unaware.iterations == 20 and unaware.stopped_early is None
 
 
 def test_per_sample_clipping_matches_opacus_and_is_differentiable(lenet_case, one_thread):

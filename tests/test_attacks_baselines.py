@@ -86,7 +86,7 @@ def test_every_attack_runs_two_iterations_through_the_registry(name: str, tmp_pa
     assert len(rec.history["iteration"]) == len(rec.history["loss"]) >= 1
     assert all(math.isfinite(v) for v in rec.history["loss"])
     assert rec.label_strategy and isinstance(rec.info, dict)
-    assert isinstance(rec.info.get("iterations"), int) and rec.info["iterations"] >= 1
+    assert isinstance(rec.iterations, int) and rec.iterations >= 1
     assert seen and all(p.images.shape == batch.images.shape for p in seen)
 
 
@@ -97,7 +97,7 @@ def test_optimization_attacks_match_a_fedavg_delta_by_replaying_the_local_steps(
     batch = builtin_batch(2, source="cifar10", size=SIZE)
     update = fedavg_update(server, batch.images, batch.labels, local_steps=2, lr=0.1, batch_size=1)
     rec = gradleak.attacks.create(name, {"iterations": 8, "log_every": 1}).reconstruct(server, update)
-    assert "fedavg" in rec.info["matching"]
+    assert "fedavg" in rec.matching
     assert rec.history["loss"][-1] < rec.history["loss"][0]
 
 
@@ -120,7 +120,7 @@ def test_a_wall_clock_budget_stops_an_attack_within_one_iteration(name: str, tmp
     config = {**_tiny_config(name, tmp_path), "iterations": 40, "log_every": 20}
     run = run_attack(server, update, attack=name, config=config, out=tmp_path / name, truth_images=batch.images,
                      truth_labels=batch.labels, progress=False, time_budget=0.0)
-    assert run.reconstruction.info["iterations"] == 1
+    assert run.reconstruction.iterations == 1
     assert run.metrics["summary"]["iterations"] == 1
     assert json.loads((tmp_path / name / "config.json").read_text())["attack_config"]["log_every"] == 1
 

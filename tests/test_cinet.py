@@ -143,7 +143,7 @@ def test_resume_continues_exactly_from_the_checkpoint(tmp_path, lenet_case):
     assert meta["iteration"] == 3
     resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
                                                                         resume=True)
-    assert resumed.info["resumed_from"] == 3
+    assert resumed.resumed_from == 3
     torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-5)
     assert resumed.history["loss"] == pytest.approx(straight.history["loss"], abs=1e-6)  # float32 1 - cos
 

@@ -24,7 +24,7 @@ def test_cinet_on_a_multistep_fedavg_delta_matches_by_replay(lenet_case):
     server, _, images, labels = lenet_case
     update = fedavg_update(server, images, labels, local_steps=3, lr=0.1, batch_size=1)
     rec = _attack(server, update)
-    assert rec.info["matching"].startswith("fedavg replay of 3")
+    assert rec.matching.startswith("fedavg replay of 3")
     assert rec.history["loss"][-1] < rec.history["loss"][0]
     assert rec.labels.shape == labels.shape and rec.label_strategy != "given"
 
@@ -34,7 +34,7 @@ def test_cinet_on_an_aggregate_of_clients(lenet_case):
     update = simulate_clients(server, images, labels, num_clients=2)
     rec = _attack(server, update)
     assert rec.images.shape == images.shape
-    assert rec.info["matching"].startswith("aggregate of 2")
+    assert rec.matching.startswith("aggregate of 2")
     assert rec.history["loss"][-1] < rec.history["loss"][0]
 
 

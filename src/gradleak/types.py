@@ -162,14 +162,31 @@ class Reconstruction:
         labels: labels the attack used, shape (N,), int64.
         label_strategy: how the labels were obtained (``"given"`` or a recovery strategy).
         history: per logged iteration: ``{"iteration": [...], "loss": [...]}``.
-        info: attack-specific facts to record (channel rule, parameter counts, seconds, ...).
+        iterations: steps the attack ran in all (over stages and restarts, resumed runs included).
+        seconds: the attack's on-clock time, resumed runs included.
+        stopped_early: why the run ended before its budget (``"stopped by the callback"``,
+            ``"noise floor reached"``), or None when it ran its budget.
+        resumed_from: the iteration a resumed run continued from (0: not resumed).
+        matching: what the attack matched (``"gradient"``, ``"fedavg replay of 3 local steps"``, ...).
+        info: attack-specific facts to record (channel rule, restart scores, label notes, ...).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     label_strategy: str
     history: dict[str, list[float]] = field(default_factory=dict)
+    iterations: int = 0
+    seconds: float = 0.0
+    stopped_early: str | None = None
+    resumed_from: int = 0
+    matching: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def outcome(self) -> dict[str, Any]:
+        """The common fields as JSON (what a run's metrics.json records beside ``info``)."""
+        return {"iterations": int(self.iterations), "seconds": float(self.seconds),
+                "stopped_early": self.stopped_early, "resumed_from": int(self.resumed_from),
+                "matching": self.matching}
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:

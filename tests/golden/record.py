@@ -67,11 +67,10 @@ def run(key: str):
 
 
 def facts(rec) -> dict:
-    info = rec.info if isinstance(rec.info, dict) else {}
-    out = {"iterations": getattr(rec, "iterations", info.get("iterations")),
+    out = {"iterations": rec.iterations,
            "history_iterations": list(rec.history["iteration"]), "labels": rec.labels.tolist()}
-    if "restart_scores" in info:
-        out["restart_scores"] = info["restart_scores"]
+    if "restart_scores" in rec.info:
+        out["restart_scores"] = rec.info["restart_scores"]
     return out
 
 

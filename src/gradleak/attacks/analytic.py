@@ -301,10 +301,12 @@ class AnalyticAttack(Attack):
         x_aug = a @ basis
         info = self._diagnose(x_aug, s, p, g, grads[bi].to(self.device, dt), onehot, rank_g, n, c)
         info.update({"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": lab.info,
-                     "attempts": attempts, "stopped_early": stopped,
-                     "iterations": len(history["loss"]), "seconds": time.perf_counter() - start_time})
+                     "attempts": attempts})
         return Reconstruction(images=self._images(x_aug, server).cpu(), labels=y.cpu(),
-                              label_strategy=label_strategy, history=history, info=info)
+                              label_strategy=label_strategy, history=history, iterations=len(history["loss"]),
+                              seconds=time.perf_counter() - start_time,
+                              stopped_early="stopped by the callback" if stopped else None, matching="gradient",
+                              info=info)
 
     @staticmethod
     def _images(x_aug: torch.Tensor, server: ServerState) -> torch.Tensor:

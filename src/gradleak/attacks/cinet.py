@@ -14,20 +14,19 @@ victim's gradient on G's images, with the recovered labels y*, matches the uploa
 from __future__ import annotations
 
 import contextlib
-import copy
-import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradleak.attacks.threat_model import Knowledge
-from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
-from gradleak.attacks.checkpoint import Checkpointer, flatten_optimizer, unflatten_optimizer
+from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
+from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.adaptive import check_adaptive
-from gradleak.attacks.matching import build_matcher
+from gradleak.attacks.loop import Loop, Step, prepare
+from gradleak.attacks.matching import Matcher
 from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
 from gradleak.errors import CheckpointError, ConfigError
 from gradleak.functional import total_variation
@@ -144,122 +143,58 @@ class CINetAttack(Attack):
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
                     callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
                     resume: bool = False) -> Reconstruction:
-        cfg = self.config
-        self.check(server, update)
-        start_time = time.perf_counter()
-        dev = self.device
-        n = update.num_samples
+        cfg, dev = self.config, self.device
         c, h, w = server.input_shape
         if h != w:
             raise ConfigError(f"cinet: expected square images, got {h}x{w}")
-        lab = self.resolve_labels(server, update, labels, cfg.label_strategy)
-        y, label_strategy, notes = lab.labels, lab.strategy, lab.warnings
+        setup = prepare(self, server, update, labels, strategy=cfg.label_strategy, adaptive=cfg.adaptive)
+        matcher, y = setup.matcher, setup.labels.labels
+        loop = Loop(self, total=cfg.iterations, matcher=matcher, callback=callback, run_dir=run_dir)
         precision_note = precision_warning(cfg.precision, dev)
         if precision_note is not None:
             warnings.warn(precision_note, RuntimeWarning, stacklevel=2)
 
-        victim = copy.deepcopy(server.model).to(dev)
-        victim.train(server.bn_mode == "train")
-        matcher = build_matcher(update, victim, device=dev, adaptive=cfg.adaptive)
-        target = matcher.target
-        p_f = sum(t.numel() for t in target)
-
-        choice = choose_channels(cfg.channels, victim_parameters=p_f, batch_size=n, image_size=h,
-                                 out_channels=c, nz=cfg.nz, norm=cfg.norm)
+        choice = choose_channels(cfg.channels, victim_parameters=sum(t.numel() for t in matcher.target),
+                                 batch_size=update.num_samples, image_size=h, out_channels=c, nz=cfg.nz, norm=cfg.norm)
         rng = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             gen = CINetGenerator(channels=choice.channels, image_size=h, out_channels=c, nz=cfg.nz,
                                  upsample=cfg.upsample, norm=cfg.norm, spectral=cfg.spectral,
                                  checkpoint=cfg.activation_checkpointing).to(dev)
-        z = latent(n, cfg.nz, generator=rng, device=dev)
+        z = latent(update.num_samples, cfg.nz, generator=rng, device=dev)
         gparams = list(gen.parameters())
         if cfg.latent == "learned":
             z.requires_grad_(True)
             gparams.append(z)
-        amp_dtype = _PRECISIONS[cfg.precision]
-
-        def autocast() -> contextlib.AbstractContextManager[Any]:
-            return contextlib.nullcontext() if amp_dtype is None else torch.autocast(dev.type, dtype=amp_dtype)
-
-        if cfg.update == "sign-sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(gparams, lr=cfg.lr)
-        else:
-            opt = torch.optim.Adam(gparams, lr=cfg.lr)
+        opt: torch.optim.Optimizer = (torch.optim.SGD(gparams, lr=cfg.lr) if cfg.update == "sign-sgd"
+                                      else torch.optim.Adam(gparams, lr=cfg.lr))
         sched = make_scheduler(opt, cfg.lr_decay, cfg.iterations)
 
-        ckpt = Checkpointer(run_dir, cfg.checkpoint_every) if run_dir is not None else None
-        history: dict[str, list[float]] = {"iteration": [], "loss": []}
-        start, elapsed_before = 0, 0.0
-        if resume:
-            if ckpt is None:
-                raise CheckpointError("cinet: resume needs the run folder that holds the checkpoint")
-            start, history, elapsed_before = self._restore(ckpt, gen, opt, sched, z, rng)
-        gen.train()
-
-        def save(it: int) -> None:
-            if ckpt is None:
-                return
+        def state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             opt_t, opt_meta = flatten_optimizer(opt.state_dict())
             tensors = {f"gen.{k}": v for k, v in gen.state_dict().items()}
             tensors.update({f"opt.{k}": v for k, v in opt_t.items()})
-            tensors.update({"z": z.detach(), "rng": rng.get_state(), "_iteration": torch.tensor(it)})
-            ckpt.save(tensors, {"iteration": it, "optimizer": opt_meta, "scheduler": scheduler_state(sched),
-                                "history": history, "elapsed": elapsed_before + time.perf_counter() - start_time,
-                                "channels": choice.channels, "config": asdict(cfg)})
+            tensors.update({"z": z.detach(), "rng": rng.get_state()})
+            return tensors, {"optimizer": opt_meta, "scheduler": scheduler_state(sched), "channels": choice.channels}
 
-        it = done = start
-        stopped_at_floor = False
-        try:
-            for it in range(start + 1, cfg.iterations + 1):
-                with autocast():
-                    x = gen(z)
-                    grads = matcher.simulate(x, y)
-                if amp_dtype is not None:
-                    grads = [g.float() for g in grads]
-                loss = matcher.distance(cfg.loss, grads)
-                if cfg.tv > 0:
-                    loss = loss + cfg.tv * total_variation(x.float())
-                ggrads = torch.autograd.grad(loss, gparams)
-                for p, g in zip(gparams, ggrads):
-                    p.grad = g.sign() if cfg.update != "adam" else g
-                opt.step()
-                sched.step()
-                done = it
-                floor = matcher.at_floor(float(loss.detach())) if matcher.floor is not None else False
-                if it % cfg.log_every == 0 or it == cfg.iterations or floor:
-                    value = float(loss.detach())
-                    history["iteration"].append(it)
-                    history["loss"].append(value)
-                    stop = callback is not None and callback(Progress(it, cfg.iterations, value, x.detach().float()))
-                else:
-                    stop = False
-                stopped_at_floor = floor
-                if ckpt is not None and ckpt.due(it):
-                    save(it)
-                if stop or floor:
-                    break
-        except KeyboardInterrupt:
-            if ckpt is not None and done > start:
-                save(done)  # Ctrl-C loses nothing: the state after the last completed step
-            raise
+        loop.state = state
+        if resume:
+            self._restore(*loop.restore(), gen, opt, sched, z, rng)
+        gen.train()
+        step = _Stepper(cfg, gen, z, gparams, opt, sched, matcher, y)
+        loop.on_interrupt = step.interrupted
+        loop.steps(step, start=loop.done + 1, stop=cfg.iterations)
         with torch.no_grad():
-            images = gen(z).detach().float()
-        if ckpt is not None and done > start:
-            save(done)
-        return Reconstruction(
-            images=images.cpu(), labels=y.cpu(), label_strategy=label_strategy, history=history,
-            info={"attack": self.name, "config": asdict(cfg), "channel_choice": choice.to_dict(),
-                  "label_notes": notes, "label_info": lab.info, "matching": matcher.mode, "adaptive": matcher.adaptive,
-                  "matching_loss": matcher.loss_name(cfg.loss), "iterations": done, "precision_note": precision_note,
-                  "stopped_early": "noise floor reached" if stopped_at_floor else done < cfg.iterations,
-                  "resumed_from": start,
-                  "seconds": elapsed_before + time.perf_counter() - start_time},
-        )
+            images = gen(z)
+        if loop.done > loop.resumed_from:
+            loop.save()
+        return loop.outcome(images, y, setup.labels.strategy, {
+            "channel_choice": choice.to_dict(), "label_notes": setup.labels.warnings,
+            "label_info": setup.labels.info, "precision_note": precision_note})
 
-    def _restore(self, ckpt: Checkpointer, gen: torch.nn.Module, opt: torch.optim.Optimizer,
-                 sched: Any, z: torch.Tensor, rng: torch.Generator) -> tuple[int, dict[str, list[float]], float]:
-        tensors, meta = ckpt.load()
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], gen: torch.nn.Module,
+                 opt: torch.optim.Optimizer, sched: Any, z: torch.Tensor, rng: torch.Generator) -> None:
         built = int(gen.head[0].out_channels)  # type: ignore[index]
         if int(meta.get("channels", -1)) != built:
             raise CheckpointError(f"resume: the checkpoint's generator has {meta.get('channels')} channels, "
@@ -271,4 +206,45 @@ class CINetAttack(Attack):
         with torch.no_grad():
             z.copy_(tensors["z"].to(z.device))
         rng.set_state(tensors["rng"])
-        return int(meta["iteration"]), meta["history"], float(meta.get("elapsed", 0.0))
+
+
+class _Stepper:
+    """One CI-Net step (Alg. 1 lines 6-11): generate, simulate the update, match, signed update.
+
+    The generator's forward changes its buffers in place (spectral-norm power iterates, BatchNorm
+    running statistics); a Ctrl-C in mid-step puts them back, so the checkpoint written then is
+    the state after the last completed step and a resumed run repeats the interrupted one exactly.
+    """
+
+    def __init__(self, cfg: CINetConfig, gen: torch.nn.Module, z: torch.Tensor, params: list[torch.Tensor],
+                 opt: torch.optim.Optimizer, sched: Any, matcher: Matcher, y: torch.Tensor) -> None:
+        self.cfg, self.gen, self.z, self.params, self.opt, self.sched = cfg, gen, z, params, opt, sched
+        self.matcher, self.y = matcher, y
+        self.amp = _PRECISIONS[cfg.precision]
+        self.buffers = list(gen.buffers())
+        self.saved: list[torch.Tensor] = []
+
+    def __call__(self, it: int) -> Step:
+        cfg = self.cfg
+        self.saved = [b.clone() for b in self.buffers]
+        autocast = (contextlib.nullcontext() if self.amp is None
+                    else torch.autocast(self.z.device.type, dtype=self.amp))
+        with autocast:
+            x = self.gen(self.z)
+            grads = self.matcher.simulate(x, self.y)
+        if self.amp is not None:
+            grads = [g.float() for g in grads]
+        loss = self.matcher.distance(cfg.loss, grads)
+        if cfg.tv > 0:
+            loss = loss + cfg.tv * total_variation(x.float())
+        for p, g in zip(self.params, torch.autograd.grad(loss, self.params)):
+            p.grad = g.sign() if cfg.update != "adam" else g
+        self.opt.step()
+        self.sched.step()
+        return Step(loss=loss.detach(), images=x.detach().float())
+
+    def interrupted(self, in_step: bool) -> None:
+        if in_step and self.saved:
+            with torch.no_grad():
+                for b, s in zip(self.buffers, self.saved):
+                    b.copy_(s)

@@ -22,8 +22,7 @@ import copy
 import importlib
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,12 +30,12 @@ import torch
 from torch import nn
 
 from gradleak.attacks.threat_model import Knowledge
-from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
-from gradleak.attacks.checkpoint import Checkpointer, flatten_optimizer, unflatten_optimizer
+from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
+from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.adaptive import check_adaptive
-from gradleak.attacks.matching import build_matcher
+from gradleak.attacks.loop import Loop, Step, prepare
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
-from gradleak.errors import CheckpointError, ConfigError
+from gradleak.errors import ConfigError
 from gradleak.functional import total_variation
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
@@ -223,17 +222,13 @@ class GIASAttack(Attack):
                     callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
                     resume: bool = False) -> Reconstruction:
         cfg = self.config
-        self.check(server, update)
-        start_time = time.perf_counter()
+        setup = prepare(self, server, update, labels, strategy=cfg.label_strategy, adaptive=cfg.adaptive)
         base = _copy(self.generator if self.generator is not None else load_generator(cfg, device=self.device))
         base = base.to(self.device).eval()
         _trainable(base, False)
-        n = update.num_samples
-        lab = self.resolve_labels(server, update, labels, cfg.label_strategy)
-        y, label_strategy, notes = lab.labels, lab.strategy, lab.warnings
-        victim = copy.deepcopy(server.model).to(self.device)
-        victim.train(server.bn_mode == "train")
-        matcher = build_matcher(update, victim, device=self.device, adaptive=cfg.adaptive)
+        matcher, y, n = setup.matcher, setup.labels.labels, update.num_samples
+        loop = Loop(self, total=cfg.restarts * cfg.latent_iterations + cfg.generator_iterations, matcher=matcher,
+                    callback=callback, run_dir=run_dir)
         zshape = (n,) + self._latent_shape(base)
         expected = (n,) + tuple(server.input_shape)
 
@@ -248,19 +243,16 @@ class GIASAttack(Attack):
             return (match + cfg.tv * total_variation(x) if cfg.tv > 0 else match), match
 
         rng = torch.Generator().manual_seed(self.seed)
-        ckpt = Checkpointer(run_dir, cfg.checkpoint_every) if run_dir is not None else None
-        run = _Run(objective=objective, callback=callback, floor=matcher.at_floor if matcher.floor is not None else None,
-                   ckpt=ckpt, rng=rng, start_time=start_time,
-                   total=cfg.restarts * cfg.latent_iterations + cfg.generator_iterations,
-                   z=torch.randn(zshape, generator=rng).to(self.device))
+        run = _Run(z=torch.randn(zshape, generator=rng).to(self.device))
         run.best_z = run.z.clone()
+        loop.state = lambda: run.state(rng)
         if resume:
-            run.restore(self.device)
+            run.restore(*loop.restore(), self.device, rng)
 
         # Stage 1 (Eq. 3): latent search with restarts, generator frozen.
-        while run.stage == "latent" and run.restart < cfg.restarts and not run.stopped:
+        while run.stage == "latent" and run.restart < cfg.restarts and not loop.stopped:
             z = run.z.requires_grad_(True)
-            self._stage(run, [z], cfg.lr, cfg.latent_iterations, run.restart * cfg.latent_iterations,
+            self._stage(loop, run, objective, [z], cfg.lr, cfg.latent_iterations, run.restart * cfg.latent_iterations,
                         lambda: images([base], z), {})
             z.requires_grad_(False)
             with torch.enable_grad():
@@ -268,12 +260,12 @@ class GIASAttack(Attack):
             score = score if math.isfinite(score) else math.inf
             if run.best_score is None or score < run.best_score:
                 run.best_score, run.best_z = score, z.detach().clone()
-            if run.stopped and run.iteration < cfg.latent_iterations:
+            if loop.stopped and run.iteration < cfg.latent_iterations:
                 break
             run.scores.append(score)
             run.restart, run.iteration = run.restart + 1, 0
             run.z = torch.randn(zshape, generator=rng).to(self.device)
-        if run.stage == "latent" and not run.stopped:
+        if run.stage == "latent" and not loop.stopped:
             run.stage, run.iteration = "generator", 0
 
         # Stage 2 (Eq. 4): one copy of the generator's weights per image, z* fixed.
@@ -288,26 +280,22 @@ class GIASAttack(Attack):
             run.z = run.best_z.clone()
             weights: list[torch.Tensor] = [p for g in gens for p in g.parameters()]
             extra = {f"gen.{i}.{k}": t for i, g in enumerate(gens) for k, t in g.state_dict().items()}
-            if cfg.generator_iterations > 0 and not run.stopped:
+            if cfg.generator_iterations > 0 and not loop.stopped:
                 z = run.z
-                self._stage(run, weights, cfg.generator_lr, cfg.generator_iterations,
+                self._stage(loop, run, objective, weights, cfg.generator_lr, cfg.generator_iterations,
                             cfg.restarts * cfg.latent_iterations, lambda: images(gens, z), extra)
         with torch.no_grad():
             out = images(gens, run.best_z if len(gens) == 1 else run.z).clamp(0, 1)
-        return Reconstruction(
-            images=out.detach().cpu(), labels=y.cpu(), label_strategy=label_strategy, history=run.history,
-            info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": lab.info,
-                  "matching": matcher.mode, "adaptive": matcher.adaptive, "matching_loss": matcher.loss_name(cfg.loss),
-                  "restart_scores": run.scores, "latent_shape": list(zshape[1:]), "stopped_early": "noise floor reached" if run.at_floor else run.stopped,
-                  "iterations": (cfg.restarts if run.stage == "generator" else run.restart) * cfg.latent_iterations
-                  + run.iteration,
-                  "generator_parameters": sum(p.numel() for p in base.parameters()),
-                  "seconds": run.elapsed + time.perf_counter() - start_time},
-        )
+        if loop.done > loop.resumed_from:
+            loop.save()
+        return loop.outcome(out, y, setup.labels.strategy, {
+            "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": run.scores,
+            "latent_shape": list(zshape[1:]), "generator_parameters": sum(p.numel() for p in base.parameters())})
 
-    def _stage(self, run: "_Run", variables: list[torch.Tensor], lr: float, iterations: int, offset: int,
+    def _stage(self, loop: Loop, run: "_Run", objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+               variables: list[torch.Tensor], lr: float, iterations: int, offset: int,
                forward: Callable[[], torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
-        """Adam on ``variables`` (signed if configured) with step decay; checkpoints and stops as asked."""
+        """Adam on ``variables`` (signed if configured) with step decay, through the shared loop."""
         cfg = self.config
         opt = torch.optim.Adam(variables, lr=lr)
         sched = make_scheduler(opt, cfg.lr_decay, iterations)
@@ -316,83 +304,59 @@ class GIASAttack(Attack):
             opt.load_state_dict(unflatten_optimizer(opt_t, run.saved_meta["optimizer"]))
             sched.load_state_dict(run.saved_meta["scheduler"])
         run.saved = {} if run.stage == "latent" else run.saved  # stage 2 reads the generators later
+        run.opt, run.sched, run.extra = opt, sched, extra
 
-        def save(it: int) -> None:
-            if run.ckpt is None:
-                return
-            opt_t, opt_meta = flatten_optimizer(opt.state_dict())
-            tensors = {"z": run.z, "best_z": run.best_z, "rng": run.rng.get_state(),
-                       "_iteration": torch.tensor(offset + it), **extra}
-            tensors.update({f"opt.{k}": t for k, t in opt_t.items()})
-            run.ckpt.save(tensors, {**run.meta(), "iteration": offset + it, "stage_iteration": it,
-                                    "optimizer": opt_meta, "scheduler": scheduler_state(sched), "config": asdict(cfg),
-                                    "elapsed": run.elapsed + time.perf_counter() - run.start_time})
+        def step(it: int) -> Step:
+            loss, match = objective(forward())
+            for var, g in zip(variables, torch.autograd.grad(loss, variables)):
+                var.grad = g.sign() if cfg.signed else g
+            opt.step()
+            sched.step()
+            run.iteration = it
+            return Step(loss=loss.detach(), match=match.detach())
 
-        try:
-            for it in range(run.iteration + 1, iterations + 1):
-                loss, match = run.objective(forward())
-                for var, g in zip(variables, torch.autograd.grad(loss, variables)):
-                    var.grad = g.sign() if cfg.signed else g
-                opt.step()
-                sched.step()
-                run.iteration = it
-                value = float(loss.detach())
-                if it % cfg.log_every == 0 or it == iterations:
-                    run.history["iteration"].append(offset + it)
-                    run.history["loss"].append(value)
-                    if run.callback is not None:
-                        with torch.no_grad():
-                            preview = forward().clamp(0, 1)
-                        run.stopped = bool(run.callback(Progress(offset + it, run.total, value, preview)))
-                if run.floor is not None and run.floor(float(match.detach())):
-                    run.stopped = run.at_floor = True  # below the noise floor the images fit the noise
-                if run.ckpt is not None and (run.ckpt.due(offset + it) or run.stopped):
-                    save(it)
-                if run.stopped:
-                    break
-        except KeyboardInterrupt:
-            save(run.iteration)  # the last completed step
-            raise
+        def preview() -> torch.Tensor:
+            with torch.no_grad():
+                return forward().clamp(0, 1)
+
+        loop.steps(step, start=run.iteration + 1, stop=iterations, offset=offset, preview=preview)
+        if loop.stopped:
+            loop.save()
 
 
 @dataclass
 class _Run:
-    """A GIAS run's mutable state; ``meta()`` is what its checkpoint's JSON holds."""
+    """A GIAS run's mutable state: the stage, restart and latents; what its checkpoint holds."""
 
-    objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    callback: ProgressCallback | None
-    ckpt: Checkpointer | None
-    rng: torch.Generator
-    start_time: float
-    total: int
     z: torch.Tensor
-    floor: Callable[[float], bool] | None = None  # the matcher's noise-floor test, when it has a floor
-    at_floor: bool = False
     best_z: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     stage: str = "latent"
     restart: int = 0
-    iteration: int = 0
+    iteration: int = 0  # last completed step of the current stage (or restart)
     scores: list[float] = field(default_factory=list)
     best_score: float | None = None
-    history: dict[str, list[float]] = field(default_factory=lambda: {"iteration": [], "loss": []})
-    elapsed: float = 0.0
-    stopped: bool = False
+    opt: torch.optim.Optimizer | None = None
+    sched: Any = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # stage 2: the per-image generators
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
     saved_meta: dict[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("stage", "restart", "scores", "best_score", "history")
+    _KEYS = ("stage", "restart", "scores", "best_score")
 
-    def meta(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._KEYS}
+    def state(self, rng: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        assert self.opt is not None, "a GIAS checkpoint is written after a step"
+        opt_t, opt_meta = flatten_optimizer(self.opt.state_dict())
+        tensors = {"z": self.z, "best_z": self.best_z, "rng": rng.get_state(), **self.extra}
+        tensors.update({f"opt.{k}": t for k, t in opt_t.items()})
+        meta = {k: getattr(self, k) for k in self._KEYS}
+        return tensors, {**meta, "stage_iteration": self.iteration, "optimizer": opt_meta,
+                         "scheduler": scheduler_state(self.sched)}
 
-    def restore(self, device: torch.device) -> None:
-        if self.ckpt is None:
-            raise CheckpointError("gias: resume needs the run folder that holds the checkpoint")
-        tensors, meta = self.ckpt.load()
-        self.saved = {k: t.clone() for k, t in tensors.items()}  # aligned copies: see optimization._unflatten
-        self.saved_meta = meta
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device,
+                rng: torch.Generator) -> None:
+        self.saved, self.saved_meta = tensors, meta
         for key in self._KEYS:
             setattr(self, key, meta[key])
-        self.iteration, self.elapsed = int(meta["stage_iteration"]), float(meta.get("elapsed", 0.0))
-        self.z, self.best_z = self.saved["z"].to(device), self.saved["best_z"].to(device)
-        self.rng.set_state(self.saved["rng"])
+        self.iteration = int(meta["stage_iteration"])
+        self.z, self.best_z = tensors["z"].to(device), tensors["best_z"].to(device)
+        rng.set_state(tensors["rng"])

@@ -19,22 +19,20 @@ objective), never a comparison with the private batch.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from gradleak.attacks.threat_model import Knowledge
-from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
+from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
-from gradleak.attacks.checkpoint import Checkpointer, flatten_optimizer, unflatten_optimizer
+from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.adaptive import check_adaptive
-from gradleak.attacks.matching import build_matcher
+from gradleak.attacks.loop import Loop, Step, prepare
 from gradleak.errors import CheckpointError, ConfigError
 from gradleak.functional import total_variation
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -129,18 +127,25 @@ class IGConfig(OptimizationConfig):
 
 @dataclass
 class _Run:
-    """The mutable state of one run: what a checkpoint holds besides tensors."""
+    """The restarts' mutable state: the current trial's variables and optimiser, the best so far."""
 
+    x: torch.Tensor
+    v: torch.Tensor
+    opt: torch.optim.Optimizer
+    sched: Any
+    best_x: torch.Tensor
+    best_v: torch.Tensor
+    good: torch.Tensor  # the current trial's last finite images
     restart: int = 0
     iteration: int = 0  # last completed iteration of the current restart
-    history: dict[str, list[float]] = field(default_factory=lambda: {"iteration": [], "loss": []})
     scores: list[float] = field(default_factory=list)
     diverged: list[bool] = field(default_factory=list)
     best_score: float | None = None
-    elapsed: float = 0.0
+
+    _META = ("restart", "iteration", "scores", "diverged", "best_score")
 
     def meta(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k if k != "iteration" else "restart_iteration": getattr(self, k) for k in self._META}
 
 
 class OptimizationAttack(Attack):
@@ -153,108 +158,74 @@ class OptimizationAttack(Attack):
                     callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
                     resume: bool = False) -> Reconstruction:
         cfg = self.config
-        self.check(server, update)
-        start_time = time.perf_counter()
-        n, c = update.num_samples, server.num_classes
         soft = cfg.soft_labels and labels is None
-        notes: list[str] = []
-        label_info: dict[str, Any] = {}
-        if soft:
-            y_hard, label_strategy = torch.empty(0), "dlg-joint"
-        else:
-            lab = self.resolve_labels(server, update, labels, cfg.label_strategy)
-            y_hard, label_strategy, notes, label_info = lab.labels, lab.strategy, lab.warnings, lab.info
-        victim = copy.deepcopy(server.model).to(self.device)
-        victim.train(server.bn_mode == "train")
-        matcher = build_matcher(update, victim, device=self.device, adaptive=cfg.adaptive)
-        shape = (n,) + tuple(server.input_shape)
+        setup = prepare(self, server, update, labels, strategy=None if soft else cfg.label_strategy,
+                        adaptive=cfg.adaptive)
+        matcher, y_hard = setup.matcher, setup.labels.labels
+        loop = Loop(self, total=cfg.restarts * cfg.iterations, matcher=matcher, callback=callback, run_dir=run_dir)
+        shape = (update.num_samples,) + tuple(server.input_shape)
 
         def objective(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             match = matcher.distance(cfg.loss, matcher.simulate(x, torch.softmax(v, -1) if soft else y_hard))
             return (match + cfg.tv * total_variation(x) if cfg.tv > 0 else match), match
 
         rng = torch.Generator().manual_seed(self.seed)
-        ckpt = Checkpointer(run_dir, cfg.checkpoint_every) if run_dir is not None else None
-        run = _Run()
+        run = self._trial(shape, server.num_classes, soft, rng)
+
+        def state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            opt_t, opt_meta = _flatten(run.opt)
+            tensors = {"x": run.x, "v": run.v, "best_x": run.best_x, "best_v": run.best_v, "rng": rng.get_state()}
+            tensors.update({f"opt.{k}": t for k, t in opt_t.items()})
+            return tensors, {**run.meta(), "optimizer": opt_meta, "scheduler": scheduler_state(run.sched)}
+
+        def step(it: int) -> Step:
+            value, match = self._step(run.opt, run.sched, run.x, run.v, soft, objective)
+            if not (math.isfinite(value) and bool(torch.isfinite(run.x).all())):
+                logger.warning("%s: restart %d diverged at iteration %d; keeping its last finite images",
+                               self.name, run.restart, it)
+                with torch.no_grad():
+                    run.x.copy_(run.good)
+                return Step(loss=value, diverged=True)
+            run.good, run.iteration = run.x.detach().clone(), it
+            return Step(loss=value, match=match)
+
+        def interrupted(_: bool) -> None:
+            with torch.no_grad():
+                run.x.copy_(run.good)  # the last completed iteration, not a half-done step
+
+        loop.state, loop.on_interrupt = state, interrupted
+        if resume:
+            run = self._restore(*loop.restore(), shape, soft, rng)
+        partial: list[float] = []
+        while run.restart < cfg.restarts and not loop.stopped:
+            ended = loop.steps(step, start=run.iteration + 1, stop=cfg.iterations, offset=run.restart * cfg.iterations,
+                               preview=lambda: run.x.detach().clamp(0, 1))
+            score = self._score(objective, run.x, run.v)
+            if run.best_score is None or score < run.best_score:
+                run.best_score, run.best_x, run.best_v = score, run.x.detach().clone(), run.v.detach().clone()
+            if loop.stopped and run.iteration < cfg.iterations and ended != "diverged":
+                partial = [score]
+                break  # stopped mid-restart: a resumed run continues it
+            run.scores.append(score)
+            run.diverged.append(ended == "diverged")
+            if run.restart + 1 < cfg.restarts:
+                run = replace(self._trial(shape, server.num_classes, soft, rng), restart=run.restart, scores=run.scores,
+                              diverged=run.diverged, best_score=run.best_score, best_x=run.best_x, best_v=run.best_v)
+            run.restart, run.iteration = run.restart + 1, 0
+        if loop.total > 0:
+            loop.save()
+        y_out = torch.softmax(run.best_v, dim=-1).argmax(-1) if soft else y_hard
+        scores = run.scores + partial
+        return loop.outcome(run.best_x.clamp(0, 1), y_out, setup.labels.strategy, {
+            "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": scores,
+            "best_restart": int(min(range(len(scores)), key=scores.__getitem__)), "diverged": run.diverged})
+
+    def _trial(self, shape: tuple[int, ...], c: int, soft: bool, rng: torch.Generator) -> _Run:
+        """A fresh restart: new images (and soft labels) and a new optimiser."""
         x, v = self._init(shape, c, soft, rng)
         opt, sched = self._optimizer([x, v] if soft else [x])
-        best_x, best_v = x.detach().clone(), v.detach().clone()
-        if resume:
-            if ckpt is None:
-                raise CheckpointError(f"{self.name}: resume needs the run folder that holds the checkpoint")
-            run, x, v, opt, sched, best_x, best_v = self._restore(ckpt, shape, soft, rng)
-
-        def save() -> None:
-            if ckpt is None:
-                return
-            opt_t, opt_meta = _flatten(opt)
-            tensors = {"x": x, "v": v, "best_x": best_x, "best_v": best_v, "rng": rng.get_state(),
-                       "_iteration": torch.tensor(run.iteration)}
-            tensors.update({f"opt.{k}": t for k, t in opt_t.items()})
-            ckpt.save(tensors, {**run.meta(), "optimizer": opt_meta, "scheduler": scheduler_state(sched),
-                                "config": asdict(cfg), "elapsed": run.elapsed + time.perf_counter() - start_time})
-
-        total, stop, at_floor = cfg.restarts * cfg.iterations, False, False
-        partial: list[float] = []
-        good = x.detach().clone()
-        try:
-            while run.restart < cfg.restarts and not stop:
-                diverged = False
-                for it in range(run.iteration + 1, cfg.iterations + 1):
-                    value, match = self._step(opt, sched, x, v, soft, objective)
-                    if not (math.isfinite(value) and bool(torch.isfinite(x).all())):
-                        logger.warning("%s: restart %d diverged at iteration %d; keeping its last finite images",
-                                       self.name, run.restart, it)
-                        with torch.no_grad():
-                            x.copy_(good)
-                        diverged = True
-                        break
-                    good = x.detach().clone()
-                    run.iteration = it
-                    step = run.restart * cfg.iterations + it
-                    if it % cfg.log_every == 0 or it == cfg.iterations:
-                        run.history["iteration"].append(step)
-                        run.history["loss"].append(value)
-                        if callback is not None:
-                            stop = bool(callback(Progress(step, total, value, x.detach().clamp(0, 1))))
-                    if matcher.at_floor(match):  # below the noise floor the images fit the noise
-                        stop = at_floor = True
-                    if ckpt is not None and ckpt.due(step):
-                        save()
-                    if stop:
-                        break
-                score = self._score(objective, x, v)
-                if run.best_score is None or score < run.best_score:
-                    run.best_score, best_x, best_v = score, x.detach().clone(), v.detach().clone()
-                if stop and run.iteration < cfg.iterations and not diverged:
-                    partial = [score]
-                    break  # stopped mid-restart: a resumed run continues it
-                run.scores.append(score)
-                run.diverged.append(diverged)
-                run.restart, run.iteration = run.restart + 1, 0
-                if run.restart < cfg.restarts:
-                    x, v = self._init(shape, c, soft, rng)
-                    opt, sched = self._optimizer([x, v] if soft else [x])
-                    good = x.detach().clone()
-        except KeyboardInterrupt:
-            with torch.no_grad():
-                x.copy_(good)  # the last completed iteration, not a half-done step
-            save()
-            raise
-        if total > 0:
-            save()
-        y_out = torch.softmax(best_v, dim=-1).argmax(-1) if soft else y_hard
-        scores = run.scores + partial
-        return Reconstruction(
-            images=best_x.clamp(0, 1).detach().cpu(), labels=y_out.detach().cpu(), label_strategy=label_strategy,
-            history=run.history,
-            info={"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": label_info,
-                  "matching": matcher.mode, "adaptive": matcher.adaptive, "matching_loss": matcher.loss_name(cfg.loss),
-                  "restart_scores": scores, "best_restart": int(min(range(len(scores)), key=scores.__getitem__)),
-                  "diverged": run.diverged, "stopped_early": "noise floor reached" if at_floor else stop,
-                  "iterations": run.restart * cfg.iterations + run.iteration,
-                  "seconds": run.elapsed + time.perf_counter() - start_time},
-        )
+        return _Run(x=x, v=v, opt=opt, sched=sched, best_x=x.detach().clone(), best_v=v.detach().clone(),
+                    good=x.detach().clone())
 
     def _init(self, shape: tuple[int, ...], c: int, soft: bool,
               rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,17 +289,11 @@ class OptimizationAttack(Attack):
             value = float(objective(x.detach(), v.detach())[1].detach())
         return value if math.isfinite(value) else math.inf
 
-    def _restore(self, ckpt: Checkpointer, shape: tuple[int, ...], soft: bool, rng: torch.Generator) -> tuple[
-            _Run, torch.Tensor, torch.Tensor, torch.optim.Optimizer, Any, torch.Tensor, torch.Tensor]:
-        tensors, meta = ckpt.load()
-        tensors = {k: t.clone() for k, t in tensors.items()}  # aligned copies: see _unflatten
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...], soft: bool,
+                 rng: torch.Generator) -> _Run:
         if tuple(tensors["x"].shape) != shape:
             raise CheckpointError(f"resume: the checkpoint holds images of shape {tuple(tensors['x'].shape)}, "
                                   f"this run reconstructs {shape}")
-        written = meta.get("config", {}).get("optimizer")
-        if written != self.config.optimizer:
-            raise CheckpointError(f"resume: the checkpoint was written with optimizer {written!r}, "
-                                  f"this run uses {self.config.optimizer!r}")
         x = tensors["x"].to(self.device).requires_grad_(True)
         v = tensors["v"].to(self.device).requires_grad_(soft)
         opt, sched = self._optimizer([x, v] if soft else [x])
@@ -336,8 +301,10 @@ class OptimizationAttack(Attack):
         opt.load_state_dict(_unflatten(opt_t, meta["optimizer"]))
         sched.load_state_dict(meta["scheduler"])
         rng.set_state(tensors["rng"])
-        run = _Run(**{f.name: meta[f.name] for f in fields(_Run) if f.name in meta})
-        return run, x, v, opt, sched, tensors["best_x"].to(self.device), tensors["best_v"].to(self.device)
+        return _Run(x=x, v=v, opt=opt, sched=sched, best_x=tensors["best_x"].to(self.device),
+                    best_v=tensors["best_v"].to(self.device), good=x.detach().clone(), restart=int(meta["restart"]),
+                    iteration=int(meta["restart_iteration"]), scores=list(meta["scores"]),
+                    diverged=list(meta["diverged"]), best_score=meta["best_score"])
 
 
 def _flatten(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -134,7 +134,7 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
 
     rec = attack.reconstruct(server, update, callback=callback, run_dir=folder, resume=resume)
     done = result("target" if target is not None and curve and curve[-1][1] >= target
-                  else "budget" if rec.info["iterations"] < iters else "iterations")
+                  else "budget" if rec.iterations < iters else "iterations")
     done["label_strategy"] = rec.label_strategy
     if record is not None:
         write_json(record, done)

@@ -192,14 +192,14 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         "attack": attack, "label_strategy": rec.label_strategy, "labels": config_doc["labels"],
         "adaptive": bool((rec.info.get("adaptive") or {}).get("active")), "seed": seed,
         "defense": (rec.info.get("adaptive") or {}).get("defense") or ("+".join(update.defenses) or "none"),
-        "iterations": rec.info.get("iterations"), "seconds": rec.info.get("seconds", wall) - bar.spent,
+        "iterations": rec.iterations, "seconds": (rec.seconds or wall) - bar.spent,
         "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": peak_memory_mb(dev),
         "peak_memory_scope": memory_scope,
     })
     threat = run_threat_model(att.knowledge, update, rec.info, bn_mode=server.bn_mode, labels=config_doc["labels"])
     summary["threat_model"] = threat["sok"]
     metrics = {"summary": summary, "threat_model": threat, "per_image": per_image, "history": history,
-               "info": {k: v for k, v in rec.info.items() if k != "config"}}
+               "info": {**rec.outcome(), **{k: v for k, v in rec.info.items() if k != "config"}}}
     write_json(run_dir / "metrics.json", metrics)
     if write_images and truth_images is not None and pairs is not None:
         save_grid(run_dir / "grid.png", truth_images.cpu(), rec.images[torch.tensor(pairs)])

@@ -1,0 +1,224 @@
+"""The run loop every iterative attack shares; each attack's own file holds only its math.
+
+An iterative attack (CI-Net, DLG/iDLG/IG, GIAS) does the same bookkeeping around its steps:
+
+* :func:`prepare`: check the update against the model, recover (or take) the labels, copy the
+  victim into the client's BatchNorm mode, and build the gradient matcher (adaptive to a recorded
+  defense where asked).
+* :class:`Loop`: run steps ``start..stop`` of a stage, log the loss every ``log_every`` steps and
+  at the end, call the progress callback (which may stop the run), stop at the matcher's noise
+  floor, checkpoint every ``checkpoint_every`` steps, and on Ctrl-C save the state after the last
+  completed step before re-raising. It restores a checkpoint (refusing one written with other
+  settings) and keeps the history and the clock across resumes.
+* :meth:`Loop.outcome`: the :class:`~gradleak.types.Reconstruction` with the fields every attack
+  reports (iterations, seconds, why it stopped early, where it resumed from, the matching).
+
+An attack gives the loop a ``step(it) -> Step`` function for each stage and, for checkpoints, a
+``state()`` function that returns its tensors and JSON; restarts and stages stay in the attack.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from gradleak.attacks.base import Progress, ProgressCallback
+from gradleak.attacks.checkpoint import Checkpointer
+from gradleak.attacks.matching import Matcher, build_matcher
+from gradleak.errors import CheckpointError
+from gradleak.labels import LabelResult
+from gradleak.types import ClientUpdate, Reconstruction, ServerState
+
+if TYPE_CHECKING:
+    from gradleak.attacks.base import Attack
+
+RESUMABLE_CHANGES = ("iterations", "log_every", "checkpoint_every")
+"""Config fields a resume may change (a longer budget, other logging); any other difference is refused."""
+
+FLOOR = "noise floor reached"
+STOPPED = "stopped by the callback"
+
+
+@dataclass
+class Setup:
+    """What an iterative attack starts from (:func:`prepare`)."""
+
+    labels: LabelResult
+    victim: nn.Module
+    matcher: Matcher
+
+
+def prepare(attack: Attack, server: ServerState, update: ClientUpdate, labels: torch.Tensor | None, *,
+            strategy: str | None, adaptive: str) -> Setup:
+    """Checks, labels, the victim copy in the client's BatchNorm mode, and the matcher.
+
+    ``strategy=None`` recovers no labels (an attack that optimises them, as DLG does).
+    """
+    attack.check(server, update)
+    if strategy is None:
+        lab = LabelResult(torch.empty(0, dtype=torch.long), "dlg-joint")
+    else:
+        lab = attack.resolve_labels(server, update, labels, strategy)
+    victim = copy.deepcopy(server.model).to(attack.device)
+    victim.train(server.bn_mode == "train")
+    return Setup(labels=lab, victim=victim, matcher=build_matcher(update, victim, device=attack.device,
+                                                                  adaptive=adaptive))
+
+
+@dataclass
+class Step:
+    """What one step reports to the loop.
+
+    Args:
+        loss: the objective at this step (0-dim tensor or float; read only when logged).
+        match: its gradient-matching part, for the noise-floor test (default: ``loss``).
+        images: the images for a progress callback (default: the stage's ``preview()``).
+        diverged: the step went non-finite; the attack has put back its last finite state and
+            the stage ends here.
+    """
+
+    loss: torch.Tensor | float
+    match: torch.Tensor | float | None = None
+    images: torch.Tensor | None = None
+    diverged: bool = False
+
+
+@dataclass
+class Loop:
+    """One run's bookkeeping around the steps of an iterative attack.
+
+    Args:
+        attack: the attack (its name, config, and ``log_every``/``checkpoint_every``).
+        total: the run's iteration budget over all stages and restarts (for progress bars).
+        matcher: the gradient matcher (its noise floor ends a run).
+        callback: the progress callback.
+        run_dir: the run folder for checkpoints (None: no checkpoints).
+    """
+
+    attack: Attack
+    total: int
+    matcher: Matcher
+    callback: ProgressCallback | None = None
+    run_dir: str | Path | None = None
+    state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
+    """The attack's checkpoint content: its tensors and its JSON (set before the first step)."""
+    on_interrupt: Callable[[bool], None] | None = None
+    """Called on Ctrl-C with whether a step was in progress, before the state is saved."""
+    history: dict[str, list[float]] = field(default_factory=lambda: {"iteration": [], "loss": []})
+    done: int = 0
+    resumed_from: int = 0
+    stop_reason: str | None = None
+    _elapsed: float = 0.0
+    _t0: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        cfg = self.attack.config
+        self.log_every = int(cfg.log_every)
+        self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint_every) if self.run_dir is not None else None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def seconds(self) -> float:
+        """On-clock seconds of the whole run, resumed runs included."""
+        return self._elapsed + time.perf_counter() - self._t0
+
+    def restore(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Load the run folder's checkpoint: history, iteration count and clock; the attack's part is returned.
+
+        Raises:
+            CheckpointError: no run folder or checkpoint, or a checkpoint written with other settings.
+        """
+        if self.ckpt is None:
+            raise CheckpointError(f"{self.attack.name}: resume needs the run folder that holds the checkpoint")
+        tensors, meta = self.ckpt.load()
+        written = meta.get("config")
+        if isinstance(written, dict):
+            now = _jsonable(dataclasses.asdict(self.attack.config))
+            changed = sorted(k for k in set(now) | set(written)
+                             if k not in RESUMABLE_CHANGES and now.get(k) != written.get(k))
+            if changed:
+                detail = ", ".join(f"{k}: {written.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                raise CheckpointError(f"resume: the checkpoint in '{self.ckpt.folder}' was written with other "
+                                      f"settings ({detail}); resume with the recorded settings or start a new run")
+        self.history = meta["history"]
+        self.done = self.resumed_from = int(meta["iteration"])
+        self._elapsed = float(meta.get("elapsed", 0.0))
+        return {k: t.clone() for k, t in tensors.items()}, meta  # aligned copies: see optimization._unflatten
+
+    def save(self) -> None:
+        """Checkpoint now (the attack's ``state()`` plus the loop's own)."""
+        if self.ckpt is None or self.state is None:
+            return
+        tensors, meta = self.state()
+        tensors = {**tensors, "_iteration": torch.tensor(self.done)}
+        self.ckpt.save(tensors, {**meta, "iteration": self.done, "history": self.history, "elapsed": self.seconds,
+                                 "config": _jsonable(dataclasses.asdict(self.attack.config))})
+
+    def steps(self, step: Callable[[int], Step], *, start: int, stop: int, offset: int = 0,
+              preview: Callable[[], torch.Tensor] | None = None) -> str:
+        """Run ``step(it)`` for ``it = start..stop``; step ``it`` is iteration ``offset + it`` of the run.
+
+        Returns why the stage ended: ``"done"``, ``"diverged"``, or the run's ``stop_reason``
+        (the callback asked, or the noise floor was reached).
+        """
+        in_step = False
+        try:
+            for it in range(start, stop + 1):
+                in_step = True
+                out = step(it)
+                in_step = False
+                if out.diverged:
+                    return "diverged"
+                self.done = offset + it
+                floor = self.matcher.floor is not None and self.matcher.at_floor(
+                    float(out.loss if out.match is None else out.match))
+                if it % self.log_every == 0 or it == stop or floor:
+                    value = float(out.loss)
+                    self.history["iteration"].append(self.done)
+                    self.history["loss"].append(value)
+                    if self.callback is not None:
+                        images = out.images if out.images is not None else (preview() if preview else None)
+                        if images is None:
+                            raise RuntimeError(f"{self.attack.name}: a stage needs images for the progress callback")
+                        if self.callback(Progress(self.done, self.total, value, images)):
+                            self.stop_reason = STOPPED
+                if floor:
+                    self.stop_reason = FLOOR  # below the noise floor the images fit the noise
+                if self.ckpt is not None and self.ckpt.due(self.done):
+                    self.save()
+                if self.stopped:
+                    return str(self.stop_reason)
+            return "done"
+        except KeyboardInterrupt:
+            if self.on_interrupt is not None:
+                self.on_interrupt(in_step)
+            if self.done > self.resumed_from:
+                self.save()  # Ctrl-C loses nothing: the state after the last completed step
+            raise
+
+    def outcome(self, images: torch.Tensor, labels: torch.Tensor, label_strategy: str,
+                info: dict[str, Any]) -> Reconstruction:
+        """The run's :class:`Reconstruction`: the common fields, and the attack's own ``info``."""
+        cfg = self.attack.config
+        return Reconstruction(
+            images=images.detach().float().cpu(), labels=labels.detach().cpu(), label_strategy=label_strategy,
+            history=self.history, iterations=self.done, seconds=self.seconds, stopped_early=self.stop_reason,
+            resumed_from=self.resumed_from, matching=self.matcher.mode,
+            info={"attack": self.attack.name, "config": dataclasses.asdict(cfg), "adaptive": self.matcher.adaptive,
+                  "matching_loss": self.matcher.loss_name(cfg.loss), **info})
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples become lists), for comparing with a checkpoint."""
+    return json.loads(json.dumps(value))
