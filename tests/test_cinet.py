@@ -245,3 +245,42 @@ def test_learned_latent_is_trained_and_resumes_exactly(tmp_path, lenet_case):
     assert 0 < (z_learned - z_fixed).abs().max() <= 4 * 1e-3 + 1e-6  # 4 signed Adam steps of lr 1e-3
     with pytest.raises(ConfigError, match="latent"):
         CINetConfig(latent="noisy")
+
+
+def test_ctrl_c_in_mid_step_resumes_exactly(tmp_path, lenet_case, monkeypatch):
+    """A Ctrl-C after the generator's forward (which updates spectral-norm and BatchNorm buffers in
+    place) checkpoints the state after the last completed step: the resumed run is the straight one."""
+    from gradleak.generators.cinet import CINetGenerator
+
+    server, update, *_ = lenet_case
+    cfg = {"iterations": 6, "channels": 8, "log_every": 1, "checkpoint_every": 0}
+    straight = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "a")
+    forward, calls = CINetGenerator.forward, []
+
+    def interrupted_forward(self, z):
+        out = forward(self, z)
+        calls.append(1)
+        if len(calls) == 4:  # inside step 4, after its forward
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(CINetGenerator, "forward", interrupted_forward)
+    with pytest.raises(KeyboardInterrupt):
+        gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b")
+    monkeypatch.setattr(CINetGenerator, "forward", forward)
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 3
+    resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
+                                                                        resume=True)
+    assert torch.equal(resumed.images, straight.images)
+    assert resumed.history == straight.history
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path, lenet_case):
+    server, update, *_ = lenet_case
+    cfg = {"iterations": 2, "channels": 8, "checkpoint_every": 1}
+    gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"lr: 0.001 -> 0.01"):
+        gradleak.attacks.create("cinet", {**cfg, "lr": 0.01}).reconstruct(server, update, run_dir=tmp_path, resume=True)
+    longer = gradleak.attacks.create("cinet", {**cfg, "iterations": 3}).reconstruct(server, update, run_dir=tmp_path,
+                                                                                    resume=True)
+    assert longer.resumed_from == 2 and longer.iterations == 3
