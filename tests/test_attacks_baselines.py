@@ -259,16 +259,17 @@ def test_attacks_never_import_ground_truth_modules():
 def test_an_iteration_budget_covers_every_gias_stage(restarts, generator_iterations):
     """`--iterations N` and `gradleak compare --iterations N` mean N steps in all, for GIAS too."""
     from gradleak.attacks.gias import GIASAttack, GIASConfig
-    from gradleak.reporting.compare import attack_config
+    from gradleak.attacks.base import resolve_config
 
     base = GIASConfig(restarts=restarts, generator_iterations=generator_iterations)
     fields_ = GIASAttack.budget(120, base)
     assert restarts * fields_["latent_iterations"] + fields_["generator_iterations"] <= 120
     assert restarts * fields_["latent_iterations"] + fields_["generator_iterations"] >= 120 - restarts
     assert (fields_["generator_iterations"] > 0) == (generator_iterations > 0)
-    cfg = attack_config("gias", iterations=120, overrides={"restarts": restarts,
-                                                           "generator_iterations": generator_iterations})
+    cfg = resolve_config("gias", iterations=120, overrides={"restarts": restarts,
+                                                            "generator_iterations": generator_iterations})
     assert (cfg.latent_iterations, cfg.generator_iterations) == (fields_["latent_iterations"],
                                                                  fields_["generator_iterations"])
-    assert attack_config("cinet", iterations=7).iterations == 7
-    assert attack_config("analytic", iterations=7) == attack_config("analytic", iterations=None)
+    assert resolve_config("cinet", iterations=7).iterations == 7
+    with pytest.raises(ConfigError, match="analytic has no iteration count"):
+        resolve_config("analytic", iterations=7)

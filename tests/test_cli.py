@@ -93,6 +93,14 @@ def test_bad_inputs_exit_2_with_one_line(client_files, tmp_path, capsys):
         (["attack", "--resume", str(tmp_path)], "config.json"),
         (["attack", "--update", u, "--model-state", m, "--attack", "analytic", "--iterations", "5"],
          "analytic has no iteration count"),
+        (["attack", "--update", u, "--model-state", m, "--set", "spectral=maybe"],
+         "cinet config spectral: expected true or false, got 'maybe'"),
+        (["attack", "--update", u, "--model-state", m, "--set", "iterations=abc"],
+         "cinet config iterations: expected an integer, got 'abc'"),
+        (["attack", "--update", u, "--model-state", m, "--set", "lr=abc"], "cinet config lr: expected a number"),
+        (["attack", "--update", u, "--model-state", m, "--set", "nz=0"], "nz"),
+        (["attack", "--update", u, "--model-state", m, "--attack", "idlg", "--preset", "ig:paper"],
+         "expected a preset of --attack"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -45,10 +45,10 @@ def test_grid_expands_attacks_protocols_batches_defenses_seeds():
 
 
 @pytest.mark.parametrize("data, match", [
-    ({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], "typo": 1}, "unknown key"),
+    ({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], "typo": 1}, "unknown option"),
     ({"model": "lenet", "attacks": ["cinet"]}, "batch_sizes"),
     ({"model": "lenet", "attacks": ["cinet", "cinet"], "batch_sizes": [1]}, "distinct attacks"),
-    ({"model": "lenet", "attacks": [{"name": "cinet", "sets": {}}], "batch_sizes": [1]}, "unknown key"),
+    ({"model": "lenet", "attacks": [{"name": "cinet", "sets": {}}], "batch_sizes": [1]}, "unknown option"),
     ({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], "defenses": ["nope:1"]}, "unknown defense"),
     ({"model": "lenet", "attacks": ["cinet"], "batch_sizes": ["two"]}, "expected integers"),
     ({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], "num_cpus": 0}, "num_cpus"),

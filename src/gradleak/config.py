@@ -33,18 +33,22 @@ def from_dict(cls: type[C], data: Any, *, what: str | None = None) -> C:
             or the dataclass's own checks refuse a value.
     """
     what = what or cls.__name__
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{what}: expected a mapping of options, got {type(data).__name__} {_short(data)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
-    unknown = sorted(str(k) for k in data if k not in names)
-    if unknown:
-        raise ConfigError(f"{what}: unknown option(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(names))}")
+    check_keys(data, [f.name for f in dataclasses.fields(cls) if f.init], what)  # type: ignore[arg-type]
     values = {k: check_value(f"{what} {k}", hints[k], v) for k, v in data.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{what}: {e}") from None
+
+
+def check_keys(data: Any, names: list[str] | set[str], what: str) -> None:
+    """Refuse a ``data`` that is not a mapping or holds a key outside ``names`` (naming the valid ones)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what}: expected a mapping of options, got {type(data).__name__} {_short(data)}")
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise ConfigError(f"{what}: unknown option(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(names))}")
 
 
 def check_value(name: str, annotation: Any, value: Any) -> Any:
@@ -105,13 +109,31 @@ def _describe(annotation: Any) -> str:
         return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
     if origin is tuple:
         args = typing.get_args(annotation)
-        return f"a list of {_describe(args[0]) if args else 'values'}s"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(args[0], 'values') if args else 'values'}"
     return getattr(annotation, "__name__", str(annotation))
 
 
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_ranges(what: str, config: Any, **bounds: tuple[Any, ...]) -> None:
+    """Refuse the first field of ``config`` outside its bounds, naming it and its value.
+
+    ``bounds``: field name -> ``(low, high)`` inclusive (None: unbounded), or ``(low, high, "open")``
+    for a low bound the value must exceed (``lr=(0, None, "open")``: lr > 0).
+    """
+    for name, bound in bounds.items():
+        low, high = bound[0], bound[1]
+        open_low = len(bound) > 2 and bound[2] == "open"
+        value = getattr(config, name)
+        below = low is not None and (value <= low if open_low else value < low)
+        if below or (high is not None and value > high):
+            want = (f"> {low}" if open_low else f">= {low}") if high is None else (
+                f"{low} to {high}" if not open_low else f"> {low} and <= {high}")
+            raise ConfigError(f"{what} {name}: expected {want}, got {value}")
 
 
 def split_preset(text: str) -> tuple[str, str | None]:

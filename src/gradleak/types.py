@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradleak.errors import ConfigError, UpdateError
+from gradleak.config import from_dict
+from gradleak.errors import UpdateError
 
 UpdateKind = Literal["gradient", "delta"]
 Protocol = Literal["fedsgd", "fedavg", "aggregate"]
@@ -50,7 +51,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        return _from_dict(cls, data)
+        return from_dict(cls, data, what="model spec")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -187,13 +188,3 @@ class Reconstruction:
         return {"iterations": int(self.iterations), "seconds": float(self.seconds),
                 "stopped_early": self.stopped_early, "resumed_from": int(self.resumed_from),
                 "matching": self.matching}
-
-
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a dataclass from a dict, rejecting unknown keys with a clear message."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(names))}")
-    return cls(**data)

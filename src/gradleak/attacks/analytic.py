@@ -244,9 +244,9 @@ class AnalyticAttack(Attack):
     knowledge = Knowledge(sok="B")
     presets = {
         # Proposition 1 as stated: alternate P_hat and x = N grad_W pinv(P_hat) only.
-        "paper": dict(alternations=200, refine_steps=0),
+        "paper": {"alternations": 200, "refine_steps": 0},
         # Alternation followed by Levenberg-Marquardt on the same equations (default).
-        "refined": dict(alternations=20, refine_steps=300),
+        "refined": {},  # the defaults: 20 alternations, then 300 Levenberg-Marquardt steps
     }
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,

@@ -11,19 +11,18 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from gradleak.config import from_dict
 from gradleak.errors import ConfigError, UpdateError
 from gradleak.labels import LabelResult, recover_labels
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.registry import Registry
 from gradleak.threat.io import check_update
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
-
-C = TypeVar("C")
-
 
 @dataclass(frozen=True)
 class Progress:
@@ -38,16 +37,6 @@ class Progress:
 ProgressCallback = Callable[[Progress], "bool | None"]
 """Called every ``log_every`` iterations; returning ``True`` asks the attack to stop early and
 return what it has (used for wall-clock budgets)."""
-
-
-def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build config ``cls`` from ``data``; unknown keys raise :class:`ConfigError` naming the valid ones."""
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}; expected some of: "
-                          f"{', '.join(sorted(fields))}")
-    return cls(**data)
 
 
 class Attack(ABC):
@@ -69,8 +58,8 @@ class Attack(ABC):
     def __init__(self, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> None:
         if config is None:
             config = self.Config()
-        elif isinstance(config, dict):
-            config = config_from_dict(self.Config, config)
+        elif isinstance(config, Mapping):
+            config = from_dict(self.Config, config, what=f"{self.name} config")
         elif not isinstance(config, self.Config):
             raise ConfigError(f"{self.name}: expected a {self.Config.__name__} or a dict, got {type(config).__name__}")
         self.config = config
@@ -92,7 +81,7 @@ class Attack(ABC):
         """The named preset's config, with ``overrides`` applied."""
         if name not in cls.presets:
             raise ConfigError(f"unknown {cls.name} preset '{name}'; expected one of: {', '.join(sorted(cls.presets))}")
-        return config_from_dict(cls.Config, {**cls.presets[name], **overrides})
+        return from_dict(cls.Config, {**cls.presets[name], **overrides}, what=f"{cls.name}:{name} config")
 
     def resolve_labels(self, server: ServerState, update: ClientUpdate, labels: torch.Tensor | None,
                        strategy: str) -> LabelResult:
@@ -140,6 +129,27 @@ ATTACKS: Registry[Attack] = Registry("attack")
 def create(name: str, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> Attack:
     """Build the attack registered as ``name``: ``create("cinet", {"iterations": 500})``."""
     return ATTACKS.create(name, config, device=device, seed=seed)
+
+
+def resolve_config(name: str, *, preset: str | None = None, overrides: Mapping[str, Any] | None = None,
+                   iterations: int | None = None) -> Any:
+    """Attack ``name``'s config: its preset (or its defaults), then ``overrides``, then an iteration budget.
+
+    The one resolver behind the CLI, ``compare``, audits, sweeps and the Flower strategy.
+
+    Raises:
+        ConfigError: an unknown attack, preset or field, a value of the wrong type or range, or a
+            budget for an attack without an iteration count.
+    """
+    cls = ATTACKS.get(name)
+    cfg = cls.preset(preset, **dict(overrides or {})) if preset else from_dict(
+        cls.Config, dict(overrides or {}), what=f"{name} config")
+    if iterations is None:
+        return cfg
+    budget = cls.budget(iterations, cfg)
+    if not budget:
+        raise ConfigError(f"iterations: {name} has no iteration count (see gradleak list presets)")
+    return replace(cfg, **budget)
 
 
 def available() -> list[str]:

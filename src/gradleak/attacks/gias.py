@@ -35,6 +35,7 @@ from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.loop import Loop, Step, prepare
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
+from gradleak.config import check_ranges
 from gradleak.errors import ConfigError
 from gradleak.functional import total_variation
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -104,10 +105,9 @@ class GIASConfig:
             raise ConfigError(f"gias lr_decay: expected 'none' or 'step', got {self.lr_decay!r}")
         if self.generator_path and self.generator_factory:
             raise ConfigError("gias: expected either generator_path or generator_factory, got both")
-        if (self.latent_iterations < 0 or self.generator_iterations < 0 or self.lr <= 0 or self.generator_lr <= 0
-                or self.tv < 0 or self.restarts < 1 or self.log_every < 1 or self.checkpoint_every < 0):
-            raise ConfigError(f"gias: expected non-negative iterations, positive step sizes, tv >= 0, restarts >= 1, "
-                              f"log_every >= 1 and checkpoint_every >= 0, got {self}")
+        check_ranges("gias", self, latent_iterations=(0, None), generator_iterations=(0, None),
+                     lr=(0, None, "open"), generator_lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000),
+                     log_every=(1, None), checkpoint_every=(0, None))
 
 
 def load_generator(cfg: GIASConfig, *, device: torch.device) -> nn.Module:
@@ -183,11 +183,10 @@ class GIASAttack(Attack):
     knowledge = Knowledge(surrogate_data=True, sok="D")
     presets = {
         # The published CIFAR-10 DCGAN script.
-        "cifar10-dcgan": dict(lr=0.1, generator_lr=1e-4, latent_iterations=3000, generator_iterations=3000,
-                              tv=1e-6, signed=True, restarts=1),
+        "cifar10-dcgan": {},  # the defaults
         # The published ImageNet 32 px StyleGAN2 script: unsigned, 3 restarts.
-        "imagenet32-stylegan2": dict(lr=3e-2, generator_lr=1e-3, latent_iterations=500, generator_iterations=5000,
-                                     tv=1e-6, signed=False, restarts=3),
+        "imagenet32-stylegan2": {"lr": 3e-2, "generator_lr": 1e-3, "latent_iterations": 500,
+                                 "generator_iterations": 5000, "signed": False, "restarts": 3},
     }
 
     def __init__(self, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0,

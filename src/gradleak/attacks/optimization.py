@@ -33,6 +33,7 @@ from gradleak.attacks.schedules import make_scheduler, scheduler_state
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.loop import Loop, Step, prepare
+from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError
 from gradleak.functional import total_variation
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -97,10 +98,8 @@ class OptimizationConfig:
                                   f"got {getattr(self, key)!r}")
         if self.signed and self.optimizer == "lbfgs":
             raise ConfigError(f"{name}: signed gradients need a first-order optimizer ('adam' or 'sgd'), got 'lbfgs'")
-        if (self.iterations < 0 or self.lr <= 0 or self.tv < 0 or self.restarts < 1 or self.log_every < 1
-                or self.checkpoint_every < 0 or self.lbfgs_max_iter < 1):
-            raise ConfigError(f"{name}: expected iterations >= 0, lr > 0, tv >= 0, restarts >= 1, log_every >= 1, "
-                              f"checkpoint_every >= 0, lbfgs_max_iter >= 1, got {self}")
+        check_ranges(name, self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000),
+                     log_every=(1, None), checkpoint_every=(0, None), lbfgs_max_iter=(1, None))
 
 
 @dataclass(frozen=True)
@@ -357,7 +356,8 @@ class DLGAttack(OptimizationAttack):
     knowledge = Knowledge(labels="joint", sok="A")
     presets = {
         # DLG's code: torch L-BFGS(lr=1) with its defaults, 300 steps, N(0,1) images and label logits.
-        "paper": dict(optimizer="lbfgs", lr=1.0, iterations=300, line_search=None, soft_labels=True, init="randn"),
+        # (the defaults but the line search: L-BFGS lr 1, 300 steps, N(0, 1) images and soft labels)
+        "paper": {"line_search": None},
         "default": {},
     }
 
@@ -375,7 +375,8 @@ class IDLGAttack(OptimizationAttack):
     knowledge = Knowledge(sok="A")
     presets = {
         # iDLG's code: L-BFGS(lr=1), 300 steps, N(0,1) images, label from the last layer's gradient.
-        "paper": dict(optimizer="lbfgs", lr=1.0, iterations=300, line_search=None, init="randn"),
+        # (the defaults but the line search)
+        "paper": {"line_search": None},
         "default": {},
     }
 
@@ -394,9 +395,9 @@ class InvertingGradientsAttack(OptimizationAttack):
     knowledge = Knowledge(sok="B")
     presets = {
         # inversefed's DEFAULT_CONFIG (CIFAR): 4800 steps, Adam 0.1, TV 1e-1, one trial.
-        "paper": dict(iterations=4800, restarts=1, tv=0.1),
+        "paper": {},  # the defaults
         # inversefed's ImageNet ResNet-18 example: 24k steps, 8 trials.
-        "imagenet": dict(iterations=24_000, restarts=8, tv=0.1),
+        "imagenet": {"iterations": 24_000, "restarts": 8},
         # breaching's invertinggradients.yaml: TV scale 0.2, 24k steps, one trial.
-        "breaching": dict(iterations=24_000, restarts=1, tv=0.2),
+        "breaching": {"iterations": 24_000, "tv": 0.2},
     }

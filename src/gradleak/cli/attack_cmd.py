@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--labels given: expected --truth with the ground-truth labels")
     files = {"update": str(args.update), "model_state": str(args.model_state),
              "truth": str(args.truth) if args.truth else None}
-    result = attack_files(files, attack=args.attack, config=attack_config(args), out=args.out or default_out("attack"),
+    config = attack_config(args)  # first: --preset ATTACK:PRESET may name the attack
+    result = attack_files(files, attack=args.attack, config=config, out=args.out or default_out("attack"),
                           give_labels=args.labels == "given", case={}, device=check_device(args.device),
                           seed=args.seed, resume=False, progress=not args.no_progress, pairing=args.pairing)
     print_summary(result)

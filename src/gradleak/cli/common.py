@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,8 @@ import torch
 
 from gradleak.attacks import ATTACKS, supports_adaptive
 from gradleak.attacks.adaptive import ADAPTIVE_MODES
-from gradleak.attacks.base import config_from_dict
+from gradleak.attacks.base import resolve_config
+from gradleak.config import split_preset
 from gradleak.errors import ConfigError
 
 
@@ -73,7 +74,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def attack_config(args: argparse.Namespace) -> Any:
-    """The attack's resolved config from --preset, --set, --iterations, --label-strategy and --dry-run."""
+    """The attack's resolved config from --attack/--preset, --set, --iterations, --label-strategy, --adaptive
+    and --dry-run (``--preset cinet:demo`` also names the attack, as ``gradleak list presets`` prints it)."""
+    preset = args.preset
+    if preset and ":" in preset:
+        name, preset = split_preset(preset)
+        if args.attack not in (name, "cinet"):  # cinet is --attack's default
+            raise ConfigError(f"--preset {args.preset}: expected a preset of --attack {args.attack}, got one of {name}")
+        args.attack = name
     cls = ATTACKS.get(args.attack)
     overrides = parse_overrides(args.set)
     names = {f.name for f in fields(cls.Config)}
@@ -86,14 +94,13 @@ def attack_config(args: argparse.Namespace) -> Any:
             raise ConfigError(f"--adaptive: {args.attack} does not simulate defenses (it is not iterative), "
                               f"expected an attack among {', '.join(filter(supports_adaptive, ATTACKS.available()))}")
         overrides["adaptive"] = args.adaptive
-    cfg = cls.preset(args.preset, **overrides) if args.preset else config_from_dict(cls.Config, overrides)
     budget = 2 if getattr(args, "dry_run", False) else args.iterations
-    if budget is None:
-        return cfg
-    fields_for_budget = cls.budget(budget, cfg)
-    if not fields_for_budget and args.iterations is not None:
-        raise ConfigError(f"--iterations: {args.attack} has no iteration count (see gradleak list presets)")
-    return replace(cfg, **fields_for_budget)
+    try:
+        return resolve_config(args.attack, preset=preset, overrides=overrides, iterations=budget)
+    except ConfigError as e:
+        if budget is not None and str(e).startswith("iterations:"):
+            raise ConfigError(f"--{e}") from None
+        raise
 
 
 def check_device(device: str) -> str:

@@ -11,6 +11,7 @@ import argparse
 
 from gradleak.cli.common import add_case, add_common, check_device, default_out, parse_overrides
 from gradleak.cli.simulate_cmd import simulate
+from gradleak.config import split_preset
 from gradleak.errors import ConfigError
 from gradleak.reporting.compare import compare_attacks
 from gradleak.threat import load_model_state, load_truth, load_update
@@ -25,8 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="cinet,ig,idlg", help="comma-separated attack names")
     p.add_argument("--iterations", type=int, default=None, help="same iteration budget for every attack")
     p.add_argument("--seconds", type=float, default=None, help="same wall-clock budget for every attack")
-    p.add_argument("--preset", action="append", default=[], metavar="ATTACK=PRESET",
-                   help="preset per attack, e.g. --preset cinet=reference (repeatable)")
+    p.add_argument("--preset", action="append", default=[], metavar="ATTACK:PRESET",
+                   help="preset per attack, as gradleak list presets prints it, e.g. --preset cinet:reference "
+                        "(repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="override one field of one attack, e.g. --set cinet.upsample=bilinear (repeatable)")
     p.add_argument("--labels", default="recovered", choices=["recovered", "given"])
@@ -39,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     presets: dict[str, str] = {}
     for item in args.preset:
-        if "=" not in item:
-            raise ConfigError(f"--preset: expected ATTACK=PRESET, got {item!r}")
-        a, p = item.split("=", 1)
+        a, p = split_preset(item)
+        if p is None:
+            raise ConfigError(f"--preset: expected ATTACK:PRESET (gradleak list presets), got {item!r}")
         presets[a] = p
     overrides: dict[str, dict] = {}
     for key, value in parse_overrides(args.set).items():

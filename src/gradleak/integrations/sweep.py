@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from gradleak.config import check_keys, from_dict
 from gradleak.errors import ConfigError
 from gradleak.reporting.audit import AuditCell, ProtocolSetting, audit_grid, cell_finished
 from gradleak.types import ModelSpec
@@ -148,12 +149,7 @@ class SweepGrid:
         Raises:
             ConfigError: an unknown key, a missing ``model``/``attacks``/``batch_sizes``, or a bad value.
         """
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"sweep grid: expected a mapping of settings, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"sweep grid: unknown key(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(names))}")
+        check_keys(data, {f.name for f in fields(cls)}, "sweep grid")
         missing = [k for k in ("model", "attacks", "batch_sizes") if k not in data]
         if missing:
             raise ConfigError(f"sweep grid: expected the key(s) {', '.join(missing)}, got none")
@@ -194,10 +190,7 @@ def _attack(value: Any) -> AttackSetting:
         value = {"name": value}
     if not isinstance(value, Mapping) or "name" not in value:
         raise ConfigError(f"sweep attack: expected a name or a mapping with 'name', got {value!r}")
-    extra = sorted(set(value) - {"name", "preset", "set", "label"})
-    if extra:
-        raise ConfigError(f"sweep attack '{value['name']}': unknown key(s) {', '.join(extra)}; "
-                          "expected some of: label, name, preset, set")
+    check_keys(value, {"name", "preset", "set", "label"}, f"sweep attack '{value['name']}'")
     ATTACKS.get(str(value["name"]))
     return AttackSetting(name=str(value["name"]), preset=value.get("preset"), overrides=dict(value.get("set") or {}),
                          label=str(value.get("label") or ""))
@@ -208,11 +201,7 @@ def _protocol(value: Any) -> ProtocolSetting:
         value = {"protocol": value}
     if not isinstance(value, Mapping):
         raise ConfigError(f"sweep protocol: expected 'fedsgd' or a mapping with 'protocol', got {value!r}")
-    names = {f.name for f in fields(ProtocolSetting)}
-    extra = sorted(set(value) - names)
-    if extra:
-        raise ConfigError(f"sweep protocol: unknown key(s) {', '.join(extra)}; expected some of: {', '.join(sorted(names))}")
-    return ProtocolSetting(**value)
+    return from_dict(ProtocolSetting, value, what="sweep protocol")
 
 
 def load_grid(path: str | Path) -> SweepGrid:
@@ -261,11 +250,11 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
     import torch
 
     from gradleak.reporting.audit import run_audit
-    from gradleak.reporting.compare import attack_config
+    from gradleak.attacks.base import resolve_config
 
     torch.set_num_threads(max(1, int(grid.num_cpus)))
     iterations = 2 if dry_run else grid.iterations
-    config = attack_config(trial.attack.name, iterations=iterations, preset=trial.attack.preset,
+    config = resolve_config(trial.attack.name, iterations=iterations, preset=trial.attack.preset,
                            overrides=trial.attack.overrides)
     folder = trial_folder(out, trial)
     run_audit(spec=grid.model, cells=[trial.cell], attack=trial.attack.name, attack_config=config,
@@ -282,11 +271,11 @@ def _check(grid: SweepGrid, trials: list[Trial], out: Path, dry_run: bool) -> li
     """Refuse folders made with other settings; return the trials still to run (writing their trial.json)."""
     from gradleak.models import build_model
     from gradleak.reporting.audit import check_victim
-    from gradleak.reporting.compare import attack_config
+    from gradleak.attacks.base import resolve_config
     from gradleak.types import ServerState
 
     for a in grid.attacks:  # unknown presets or fields fail before anything runs
-        attack_config(a.name, iterations=grid.iterations, preset=a.preset, overrides=a.overrides)
+        resolve_config(a.name, iterations=grid.iterations, preset=a.preset, overrides=a.overrides)
     check_victim(ServerState.from_spec(build_model(grid.model, seed=grid.model_seed), grid.model), grid.cells())
     todo = []
     for trial in trials:

@@ -10,7 +10,6 @@ shows the ground truth over one row per attack.
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from gradleak.attacks import ATTACKS  # noqa: E402
-from gradleak.attacks.base import config_from_dict  # noqa: E402
+from gradleak.attacks.base import resolve_config  # noqa: E402
 from gradleak.errors import ConfigError  # noqa: E402
 from gradleak.reporting.runner import run_attack  # noqa: E402
 from gradleak.types import ClientUpdate, ServerState  # noqa: E402
 
 COLUMNS = [("SSIM", "ssim", 3), ("FSIM", "fsim", 3), ("PSNR", "psnr", 2), ("LPIPS", "lpips", 3)]
-
-
-def attack_config(name: str, *, iterations: int | None, preset: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> Any:
-    """``name``'s config from ``preset`` (or its defaults) with the shared budget applied."""
-    cls = ATTACKS.get(name)
-    extra = dict(overrides or {})
-    cfg = cls.preset(preset, **extra) if preset else config_from_dict(cls.Config, extra)
-    return replace(cfg, **cls.budget(iterations, cfg)) if iterations is not None else cfg
 
 
 def _pm(s: dict[str, Any], key: str, digits: int) -> str:
@@ -63,8 +53,10 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
     out = Path(out)
     rows, recons = [], []
     for name in attacks:
-        cfg = attack_config(name, iterations=iterations, preset=(presets or {}).get(name),
-                            overrides=(overrides or {}).get(name))
+        cls = ATTACKS.get(name)
+        budget = iterations if iterations is not None and cls.budget(1, cls.Config()) else None  # analytic has none
+        cfg = resolve_config(name, iterations=budget, preset=(presets or {}).get(name),
+                             overrides=(overrides or {}).get(name))
         result = run_attack(server, update, attack=name, config=cfg, out=out / name, truth_images=truth_images,
                             truth_labels=truth_labels, give_labels=give_labels,
                             case={**(case or {}), "compare": attacks, "budget": {"iterations": iterations, "seconds": seconds}},
