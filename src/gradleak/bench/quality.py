@@ -143,12 +143,9 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
 
 def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     """SSIM against iterations and against on-clock wall time, one line per run."""
-    import matplotlib
+    from gradleak.reporting.figures import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in results:
         if not r["curve"]:
             continue
@@ -165,7 +162,6 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,10 +98,7 @@ def group_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _plot(path: Path, groups: Sequence[dict[str, Any]]) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gradleak.reporting.figures import subplots
 
     lines: dict[str, list[tuple[int, float]]] = {}
     for g in groups:
@@ -109,7 +106,7 @@ def _plot(path: Path, groups: Sequence[dict[str, Any]]) -> bool:
             lines.setdefault(f"{g['attack']} {g['protocol']} {g['defense']}", []).append((g["batch_size"], g["ssim_mean"]))
     if not lines:
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = subplots(figsize=(5.5, 3.6))
     for label, points in sorted(lines.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -121,7 +118,6 @@ def _plot(path: Path, groups: Sequence[dict[str, Any]]) -> bool:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

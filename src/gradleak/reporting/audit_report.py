@@ -117,13 +117,10 @@ def _series(rows: Sequence[dict[str, Any]], by: str) -> dict[str, list[dict[str,
 
 
 def _line_plot(path: Path, rows: Sequence[dict[str, Any]], *, metric: str, x: str, ylabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gradleak.reporting.figures import subplots
 
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = subplots(figsize=(6.4, 4.0))
     for label, group in _series(rows, "batch" if x == "defense" else "defense").items():
         group = [g for g in group if g.get(f"{metric}_mean") is not None]
         xs = [defenses.index(g["defense"]) if x == "defense" else g["batch_size"] for g in group]
@@ -144,15 +141,11 @@ def _line_plot(path: Path, rows: Sequence[dict[str, Any]], *, metric: str, x: st
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _examples(path: Path, out: Path, rows: Sequence[dict[str, Any]], *, max_images: int = 8) -> None:
     """One block per (protocol, batch size): the truth, then one row of paired reconstructions per defense."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gradleak.reporting.figures import subplots
     from safetensors.torch import load_file
 
     blocks: list[tuple[str, torch.Tensor]] = []
@@ -169,7 +162,7 @@ def _examples(path: Path, out: Path, rows: Sequence[dict[str, Any]], *, max_imag
             blocks.append((f"{r['defense']} ({r.get('verdict_attacker')})", rec[order]))
     n = min(max_images, max(t.shape[0] for _, t in blocks))
     width = n * 0.85 + 1.4
-    fig, axes = plt.subplots(len(blocks), n, figsize=(width, len(blocks) * 0.85), squeeze=False)
+    fig, axes = subplots(len(blocks), n, figsize=(width, len(blocks) * 0.85), squeeze=False)
     for row_axes, (label, imgs) in zip(axes, blocks):
         for i, ax in enumerate(row_axes):
             ax.set_xticks([])
@@ -183,7 +176,6 @@ def _examples(path: Path, out: Path, rows: Sequence[dict[str, Any]], *, max_imag
     fig.tight_layout(pad=0.2)
     fig.subplots_adjust(left=1.3 / width)  # room for the row labels, which tight_layout does not reserve
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title: str = "",
@@ -264,15 +256,12 @@ def audit_document(rows: Sequence[dict[str, Any]], *, title: str = "", command: 
 
 def epsilon_plot(path: Path, rows: Sequence[dict[str, Any]], *, rounds: int) -> None:
     """Worst-case SSIM of the DP-SGD cells against their epsilon: for one round, and after ``rounds`` rounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gradleak.reporting.figures import subplots
 
     from gradleak.defenses import parse_defense, rdp_epsilon
 
     dp = [r for r in rows if r.get("dp") and r.get("ssim_mean") is not None and r.get("epsilon") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
     delta = next((r["delta"] for r in dp), None)
     for ax, steps in zip(axes, (1, rounds)):
         for n in sorted({r["batch_size"] for r in dp}):
@@ -299,7 +288,6 @@ def epsilon_plot(path: Path, rows: Sequence[dict[str, Any]], *, rounds: int) -> 
                  "DP-SGD: leakage against the privacy budget", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _html(out: Path, head: list[str], body: list[list[str]], rows: Sequence[dict[str, Any]], *, title: str,

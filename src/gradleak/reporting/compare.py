@@ -13,17 +13,14 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from gradleak.attacks import ATTACKS  # noqa: E402
-from gradleak.attacks.base import resolve_config  # noqa: E402
-from gradleak.errors import ConfigError  # noqa: E402
-from gradleak.reporting.runner import run_attack  # noqa: E402
-from gradleak.types import ClientUpdate, ServerState  # noqa: E402
+from gradleak.attacks import ATTACKS
+from gradleak.attacks.base import resolve_config
+from gradleak.errors import ConfigError
+from gradleak.reporting.figures import subplots
+from gradleak.reporting.runner import run_attack
+from gradleak.types import ClientUpdate, ServerState
 
 COLUMNS = [("SSIM", "ssim", 3), ("FSIM", "fsim", 3), ("PSNR", "psnr", 2), ("LPIPS", "lpips", 3)]
 
@@ -95,7 +92,7 @@ def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
 
 def _grid(path: Path, truth: torch.Tensor, recons: list[torch.Tensor], names: list[str]) -> None:
     n = min(truth.shape[0], 16)
-    fig, axes = plt.subplots(1 + len(recons), n, figsize=(n * 0.9 + 1.2, (1 + len(recons)) * 0.95), squeeze=False)
+    fig, axes = subplots(1 + len(recons), n, figsize=(n * 0.9 + 1.2, (1 + len(recons)) * 0.95), squeeze=False)
     for r, (label, imgs) in enumerate([("truth", truth)] + list(zip(names, recons))):
         for i in range(n):
             ax = axes[r][i]
@@ -106,4 +103,3 @@ def _grid(path: Path, truth: torch.Tensor, recons: list[torch.Tensor], names: li
                 ax.set_ylabel(label, fontsize=7)
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -5,15 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+from typing import Any
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 
-def _show(ax: plt.Axes, img: torch.Tensor) -> None:
+def subplots(rows: int = 1, cols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, without pyplot: no global backend is chosen or switched (a notebook
+    keeps its own), and nothing stays open after ``fig.savefig``."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(rows, cols, **kwargs)
+
+
+def _show(ax: Axes, img: torch.Tensor) -> None:
     arr = img.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
     ax.imshow(arr[..., 0] if arr.shape[2] == 1 else arr, cmap="gray" if arr.shape[2] == 1 else None,
               interpolation="nearest")
@@ -31,7 +38,7 @@ def save_grid(path: str | Path, truth: torch.Tensor | None, recon: torch.Tensor,
     cols = min(columns, n)
     chunks = (n + cols - 1) // cols
     rows_per = 2 if truth is not None else 1
-    fig, axes = plt.subplots(chunks * rows_per, cols, figsize=(cols * 0.9 + 1.2, chunks * rows_per * 0.95),
+    fig, axes = subplots(chunks * rows_per, cols, figsize=(cols * 0.9 + 1.2, chunks * rows_per * 0.95),
                              squeeze=False)
     for i in range(chunks * cols):
         chunk, col = divmod(i, cols)
@@ -49,13 +56,12 @@ def save_grid(path: str | Path, truth: torch.Tensor | None, recon: torch.Tensor,
                 ax.set_ylabel(row_labels[r] if truth is not None else row_labels[1], fontsize=7)
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def save_curves(path: str | Path, history: dict[str, list[float]]) -> None:
     """Matching loss (log scale) and, when recorded, mean SSIM against the iteration."""
     has_ssim = bool(history.get("ssim"))
-    fig, axes = plt.subplots(1, 2 if has_ssim else 1, figsize=(9 if has_ssim else 4.5, 3.2), squeeze=False)
+    fig, axes = subplots(1, 2 if has_ssim else 1, figsize=(9 if has_ssim else 4.5, 3.2), squeeze=False)
     ax = axes[0][0]
     if history.get("loss"):
         ax.semilogy(history["iteration"], history["loss"], color="tab:blue")
@@ -71,4 +77,3 @@ def save_curves(path: str | Path, history: dict[str, list[float]]) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
