@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gradleak
+from conftest import make_case
 from gradleak.attacks.adaptive import DefenseModel, likelihood_distance
 from gradleak.attacks.matching import build_matcher
 from gradleak.cli.main import main
@@ -16,7 +17,6 @@ from gradleak.defenses import defended_update, dpsgd_update, parse_defense, reco
 from gradleak.errors import ConfigError, UpdateError
 from gradleak.metrics import score_reconstruction
 from gradleak.threat import fedavg_update, save_model_state, save_update, simulate_clients
-from tests.conftest import make_case
 
 
 def _defended(case, text, seed=0):
@@ -200,7 +200,7 @@ def test_a_bad_defense_record_is_refused_never_attacked_unaware(lenet_case):
         "out of range": update.replace(defenses=("prune",),
                                        metadata={"defense_params": [{"name": "prune", "sparsity": 2.0}]}),
     }
-    for what, u in bad.items():
+    for _what, u in bad.items():
         with pytest.raises(UpdateError, match="expected"):
             build_matcher(u, _victim(server), device=torch.device("cpu"))
         with pytest.raises(UpdateError):

@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 import gradleak
+from conftest import make_case
 from gradleak.attacks import CINetAttack, CINetConfig
 from gradleak.errors import CheckpointError, ConfigError, UpdateError
 from gradleak.generators import CINetGenerator, choose_channels
 from gradleak.generators.cinet import generator_parameters
 from gradleak.metrics import score_reconstruction
 from gradleak.models import count_parameters
-
-from conftest import make_case
 
 
 class _Stop(Exception):

@@ -52,7 +52,7 @@ def test_model_spec_from_a_file_is_typed():
                          ({"image_size": 32}, "model spec"),
                          ("lenet", "expected a mapping of options, got str")]:
         with pytest.raises(ConfigError, match=message):
-            ModelSpec.from_dict(bad)  # type: ignore[arg-type]
+            ModelSpec.from_dict(bad)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True)

@@ -284,11 +284,12 @@ def test_dpsgd_without_noise_is_the_mean_of_per_sample_clipped_gradients() -> No
     clipped = 0
     for i in range(5):
         g = model_gradients(copy.deepcopy(server.model), x[i:i + 1], y[i:i + 1])
-        norm = torch.sqrt(sum(t.pow(2).sum() for t in g))
+        norm = torch.sqrt(torch.stack([t.pow(2).sum() for t in g]).sum())
         clipped += int(norm > clip)
         factor = min(1.0, clip / (float(norm) + 1e-6))
         total = [factor * t for t in g] if total is None else [a + factor * t for a, t in zip(total, g)]
     assert clipped >= 3
+    assert total is not None
     for got, want in zip(update.gradients(), total):
         torch.testing.assert_close(got, want / 5, atol=1e-7, rtol=1e-5)
 
@@ -358,7 +359,8 @@ def test_dpsgd_is_client_side_and_defended_update_applies_it_first() -> None:
     with pytest.raises(ConfigError, match="expected the client-side defense 'dpsgd' first"):
         defended_update(server, x, y, defense="clip:1+dpsgd:1", generator=_gen())
     with pytest.raises(ConfigError, match="expected client=None"):
-        defended_update(server, x, y, defense="dpsgd:1", generator=_gen(), client=fedavg_update)
+        defended_update(server, x, y, defense="dpsgd:1", generator=_gen(),
+                        client=lambda s, im, lab: fedavg_update(s, im, lab, lr=0.1, batch_size=2))
     out = defended_update(server, x, y, defense="dpsgd:1.0+quantize:4", generator=_gen())
     assert out.defenses == ("dpsgd", "quantize")
     assert [p["name"] for p in out.metadata["defense_params"]] == ["dpsgd", "quantize"]

@@ -30,9 +30,9 @@ from gradleak.integrations.capture import (  # noqa: E402
     AuditJob,
     LocalTraining,
     name_arrays,
+    run_audit_job,
     update_from_gradients,
     update_from_parameters,
-    run_audit_job,
     write_capture,
 )
 from gradleak.models import build_model  # noqa: E402

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import gradleak
+from conftest import make_case
 from gradleak.threat import fedavg_update
 from gradleak.threat.aggregate import simulate_update
-
-from conftest import make_case
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

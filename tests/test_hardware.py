@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import gradleak
-from gradleak import hardware
-
 from conftest import make_case
+from gradleak import hardware
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from torch import nn
 
 from gradleak.cli.main import main
 from gradleak.errors import UnknownNameError, UnsupportedModelError, UpdateError
-from gradleak.labels import (LABEL_STRATEGIES, LabelResult, counts_to_labels, label_accuracy, last_layer,
-                             recover_labels)
+from gradleak.labels import LABEL_STRATEGIES, LabelResult, counts_to_labels, label_accuracy, last_layer, recover_labels
 from gradleak.labels.ilrg import LOW_CONFIDENCE, ilrg
 from gradleak.models import build_model
 from gradleak.threat import fedavg_update, fedsgd_update, save_model_state, save_truth, save_update
@@ -324,8 +323,8 @@ def test_cli_labels_prints_counts_and_accuracy(tmp_path, capsys, lenet):
 
 def test_auto_under_a_recorded_defense_prefers_what_survives_it():
     # measured in docs/labels.md: after clipping the counts' scale is unknown, and under noise LLG beats Yin
+    from conftest import make_case
     from gradleak.defenses import defended_update
-    from tests.conftest import make_case
 
     server, _, x, y = make_case("lenet", 8)
     plain = recover_labels(server, defended_update(server, x, y, defense="none", generator=torch.Generator()))

@@ -25,7 +25,6 @@ from gradleak.models import build_model
 from gradleak.threat import fedsgd_update
 from gradleak.types import ModelSpec, ServerState
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -60,10 +59,11 @@ def test_identity_holds_for_the_fedsgd_update_in_float32():
 @given(n=st.integers(1, 12), c=st.integers(2, 12), d=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_identity_property(n: int, c: int, d: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(d, c)).double()
+    linear = nn.Linear(d, c).double()
+    model = nn.Sequential(nn.Flatten(), linear)
     with torch.no_grad():
-        model[1].weight.copy_(torch.randn(c, d, generator=g, dtype=torch.float64))
-        model[1].bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        linear.weight.copy_(torch.randn(c, d, generator=g, dtype=torch.float64))
+        linear.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     y = torch.randint(0, c, (n,), generator=g)
     grad_w, grad_b = model_gradients(model, x, y)

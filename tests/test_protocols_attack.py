@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
-import pytest
-import torch
-
 import gradleak
+from conftest import make_case
 from gradleak.metrics import score_reconstruction
 from gradleak.threat.aggregate import simulate_clients
 from gradleak.threat.fedavg import fedavg_update
-
-from conftest import make_case
 
 
 def _attack(server, update, iterations=60):

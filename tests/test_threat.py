@@ -25,7 +25,7 @@ from gradleak.threat import (
     simulate_local_delta,
     simulate_update,
 )
-from gradleak.types import ClientUpdate, ModelSpec, ServerState
+from gradleak.types import ClientUpdate, ModelSpec, ServerState, UpdateKind
 
 
 def _server(name: str = "lenet", *, size: int = 16, bn_mode: str = "train", width: int | None = None,
@@ -49,8 +49,8 @@ def _sgd_by_hand(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch
         grads = model_gradients(model, x[b], y[b])
         with torch.no_grad():
             for p, g in zip(params, grads):
-                p -= lr * g
-    return [p.detach() - s for p, s in zip(params, start)]
+                p.sub_(lr * g)
+    return [p.detach() - s for p, s in zip(params, start, strict=True)]
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor], *, atol: float = 1e-6, rtol: float = 1e-4) -> None:
@@ -198,7 +198,7 @@ def test_simulate_update_replays_an_epoch_based_update() -> None:
 
 # --- aggregation --------------------------------------------------------------------------------
 
-def _random_update(n: int, seed: int, kind: str = "gradient") -> ClientUpdate:
+def _random_update(n: int, seed: int, kind: UpdateKind = "gradient") -> ClientUpdate:
     g = torch.Generator().manual_seed(seed)
     return ClientUpdate(tensors={"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)},
                         kind=kind, num_samples=n, protocol="fedsgd" if kind == "gradient" else "fedavg",

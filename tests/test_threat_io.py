@@ -8,11 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import make_case
 from gradleak.errors import DataError, UpdateError
 from gradleak.threat import load_model_state, load_truth, load_update, save_model_state, save_truth, save_update
 from gradleak.types import ClientUpdate, ModelSpec
-
-from conftest import make_case
 
 
 def test_update_round_trip_keeps_tensors_order_and_metadata(tmp_path, lenet_case):
@@ -110,7 +109,7 @@ def test_client_update_rejects_bad_fields():
     with pytest.raises(UpdateError, match="num_samples"):
         ClientUpdate(tensors={"w": torch.zeros(1)}, num_samples=0)
     with pytest.raises(UpdateError, match="kind"):
-        ClientUpdate(tensors={"w": torch.zeros(1)}, kind="weights")  # type: ignore[arg-type]
+        ClientUpdate(tensors={"w": torch.zeros(1)}, kind="weights")
 
 
 def test_truth_file_with_wrong_content_is_refused(tmp_path):

@@ -50,7 +50,7 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         return from_dict(cls, data, what="model spec")
 
     @property
@@ -78,7 +78,7 @@ class ServerState:
     spec: ModelSpec | None = None
 
     @classmethod
-    def from_spec(cls, model: nn.Module, spec: ModelSpec) -> "ServerState":
+    def from_spec(cls, model: nn.Module, spec: ModelSpec) -> ServerState:
         return cls(model=model, input_shape=spec.input_shape, num_classes=spec.num_classes,
                    bn_mode=spec.bn_mode, spec=spec)
 
@@ -147,10 +147,10 @@ class ClientUpdate:
             "parameters": {n: list(t.shape) for n, t in self.tensors.items()},
         }
 
-    def replace(self, **changes: Any) -> "ClientUpdate":
+    def replace(self, **changes: Any) -> ClientUpdate:
         return dataclasses.replace(self, **changes)
 
-    def to(self, device: torch.device | str) -> "ClientUpdate":
+    def to(self, device: torch.device | str) -> ClientUpdate:
         return self.replace(tensors={n: t.to(device) for n, t in self.tensors.items()})
 
 

@@ -59,6 +59,7 @@ def run(key: str):
     """The reconstruction of case ``key`` (one thread, seed 1)."""
     server, update = case()
     name = key.split("-")[0]
+    attack: gradleak.attacks.Attack
     if name == "gias":
         attack = gradleak.attacks.GIASAttack(CASES[key], generator=tiny_generator(), seed=1)
     else:

@@ -36,8 +36,9 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,7 +155,7 @@ class DefenseModel:
     likelihood: str | None
 
     @classmethod
-    def of(cls, update: ClientUpdate) -> "DefenseModel":
+    def of(cls, update: ClientUpdate) -> DefenseModel:
         """The model of ``update``'s own record (raises :class:`~gradleak.errors.UpdateError` on a bad one)."""
         defense = recorded_defense(update)
         parts = defense.parts()

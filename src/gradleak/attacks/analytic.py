@@ -29,16 +29,17 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradleak.attacks.threat_model import Knowledge
 from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback, target_gradients
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.errors import ConfigError, UnsupportedModelError
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 

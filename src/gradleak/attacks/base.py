@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import from_dict
 from gradleak.errors import ConfigError, UpdateError
 from gradleak.labels import LabelResult, recover_labels
-from gradleak.attacks.threat_model import Knowledge
 from gradleak.registry import Registry
 from gradleak.threat.io import check_update
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -123,7 +124,7 @@ class Attack(ABC):
         """
 
 
-ATTACKS: Registry[Attack] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
 def create(name: str, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> Attack:

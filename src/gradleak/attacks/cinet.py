@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from gradleak.attacks.threat_model import Knowledge
+from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
-from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.loop import Loop, Step, prepare
 from gradleak.attacks.matching import Matcher
 from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError
 from gradleak.functional import total_variation
-from gradleak.hardware import precision_warning
 from gradleak.generators.cinet import CINetGenerator, choose_channels, latent
+from gradleak.hardware import precision_warning
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 _UPDATES = ("sign-sgd", "sign-adam", "adam")
@@ -167,7 +167,7 @@ class CINetAttack(Attack):
                                  upsample=cfg.upsample, norm=cfg.norm, spectral=cfg.spectral,
                                  checkpoint=cfg.activation_checkpointing).to(dev)
         z = latent(update.num_samples, cfg.nz, generator=rng, device=dev)
-        gparams = list(gen.parameters())
+        gparams: list[torch.Tensor] = list(gen.parameters())
         if cfg.latent == "learned":
             z.requires_grad_(True)
             gparams.append(z)
@@ -199,7 +199,7 @@ class CINetAttack(Attack):
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], gen: torch.nn.Module,
                  opt: torch.optim.Optimizer, sched: Any, z: torch.Tensor, rng: torch.Generator) -> None:
-        built = int(gen.head[0].out_channels)  # type: ignore[index]
+        built = int(gen.head[0].out_channels)  # type: ignore[index,union-attr]
         if int(meta.get("channels", -1)) != built:
             raise CheckpointError(f"resume: the checkpoint's generator has {meta.get('channels')} channels, "
                                   f"this run builds {built}")

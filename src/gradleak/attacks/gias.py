@@ -19,22 +19,24 @@ pretrained GAN (nothing is downloaded), so paper-level GIAS needs the user's own
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from gradleak.attacks.threat_model import Knowledge
+from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
-from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.loop import Loop, Step, prepare
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import ConfigError
 from gradleak.functional import total_variation
@@ -252,7 +254,7 @@ class GIASAttack(Attack):
         while run.stage == "latent" and run.restart < cfg.restarts and not loop.stopped:
             z = run.z.requires_grad_(True)
             self._stage(loop, run, objective, [z], cfg.lr, cfg.latent_iterations, run.restart * cfg.latent_iterations,
-                        lambda: images([base], z), {})
+                        functools.partial(images, [base], z), {})
             z.requires_grad_(False)
             with torch.enable_grad():
                 score = float(objective(images([base], z))[1].detach())
@@ -291,7 +293,7 @@ class GIASAttack(Attack):
             "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": run.scores,
             "latent_shape": list(zshape[1:]), "generator_parameters": sum(p.numel() for p in base.parameters())})
 
-    def _stage(self, loop: Loop, run: "_Run", objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    def _stage(self, loop: Loop, run: _Run, objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                variables: list[torch.Tensor], lr: float, iterations: int, offset: int,
                forward: Callable[[], torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
         """Adam on ``variables`` (signed if configured) with step decay, through the shared loop."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,7 +126,7 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
                    described.get("noise_floor"))
 
 
-def _plain(update: ClientUpdate, victim: nn.Module, params: list[torch.Tensor]) -> Simulate:
+def _plain(update: ClientUpdate, victim: nn.Module, params: Sequence[torch.Tensor]) -> Simulate:
     if update.kind == "gradient" and update.protocol == "fedsgd":
         return lambda images, labels: model_gradients(victim, images, labels, create_graph=True, params=params)
     return lambda images, labels: simulate_update(update, model=victim, images=images, labels=labels,

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from gradleak.attacks.threat_model import Knowledge
-from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
-from gradleak.attacks.schedules import make_scheduler, scheduler_state
-from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.adaptive import check_adaptive
+from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
+from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.loop import Loop, Step, prepare
+from gradleak.attacks.schedules import make_scheduler, scheduler_state
+from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError
 from gradleak.functional import total_variation
@@ -196,9 +197,13 @@ class OptimizationAttack(Attack):
         if resume:
             run = self._restore(*loop.restore(), shape, soft, rng)
         partial: list[float] = []
+
+        def preview() -> torch.Tensor:
+            return run.x.detach().clamp(0, 1)  # the current restart's images
+
         while run.restart < cfg.restarts and not loop.stopped:
             ended = loop.steps(step, start=run.iteration + 1, stop=cfg.iterations, offset=run.restart * cfg.iterations,
-                               preview=lambda: run.x.detach().clamp(0, 1))
+                               preview=preview)
             score = self._score(objective, run.x, run.v)
             if run.best_score is None or score < run.best_score:
                 run.best_score, run.best_x, run.best_v = score, run.x.detach().clone(), run.v.detach().clone()

@@ -11,8 +11,6 @@ import torch
 
 from gradleak.data import builtin_batch, load_batch
 from gradleak.models import build_model
-from gradleak.reporting.memory import current_memory_mb as current_mb
-from gradleak.reporting.memory import peak_memory_mb as peak_mb
 from gradleak.threat import fedsgd_update
 from gradleak.types import ModelSpec, ServerState
 

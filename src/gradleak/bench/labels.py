@@ -39,7 +39,7 @@ from gradleak.labels.ilrg import ilrg
 from gradleak.models import build_model
 from gradleak.types import ModelSpec, ServerState
 
-VICTIMS = {
+VICTIMS: dict[str, dict[str, Any]] = {
     "lenet": dict(name="lenet", activation="sigmoid"),
     "convnet": dict(name="convnet", activation="relu"),
     "resnet18-relu": dict(name="resnet18", activation="relu"),

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 import gradleak
-from gradleak.bench.common import demo_case, print_table, write_json
 from gradleak.attacks import CINetAttack
+from gradleak.bench.common import demo_case, print_table, write_json
 from gradleak.generators import choose_channels
 from gradleak.metrics import pair_images, psnr, ssim
 
@@ -133,12 +133,12 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
         return (target is not None and value >= target) or (minutes is not None and on_clock >= 60 * minutes)
 
     rec = attack.reconstruct(server, update, callback=callback, run_dir=folder, resume=resume)
-    done = result("target" if target is not None and curve and curve[-1][1] >= target
-                  else "budget" if rec.iterations < iters else "iterations")
-    done["label_strategy"] = rec.label_strategy
+    final = result("target" if target is not None and curve and curve[-1][1] >= target
+                   else "budget" if rec.iterations < iters else "iterations")
+    final["label_strategy"] = rec.label_strategy
     if record is not None:
-        write_json(record, done)
-    return done
+        write_json(record, final)
+    return final
 
 
 def plot(results: list[dict[str, Any]], path: str | Path) -> None:

@@ -20,26 +20,25 @@ from gradleak.bench.common import print_table, write_json
 
 
 def one(batch: int, size: int, iters: int, device: str, channels: str, extra: dict | None = None) -> dict:
-    import torch
 
     import gradleak
-    from gradleak.bench.common import current_mb, demo_case, peak_mb, sync
+    from gradleak.bench.common import demo_case, sync
+    from gradleak.reporting.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
 
     model = "resnet18" if size <= 64 else "resnet18-imagenet"
     server, update, _, labels = demo_case(batch, size=size, model=model, device=device)
     ch: str | int = int(channels) if channels.isdigit() else channels
     cfg = {"iterations": 1, "channels": ch, "log_every": 10**9, "checkpoint_every": 0, **(extra or {})}
-    before = current_mb(device)
+    before = current_memory_mb(device)
     gradleak.attacks.create("cinet", cfg, device=device).reconstruct(server, update, labels=labels)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     attack = gradleak.attacks.create("cinet", {**cfg, "iterations": iters}, device=device)
     sync(device)
     t0 = time.perf_counter()
     rec = attack.reconstruct(server, update, labels=labels)
     sync(device)
     return {"batch": batch, "size": size, "model": model, "s_per_it": (time.perf_counter() - t0) / iters,
-            "peak_mb": peak_mb(device), "before_mb": before, "channels": rec.info["channel_choice"]["channels"]}
+            "peak_mb": peak_memory_mb(device), "before_mb": before, "channels": rec.info["channel_choice"]["channels"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_mkldnn:
-        torch.backends.mkldnn.enabled = False
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's module-level flag
     server, update, _, labels = demo_case(args.batch, size=args.size, device=dev)
     victim = copy.deepcopy(server.model).to(dev).train()
     params = [q for q in victim.parameters() if q.requires_grad]

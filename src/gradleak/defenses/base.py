@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from gradleak.errors import ConfigError
 from gradleak.registry import Registry
 from gradleak.types import ClientUpdate
 
-DEFENSES: Registry["Defense"] = Registry("defense")
+DEFENSES: Registry[Callable[..., Defense]] = Registry("defense")
 
 
 class Defense(ABC):
@@ -64,7 +65,7 @@ class Defense(ABC):
         """The defense's parameters, JSON-serialisable."""
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
-    def parts(self) -> list["Defense"]:
+    def parts(self) -> list[Defense]:
         """The single defenses this one applies, in order (one, none for ``none``, several for a composition)."""
         return [self]
 
@@ -97,7 +98,7 @@ def record(update: ClientUpdate, defense: Defense, tensors: dict[str, torch.Tens
     return update.replace(tensors=tensors, defenses=(*update.defenses, defense.name), metadata=metadata)
 
 
-def declare_defense(update: ClientUpdate, defense: "Defense") -> ClientUpdate:
+def declare_defense(update: ClientUpdate, defense: Defense) -> ClientUpdate:
     """``update`` with ``defense`` recorded as applied, its tensors unchanged.
 
     For updates defended outside gradleak (a Flower client with its own DP or compression): the
@@ -198,7 +199,7 @@ def compose(*defenses: Defense) -> Defense:
         >>> d.spec()
         'clip:max_norm=1.0+noise:sigma=0.01'
     """
-    parts = [p for d in defenses for p in (d.parts() if isinstance(d, Defense) else [d])]  # type: ignore[list-item]
+    parts = [p for d in defenses for p in (d.parts() if isinstance(d, Defense) else [d])]
     if not parts:
         return IdentityDefense()
     if len(parts) == 1:

@@ -117,7 +117,7 @@ def per_sample_gradients(model: nn.Module, images: torch.Tensor, labels: torch.T
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         loss = F.cross_entropy(gsm(images), labels, reduction="sum")
         loss.backward()
-    grads = [p.grad_sample.detach().clone() for p in work.parameters() if p.requires_grad]
+    grads = [p.grad_sample.detach().clone() for p in work.parameters() if p.requires_grad]  # type: ignore[attr-defined]
     gsm.remove_hooks()
     return grads
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ def _parse_part(text: str) -> Defense:
     except UnknownNameError:
         raise UnknownNameError(f"defense '{text}': unknown defense '{name}'; expected one of: "
                                f"{', '.join(DEFENSES.available())}") from None
-    fields = [f for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []  # type: ignore[arg-type]
+    fields: list[dataclasses.Field[Any]] = list(dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
     names = [f.name for f in fields]
     values: dict[str, Any] = {}
     for k, arg in enumerate(args):
@@ -170,7 +171,8 @@ def recorded_defense(update: ClientUpdate) -> Defense:
             raise UpdateError(f"update defense '{name}': expected one of {', '.join(DEFENSES.available())} "
                               "(an attacker that knows the defense must know what it is), got an unknown name")
         cls = DEFENSES.get(name)
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        fields: dict[str, dataclasses.Field[Any]] = (
+            {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {})
         missing = [f for f, spec in fields.items() if f not in record
                    and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING]
         if missing:

@@ -1,5 +1,5 @@
 """Image generators trained by generative gradient-inversion attacks."""
 
-from gradleak.generators.cinet import CINetGenerator, ChannelChoice, choose_channels
+from gradleak.generators.cinet import ChannelChoice, CINetGenerator, choose_channels
 
 __all__ = ["CINetGenerator", "ChannelChoice", "choose_channels"]

@@ -120,12 +120,12 @@ class CINetGenerator(nn.Module):
         x = self.head(z.view(z.shape[0], self.nz, 1, 1))
         if self.checkpoint and torch.is_grad_enabled():
             for block in self.blocks:
-                x = self._checkpointed(block, x)
+                x = self._checkpointed(block, x)  # type: ignore[arg-type]  # each block is a Sequential
         else:
             x = self.blocks(x)
         return (torch.tanh(self.out(x)) + 1) / 2
 
-    def _checkpointed(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _checkpointed(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """One block under activation checkpointing; the (spectral-normed) weights are inputs."""
         up, conv1, norm1, _, conv2, norm2, _ = block
         tensors = [conv1.weight, conv2.weight]  # evaluated here, once: no second power iteration
@@ -133,7 +133,8 @@ class CINetGenerator(nn.Module):
             if not isinstance(norm, nn.Identity):
                 tensors += [norm.weight, norm.bias]
         kinds = (type(norm1), type(norm2))
-        mode, eps, slope = up.mode, (getattr(norm1, "eps", 0.0), getattr(norm2, "eps", 0.0)), self.negative_slope
+        mode: str = str(up.mode)
+        eps, slope = (getattr(norm1, "eps", 0.0), getattr(norm2, "eps", 0.0)), self.negative_slope
 
         def run(inp: torch.Tensor, *ts: torch.Tensor) -> torch.Tensor:
             h = F.interpolate(inp, scale_factor=2, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))

@@ -20,9 +20,10 @@ import copy
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -250,7 +251,7 @@ def _load_server(job: AuditJob) -> ServerState:
     if isinstance(job.model, nn.Module):
         info = json.loads((folder / "capture.json").read_text())
         return server_state(job.model, load_file(str(folder / "model.safetensors")),
-                            input_shape=tuple(info["input_shape"]), num_classes=int(info["num_classes"]),  # type: ignore[arg-type]
+                            input_shape=tuple(info["input_shape"]), num_classes=int(info["num_classes"]),
                             bn_mode=info.get("bn_mode", "train"))
     model, spec = load_model_state(folder / "model.safetensors")
     return ServerState.from_spec(model, spec)
@@ -350,7 +351,8 @@ def write_index(out: str | Path, records: list[AuditRecord]) -> None:
             "worst-case SSIM", "PSNR", "verdict", "folder"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        folder = Path(row["folder"]).relative_to(out) if Path(row["folder"]).is_relative_to(out) else row["folder"]
+        path = Path(str(row["folder"]))
+        folder = path.relative_to(out) if path.is_relative_to(out) else path
         lines.append("| " + " | ".join(cell(row[k]) for k in ("round", "node_id", "status", "n", "protocol",
                                                               "local_steps", "defense", "label_strategy",
                                                               "label_accuracy", "ssim_mean", "psnr_mean", "verdict"))

@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradleak.defenses import declare_defense, parse_defense
 from gradleak.errors import ConfigError
-from gradleak.reporting.verdicts import Condition
 from gradleak.integrations.capture import (
     AuditJob,
     AuditRecord,
@@ -56,6 +56,7 @@ from gradleak.integrations.capture import (
     write_capture,
     write_index,
 )
+from gradleak.reporting.verdicts import Condition
 from gradleak.threat import load_truth, save_truth
 from gradleak.types import ModelSpec
 
@@ -304,7 +305,7 @@ class AuditStrategy(Strategy):
         picked.sort(key=lambda item: item[0])
         if self.max_clients_per_round is not None:
             picked = picked[: self.max_clients_per_round]
-        out = []
+        out: list[tuple[int, AuditJob | None, str | None]] = []
         for node, msg in picked:
             sent_state, config = self._sent.pop((server_round, node))
             folder = self.out / f"round-{server_round:03d}" / f"node-{node}"

@@ -22,10 +22,11 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from gradleak.config import check_keys, from_dict
 from gradleak.errors import ConfigError
@@ -143,7 +144,7 @@ class SweepGrid:
         return [Trial(a, c, s, d) for a in self.attacks for d in self.data_seeds for s in self.seeds for c in cells]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SweepGrid":
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepGrid:
         """Build a grid from a parsed YAML/JSON mapping (see ``docs/sweep.md``); unknown keys are refused.
 
         Raises:
@@ -249,8 +250,8 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
     """Run one trial into its folder (in whichever process or Ray worker calls it); return its row."""
     import torch
 
-    from gradleak.reporting.audit import run_audit
     from gradleak.attacks.base import resolve_config
+    from gradleak.reporting.audit import run_audit
 
     torch.set_num_threads(max(1, int(grid.num_cpus)))
     iterations = 2 if dry_run else grid.iterations
@@ -269,9 +270,9 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
 
 def _check(grid: SweepGrid, trials: list[Trial], out: Path, dry_run: bool) -> list[Trial]:
     """Refuse folders made with other settings; return the trials still to run (writing their trial.json)."""
+    from gradleak.attacks.base import resolve_config
     from gradleak.models import build_model
     from gradleak.reporting.audit import check_victim
-    from gradleak.attacks.base import resolve_config
     from gradleak.types import ServerState
 
     for a in grid.attacks:  # unknown presets or fields fail before anything runs

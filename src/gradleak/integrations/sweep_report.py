@@ -10,10 +10,10 @@ protocol and defense). ``sweep.json`` holds the resolved grid and the rows.
 from __future__ import annotations
 
 import csv
-import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gradleak.reporting.audit import cell_finished, load_row, verdict
 from gradleak.reporting.runner import write_json
@@ -26,7 +26,7 @@ TABLE_KEYS = ["trial", "status", "attack", "protocol", "batch_size", "defense", 
               "epsilon", "utility_accuracy", "iterations", "seconds", "error"]
 
 
-def trial_row(folder: Path, trial: "Trial") -> dict[str, Any]:
+def trial_row(folder: Path, trial: Trial) -> dict[str, Any]:
     """The table row of a finished trial folder."""
     row = load_row(folder)
     utility = row.get("utility") or {}
@@ -35,7 +35,7 @@ def trial_row(folder: Path, trial: "Trial") -> dict[str, Any]:
             "utility_accuracy": utility.get("accuracy"), "folder": str(folder)}
 
 
-def gather(out: Path, trials: Sequence["Trial"], errors: dict[str, str]) -> list[dict[str, Any]]:
+def gather(out: Path, trials: Sequence[Trial], errors: dict[str, str]) -> list[dict[str, Any]]:
     """One row per trial in grid order: finished, failed (with its error), or not run yet."""
     from gradleak.integrations.sweep import trial_folder
 
@@ -121,7 +121,7 @@ def _plot(path: Path, groups: Sequence[dict[str, Any]]) -> bool:
     return True
 
 
-def write_sweep_report(out: Path, rows: Sequence[dict[str, Any]], *, grid: "SweepGrid", backend: str, ran: int,
+def write_sweep_report(out: Path, rows: Sequence[dict[str, Any]], *, grid: SweepGrid, backend: str, ran: int,
                        seconds: float) -> None:
     """``table.md``, ``table.csv``, ``report.md``, ``ssim_vs_batch.png`` and ``sweep.json`` in ``out``."""
     write_table(out, rows)

@@ -32,8 +32,9 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,7 +66,7 @@ class LabelResult:
         return torch.bincount(self.labels.long(), minlength=num_classes)
 
 
-LABEL_STRATEGIES: Registry[LabelResult] = Registry("label strategy")
+LABEL_STRATEGIES: Registry[Callable[..., LabelResult]] = Registry("label strategy")
 
 
 @dataclass(frozen=True)

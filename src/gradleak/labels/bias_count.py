@@ -17,8 +17,16 @@ import copy
 
 import torch
 
-from gradleak.labels.base import (LABEL_STRATEGIES, LabelResult, LastLayer, check_softmax_bias, counts_to_labels,
-                                  last_layer, make_result, require_batch)
+from gradleak.labels.base import (
+    LABEL_STRATEGIES,
+    LabelResult,
+    LastLayer,
+    check_softmax_bias,
+    counts_to_labels,
+    last_layer,
+    make_result,
+    require_batch,
+)
 from gradleak.types import ClientUpdate, ServerState
 
 

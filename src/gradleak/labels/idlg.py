@@ -10,8 +10,6 @@ References:
 
 from __future__ import annotations
 
-import torch
-
 from gradleak.errors import UpdateError
 from gradleak.labels.base import LABEL_STRATEGIES, LabelResult, LastLayer, last_layer, make_result, require_batch
 from gradleak.types import ClientUpdate, ServerState

@@ -37,15 +37,23 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
 
 from gradleak.errors import ConfigError, UpdateError
-from gradleak.labels.base import (LABEL_STRATEGIES, LabelResult, LastLayer, check_softmax_bias, counts_to_labels,
-                                  last_layer, make_result, require_batch)
+from gradleak.labels.base import (
+    LABEL_STRATEGIES,
+    LabelResult,
+    LastLayer,
+    check_softmax_bias,
+    counts_to_labels,
+    last_layer,
+    make_result,
+    require_batch,
+)
 from gradleak.types import ClientUpdate, ServerState
 
 SHRINKAGE_GRID: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, math.inf)

@@ -5,7 +5,7 @@ LeNet), ``convnet``, ``resnet18`` (CIFAR stem, 32/64 px) and ``resnet18-imagenet
 128..256 px). Any user ``nn.Module`` works through the Python API.
 """
 
-from gradleak.models.zoo import MODELS, available, build_model, count_parameters
 from gradleak.models.validate import validate_victim
+from gradleak.models.zoo import MODELS, available, build_model, count_parameters
 
 __all__ = ["MODELS", "available", "build_model", "count_parameters", "validate_victim"]

@@ -8,7 +8,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from gradleak.errors import ConfigError
 from gradleak.registry import Registry
 from gradleak.types import ModelSpec
 
-MODELS: Registry[nn.Module] = Registry("model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -145,8 +146,9 @@ def _line_plot(path: Path, rows: Sequence[dict[str, Any]], *, metric: str, x: st
 
 def _examples(path: Path, out: Path, rows: Sequence[dict[str, Any]], *, max_images: int = 8) -> None:
     """One block per (protocol, batch size): the truth, then one row of paired reconstructions per defense."""
-    from gradleak.reporting.figures import subplots
     from safetensors.torch import load_file
+
+    from gradleak.reporting.figures import subplots
 
     blocks: list[tuple[str, torch.Tensor]] = []
     for key in dict.fromkeys((r["protocol_tag"], r["batch_size"]) for r in rows):
@@ -256,9 +258,8 @@ def audit_document(rows: Sequence[dict[str, Any]], *, title: str = "", command: 
 
 def epsilon_plot(path: Path, rows: Sequence[dict[str, Any]], *, rounds: int) -> None:
     """Worst-case SSIM of the DP-SGD cells against their epsilon: for one round, and after ``rounds`` rounds."""
-    from gradleak.reporting.figures import subplots
-
     from gradleak.defenses import parse_defense, rdp_epsilon
+    from gradleak.reporting.figures import subplots
 
     dp = [r for r in rows if r.get("dp") and r.get("ssim_mean") is not None and r.get("epsilon") is not None]
     fig, axes = subplots(1, 2, figsize=(9.0, 3.8), sharey=True)
@@ -266,16 +267,16 @@ def epsilon_plot(path: Path, rows: Sequence[dict[str, Any]], *, rounds: int) -> 
     for ax, steps in zip(axes, (1, rounds)):
         for n in sorted({r["batch_size"] for r in dp}):
             group = [r for r in dp if r["batch_size"] == n]
-            xs = []
+            xs: list[Any] = []  # epsilon per run (None where it is not defined)
             for r in group:
                 part = parse_defense(r["defense"]).parts()[0]
                 sample_rate = (r.get("privacy") or {}).get("sample_rate", 1.0)
-                xs.append(r["epsilon"] if steps == 1 else rdp_epsilon(
+                xs.append(float(r["epsilon"]) if steps == 1 else rdp_epsilon(
                     noise_multiplier=part.noise_multiplier, sample_rate=sample_rate,  # type: ignore[attr-defined]
                     steps=steps * part.rounds, delta=part.delta))  # type: ignore[attr-defined]
             lo = [r["ssim_mean"] - r["ssim_ci"][0] if r.get("ssim_ci") else 0.0 for r in group]
             hi = [r["ssim_ci"][1] - r["ssim_mean"] if r.get("ssim_ci") else 0.0 for r in group]
-            order = sorted(range(len(xs)), key=xs.__getitem__)
+            order = sorted(range(len(xs)), key=lambda i: xs[i])
             ax.errorbar([xs[i] for i in order], [group[i]["ssim_mean"] for i in order],
                         yerr=[[lo[i] for i in order], [hi[i] for i in order]], marker="o", capsize=3, label=f"N={n}")
         ax.set_xscale("log")

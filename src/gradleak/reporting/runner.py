@@ -24,11 +24,11 @@ from gradleak.attacks.base import Progress
 from gradleak.attacks.threat_model import run_threat_model
 from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
-from gradleak.metrics.pairing import pair_images
 from gradleak.metrics.image import ssim
-from gradleak.reporting.memory import peak_memory_mb, reset_peak_memory
+from gradleak.metrics.pairing import pair_images
 from gradleak.reporting.figures import save_curves, save_grid
 from gradleak.reporting.html import write_report
+from gradleak.reporting.memory import peak_memory_mb, reset_peak_memory
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         for name in ("checkpoint.safetensors", "checkpoint.json"):
             (run_dir / name).unlink(missing_ok=True)
 
-    history = dict(rec.history)
+    history: dict[str, list[Any]] = dict(rec.history)
     if bar.ssim:
         history["ssim_iteration"], history["ssim"] = bar.ssim_iteration, bar.ssim
     summary: dict[str, Any] = {}

@@ -22,9 +22,10 @@ import json
 import math
 import operator
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +174,7 @@ class Condition:
     value: float
 
     @classmethod
-    def parse(cls, text: str) -> "Condition":
+    def parse(cls, text: str) -> Condition:
         """``"ssim>0.5"``, ``"recognisable >= 0.25"``, ``"label_accuracy>=1"``.
 
         Raises:

@@ -15,7 +15,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn

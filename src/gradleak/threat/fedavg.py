@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
