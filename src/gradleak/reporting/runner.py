@@ -206,6 +206,10 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     elif write_images:
         save_grid(run_dir / "grid.png", None, rec.images)
     save_curves(run_dir / "curves.png", history)
-    write_report(run_dir, config=json.loads((run_dir / "config.json").read_text()), metrics=metrics)
+    paired = rec.images[torch.tensor(pairs)] if pairs is not None else None
+    write_report(run_dir, config=json.loads((run_dir / "config.json").read_text()), metrics=metrics,
+                 truth=truth_images.cpu() if truth_images is not None and paired is not None else None, recon=paired,
+                 truth_labels=truth_labels.tolist() if truth_labels is not None and paired is not None else None,
+                 recon_labels=rec.labels[torch.tensor(pairs)].tolist() if pairs is not None else None)
     log.info("run folder: %s", run_dir)
     return AttackRun(run_dir=run_dir, reconstruction=rec, metrics=metrics)
