@@ -1,19 +1,27 @@
-"""Shared fixtures: small deterministic cases on the CPU, no downloads."""
+"""Shared fixtures: small deterministic cases on the CPU, no downloads; the environment, set once.
+
+``GRADLEAK_TEST_THREADS`` sets torch's thread count for the whole run (default 2): 1 leaves a core
+to a benchmark running beside the tests.
+"""
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# Before anything imports Flower or Ray: no telemetry, no network calls.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from gradleak.data import builtin_batch
-from gradleak.models import build_model
-from gradleak.threat import fedsgd_update
-from gradleak.types import ModelSpec, ServerState
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
-torch.set_num_threads(2)
+from gradleak.data import builtin_batch  # noqa: E402
+from gradleak.models import build_model  # noqa: E402
+from gradleak.threat import fedsgd_update  # noqa: E402
+from gradleak.types import ModelSpec, ServerState  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("GRADLEAK_TEST_THREADS", "2")))
 
 # CI runs the same examples every time (a failure found elsewhere is kept as a regression test).
 settings.register_profile("ci", derandomize=True, deadline=None)
@@ -31,6 +39,12 @@ def make_case(name: str = "lenet", n: int = 2, *, activation: str = "sigmoid", s
     server = ServerState.from_spec(model, spec)
     update = fedsgd_update(server, batch.images, batch.labels)
     return server, update, batch.images, batch.labels
+
+
+@pytest.fixture(name="make_case")
+def make_case_fixture():
+    """The case factory, as a fixture: ``make_case("resnet18", 4, bn_mode="eval")``."""
+    return make_case
 
 
 @pytest.fixture

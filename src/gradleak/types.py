@@ -21,7 +21,8 @@ from gradleak.config import from_dict
 from gradleak.errors import UpdateError
 
 UpdateKind = Literal["gradient", "delta"]
-Protocol = Literal["fedsgd", "fedavg", "aggregate"]
+ProtocolName = Literal["fedsgd", "fedavg", "aggregate"]
+"""How the update was computed (not :class:`typing.Protocol`)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class ClientUpdate:
     tensors: dict[str, torch.Tensor]
     kind: UpdateKind = "gradient"
     num_samples: int = 1
-    protocol: Protocol = "fedsgd"
+    protocol: ProtocolName = "fedsgd"
     local_steps: int = 1
     local_lr: float | None = None
     local_batch_size: int | None = None

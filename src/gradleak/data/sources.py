@@ -148,7 +148,7 @@ def builtin_batch(n: int, *, size: int = 32, source: str = "builtin", num_classe
         if offset + n > limit:
             raise DataError(f"built-in source '{source}': expected at most {limit - offset} images from offset "
                             f"{offset} ({len(whole)} photos and {limit - len(whole)} crops of them), got a request "
-                            f"for {n}; use your own data (--data folder) for more")
+                            f"for {n}; use your own data (source='folder', --data folder on the command line) for more")
         for k in range(offset, offset + n):
             if k < len(whole):
                 name, img, label = whole[k]
@@ -230,7 +230,7 @@ def load_batch(source: str, n: int, *, size: int = 32, num_classes: int = 10, se
                              offset=seed if source in ("photos", "builtin") else 0)
     if source in ("cifar10-dir", "cifar100-dir", "folder"):
         if root is None:
-            raise ConfigError(f"data source '{source}': expected --data-root pointing at the local copy")
+            raise ConfigError(f"data source '{source}': expected root, the folder of the local copy (--data-root on the command line)")
         if source == "folder":
             batch = folder_batch(root, n, size=size, seed=seed)
         else:

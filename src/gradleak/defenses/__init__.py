@@ -8,10 +8,11 @@ the client with :func:`defended_update` (needed for ``dpsgd``).
 """
 
 from gradleak.defenses.base import DEFENSES, ComposeDefense, Defense, IdentityDefense, compose, declare_defense
+from gradleak.defenses.client import defended_update
 from gradleak.defenses.clip import NormClipDefense, global_norm
 from gradleak.defenses.dpsgd import DPSGDDefense, clipped_sum, dpsgd_update, per_sample_gradients, rdp_epsilon
 from gradleak.defenses.noise import GaussianNoiseDefense, LaplaceNoiseDefense
-from gradleak.defenses.parse import defended_update, parse_defense, parse_defenses, recorded_defense, split_defenses
+from gradleak.defenses.parse import parse_defense, parse_defenses, recorded_defense, split_defenses
 from gradleak.defenses.prune import TopKPruneDefense, kept_entries
 from gradleak.defenses.quantize import QuantizeDefense, SignDefense, quantization_scale
 

@@ -9,7 +9,14 @@ labels, Yin et al. 2021), ``llg`` (counts by heuristic, Wainakh et al. 2022), ``
 with repeats, Ma et al. 2023), ``bias-count`` (counts from a random-image prior) and ``auto``.
 """
 
-from gradleak.labels.base import LABEL_STRATEGIES, LabelResult, LastLayer, counts_to_labels, label_accuracy, last_layer
+from gradleak.labels.last_layer import (
+           LABEL_STRATEGIES,
+           LabelResult,
+           LastLayer,
+           counts_to_labels,
+           label_accuracy,
+           last_layer,
+)
 from gradleak.labels.recover import AUTO_ORDER, recover_labels
 
 __all__ = ["AUTO_ORDER", "LABEL_STRATEGIES", "LabelResult", "LastLayer", "counts_to_labels", "label_accuracy",

@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-from gradleak.labels.base import (
+from gradleak.labels.last_layer import (
     LABEL_STRATEGIES,
     LabelResult,
     LastLayer,
@@ -54,7 +54,7 @@ def bias_count(server: ServerState, update: ClientUpdate, *, layer: LastLayer | 
     Args:
         server: the model the update was computed on.
         update: the client's update; ``num_samples`` is N.
-        layer: the result of :func:`~gradleak.labels.base.last_layer`, when already computed.
+        layer: the result of :func:`~gradleak.labels.last_layer.last_layer`, when already computed.
         num_images: random images used to estimate ``p_bar``.
 
     Returns:

@@ -44,7 +44,7 @@ import torch
 from scipy.optimize import nnls
 
 from gradleak.errors import ConfigError, UpdateError
-from gradleak.labels.base import (
+from gradleak.labels.last_layer import (
     LABEL_STRATEGIES,
     LabelResult,
     LastLayer,
@@ -171,7 +171,7 @@ def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
     Args:
         server: the model the update was computed on.
         update: the client's update; ``num_samples`` is N.
-        layer: the result of :func:`~gradleak.labels.base.last_layer`, when already computed.
+        layer: the result of :func:`~gradleak.labels.last_layer.last_layer`, when already computed.
         shrinkage: ``"auto"`` (choose ``rho`` from ``grid`` by the consistency score), ``"paper"``
             (Ma et al.'s method as published: ``rho = 0`` and the pseudo-inverse solution, negative
             counts set to 0) or a number ``rho >= 0`` (``math.inf``: one pooled embedding for every

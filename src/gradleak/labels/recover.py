@@ -27,10 +27,10 @@ from __future__ import annotations
 import logging
 
 from gradleak.errors import UnsupportedModelError, UpdateError
-from gradleak.labels.base import LABEL_STRATEGIES, LabelResult, LastLayer, last_layer
 from gradleak.labels.bias_count import bias_count
 from gradleak.labels.idlg import idlg
 from gradleak.labels.ilrg import LOW_CONFIDENCE, ilrg
+from gradleak.labels.last_layer import LABEL_STRATEGIES, LabelResult, LastLayer, last_layer
 from gradleak.labels.llg import llg
 from gradleak.labels.yin import yin
 from gradleak.types import ClientUpdate, ServerState
@@ -66,7 +66,7 @@ def auto(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
     Args:
         server: the model the update was computed on.
         update: the client's update; ``num_samples`` is the batch size N.
-        layer: the result of :func:`~gradleak.labels.base.last_layer`, when already computed.
+        layer: the result of :func:`~gradleak.labels.last_layer.last_layer`, when already computed.
 
     Returns:
         The chosen strategy's :class:`~gradleak.labels.LabelResult`; ``strategy`` names the

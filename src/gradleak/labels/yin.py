@@ -16,7 +16,7 @@ References:
 from __future__ import annotations
 
 from gradleak.errors import UpdateError
-from gradleak.labels.base import LABEL_STRATEGIES, LabelResult, LastLayer, last_layer, make_result, require_batch
+from gradleak.labels.last_layer import LABEL_STRATEGIES, LabelResult, LastLayer, last_layer, make_result, require_batch
 from gradleak.types import ClientUpdate, ServerState
 
 
@@ -35,7 +35,7 @@ def yin(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None = 
     Args:
         server: the model the update was computed on.
         update: the client's update; ``num_samples`` is N.
-        layer: the result of :func:`~gradleak.labels.base.last_layer`, when already computed.
+        layer: the result of :func:`~gradleak.labels.last_layer.last_layer`, when already computed.
 
     Returns:
         A :class:`~gradleak.labels.LabelResult` with N distinct labels.

@@ -177,7 +177,7 @@ def check_victim(server: ServerState, cells: Sequence[AuditCell]) -> None:
     dp = [c.defense for c in cells if any(p.client_side for p in c.parsed().parts())]
     if bn and dp and server.bn_mode == "train":
         raise UnsupportedModelError(f"audit defense '{dp[0]}': expected a victim without train-mode BatchNorm "
-                                    "(per-sample clipping), got BatchNorm in train mode; use --bn-mode eval or a "
+                                    "(per-sample clipping), got BatchNorm in train mode; use bn_mode='eval' (--bn-mode eval) or a "
                                     "model without BatchNorm such as lenet")
 
 
@@ -380,7 +380,7 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
             recorded = json.loads(info_path.read_text()).get("settings")
             if recorded != _plain(settings):
                 raise ConfigError(f"audit cell '{cell.name}': expected results made with the same settings, got a "
-                                  f"folder made with others ({info_path}); use a new --out")
+                                  f"folder made with others ({info_path}); use a new output folder (--out)")
         if cell_finished(folder):  # same settings (checked above), so the same attackers and seeds
             tell(cell.name, "skipped")
             log.debug("audit: %s already done, skipped", cell.name)

@@ -8,7 +8,7 @@ their worst case). :func:`run_sweep` runs the trials not finished yet
 (resumable; a trial folder made with other settings is refused), as Ray tasks with the
 grid's ``num_cpus``/``num_gpus`` requests (``backend="ray"``) or in a spawn process pool
 (``backend="local"``), then gathers every finished trial into ``table.md``, ``table.csv`` and
-``report.md`` (:mod:`gradleak.integrations.sweep_report`).
+``report.md`` (:mod:`gradleak.sweep.report`).
 
 References:
     Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018.
@@ -263,7 +263,7 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
               data_seed=trial.data_seed, utility_steps=grid.utility_steps, utility_lr=grid.utility_lr,
               give_labels=grid.labels == "given", device=grid.device, seed=trial.seed, pairing=grid.pairing,
               time_budget=grid.time_budget, progress=False)
-    from gradleak.integrations.sweep_report import trial_row
+    from gradleak.sweep.report import trial_row
 
     return trial_row(folder, trial)
 
@@ -332,7 +332,7 @@ def run_sweep(grid: SweepGrid, *, out: str | Path, backend: str = "local", addre
     if todo:
         runner = _run_ray if backend == "ray" else _run_local
         errors = runner(grid, todo, str(out), dry_run=dry_run, address=address, workers=workers, tell=tell)
-    from gradleak.integrations.sweep_report import gather, write_sweep_report
+    from gradleak.sweep.report import gather, write_sweep_report
 
     rows = gather(out, trials, errors)
     write_sweep_report(out, rows, grid=grid, backend=backend, ran=len(todo), seconds=time.perf_counter() - started)

@@ -11,22 +11,22 @@ client, labels exact (iDLG).
 
 from __future__ import annotations
 
-import os
+import json
+from pathlib import Path
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported: no network calls
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from gradleak.data import builtin_batch  # noqa: E402
-from gradleak.defenses import declare_defense, parse_defense  # noqa: E402
-from gradleak.errors import ConfigError, UpdateError  # noqa: E402
-from gradleak.integrations.capture import (  # noqa: E402
+from gradleak.data import builtin_batch
+from gradleak.defenses import declare_defense, parse_defense
+from gradleak.errors import ConfigError, UpdateError
+from gradleak.integrations.capture import (
     AuditJob,
     LocalTraining,
     name_arrays,
@@ -35,9 +35,10 @@ from gradleak.integrations.capture import (  # noqa: E402
     update_from_parameters,
     write_capture,
 )
-from gradleak.models import build_model  # noqa: E402
-from gradleak.threat import fedavg_update, fedsgd_update, local_schedule  # noqa: E402
-from gradleak.types import ModelSpec, ServerState  # noqa: E402
+from gradleak.integrations.flower import AuditStrategy, save_client_truth
+from gradleak.models import build_model
+from gradleak.threat import fedavg_update, fedsgd_update, local_schedule
+from gradleak.types import ModelSpec, ServerState
 
 SPEC = ModelSpec("lenet", activation="sigmoid")
 SSIM_THRESHOLD = 0.5  # lowest measured 0.65 (round 2, CI-Net 300 iterations)
@@ -110,14 +111,6 @@ def test_fedsgd_gradient_and_bad_inputs():
 
 # --------------------------------------------------------------------------------------------
 # A real federation on Flower's simulation engine.
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
-
-from gradleak.integrations.flower import AuditStrategy, save_client_truth  # noqa: E402
 
 
 def _client_app(truth_dir: str) -> ClientApp:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-from gradleak.cli.main import main  # noqa: E402
-from gradleak.errors import ConfigError, UnknownNameError  # noqa: E402
-from gradleak.integrations.sweep import SweepGrid, load_grid, run_sweep, trial_folder  # noqa: E402
+from gradleak.cli.main import main
+from gradleak.errors import ConfigError, UnknownNameError
+from gradleak.sweep.runner import SweepGrid, load_grid, run_sweep, trial_folder
 
 GRID_YAML = """
 name: test sweep

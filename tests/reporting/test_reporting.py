@@ -14,7 +14,7 @@ def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
         matplotlib.use("svg")
         import torch
         import gradleak.reporting, gradleak.reporting.compare, gradleak.reporting.audit_report
-        import gradleak.integrations.sweep_report, gradleak.bench.quality
+        import gradleak.sweep.report, gradleak.bench.quality
         from gradleak.reporting.figures import save_curves, save_grid
         save_grid(r"{tmp_path}/grid.png", torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8))
         save_curves(r"{tmp_path}/curves.png", {{"iteration": [1, 2], "loss": [1.0, 0.5]}})

@@ -19,7 +19,7 @@ from gradleak.reporting.audit import cell_finished, load_row, verdict
 from gradleak.reporting.runner import write_json
 
 if TYPE_CHECKING:
-    from gradleak.integrations.sweep import SweepGrid, Trial
+    from gradleak.sweep.runner import SweepGrid, Trial
 
 TABLE_KEYS = ["trial", "status", "attack", "protocol", "batch_size", "defense", "seed", "data_seed", "ssim_mean",
               "ssim_std", "psnr_mean", "psnr_std", "lpips_mean", "fsim_mean", "label_accuracy", "label_strategy",
@@ -37,7 +37,7 @@ def trial_row(folder: Path, trial: Trial) -> dict[str, Any]:
 
 def gather(out: Path, trials: Sequence[Trial], errors: dict[str, str]) -> list[dict[str, Any]]:
     """One row per trial in grid order: finished, failed (with its error), or not run yet."""
-    from gradleak.integrations.sweep import trial_folder
+    from gradleak.sweep.runner import trial_folder
 
     rows = []
     for t in trials:

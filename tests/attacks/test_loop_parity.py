@@ -9,15 +9,11 @@ step order, the RNG draws or the restart kept moves the images by far more.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+import record  # tests/golden/record.py (pytest's pythonpath)
 import torch
 from safetensors import safe_open
-
-sys.path.insert(0, str(Path(__file__).parent / "golden"))
-import record  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
