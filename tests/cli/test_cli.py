@@ -158,3 +158,34 @@ def test_simulate_a_batch_of_64_from_the_default_built_in_data(tmp_path, one_thr
     assert images.shape == (64, 3, 32, 32) and labels.shape == (64,)
     names = json.loads((out / "case.json").read_text())["images"]
     assert len(set(names)) == 64 and not any("#crop" in n for n in names)  # 64 real images, no crops
+
+
+def test_every_command_that_makes_an_update_takes_the_threat_flags(tmp_path, capsys):
+    """simulate (and so demo and compare) build the update from the same flags as the audit."""
+    out = tmp_path / "fedavg"
+    argv = ["simulate", *SMALL, "--protocol", "fedavg", "--local-steps", "2", "--local-lr", "0.05",
+            "--defense", "noise:1e-4", "--out", str(out)]
+    assert main(argv) == 0
+    from gradleak.threat import load_update
+
+    update = load_update(out / "update.safetensors")
+    assert (update.kind, update.protocol, update.local_steps, update.local_lr) == ("delta", "fedavg", 2, 0.05)
+    assert update.defenses == ("noise",)
+    case = json.loads((out / "case.json").read_text())
+    assert (case["protocol"], case["defense"], case["clients"]) == ("fedavg", "noise:1e-4", 1)
+    two = tmp_path / "two"
+    assert main(["simulate", *SMALL, "--clients", "2", "--out", str(two)]) == 0
+    assert load_update(two / "update.safetensors").num_samples == 4  # K x N images behind the aggregate
+    capsys.readouterr()
+    for bad, message in [(["--local-steps", "1,2", "--protocol", "fedavg"], "expected one setting"),
+                         (["--defense", "nope:1"], "unknown defense 'nope'")]:
+        assert main(["simulate", *SMALL, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert message in _err(capsys)
+    from gradleak.cli.main import build_parser
+
+    parser = build_parser()
+    for command in ("simulate", "demo", "compare", "audit"):
+        sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        flags = {f for a in sub._actions for f in a.option_strings}
+        assert {"--protocol", "--local-steps", "--local-lr", "--local-batch-size", "--clients"} <= flags, command
+        assert ("--defenses" if command == "audit" else "--defense") in flags, command

@@ -19,10 +19,19 @@ import argparse
 import shlex
 import sys
 
-from gradleak.cli.common import add_attack, add_case, add_common, attack_config, check_device, default_out
+from gradleak.cli.common import (
+    add_attack,
+    add_case,
+    add_common,
+    add_threat,
+    attack_config,
+    check_device,
+    default_out,
+    protocol_settings,
+)
 from gradleak.defenses import split_defenses
 from gradleak.errors import ConfigError
-from gradleak.reporting.audit import ProtocolSetting, audit_grid, parse_int_list, run_audit, write_audit_report
+from gradleak.reporting.audit import audit_grid, parse_int_list, run_audit, write_audit_report
 from gradleak.reporting.verdicts import Condition, failing, verdict
 from gradleak.types import ModelSpec
 
@@ -36,11 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--defenses", default="none,noise:1e-3,noise:1e-2,prune:0.9",
                    help="comma-separated defense settings, in plot order (default none,noise:1e-3,noise:1e-2,"
                         "prune:0.9; add dpsgd:1.0 for victims without train-mode BatchNorm)")
-    p.add_argument("--protocol", default="fedsgd", help="fedsgd, fedavg or both comma-separated (default fedsgd)")
-    p.add_argument("--local-steps", default="1", help="FedAvg local steps S, comma-separated for several (default 1)")
-    p.add_argument("--local-lr", type=float, default=0.1, help="FedAvg local learning rate (default 0.1)")
-    p.add_argument("--local-batch-size", type=int, default=None, help="FedAvg local mini-batch (default: the whole batch)")
-    p.add_argument("--clients", default="1", help="K clients averaged by the server, comma-separated (default 1)")
+    add_threat(p, grid=True)
     p.add_argument("--utility-steps", type=int, default=20,
                    help="T rounds of the victim under each defense to measure its loss/accuracy cost (0: skip; default 20)")
     p.add_argument("--utility-lr", type=float, default=0.1, help="server learning rate of those FedSGD rounds (default 0.1)")
@@ -80,23 +85,6 @@ def command_line(args: argparse.Namespace) -> str:
         else:
             words += [flag, str(value)]
     return shlex.join(words)
-
-
-def protocol_settings(args: argparse.Namespace) -> list[ProtocolSetting]:
-    """The protocol axis of the grid from --protocol, --local-steps, --local-lr, --local-batch-size, --clients."""
-    protocols = [t.strip() for t in args.protocol.split(",") if t.strip()]
-    if not protocols:
-        raise ConfigError(f"--protocol: expected fedsgd and/or fedavg, got {args.protocol!r}")
-    steps = parse_int_list(args.local_steps, what="--local-steps")
-    clients = parse_int_list(args.clients, what="--clients")
-    settings = []
-    for proto in protocols:
-        for s in steps if proto == "fedavg" else [1]:
-            for k in clients:
-                settings.append(ProtocolSetting(proto, local_steps=s, clients=k,
-                                                local_lr=args.local_lr if proto == "fedavg" else None,
-                                                local_batch_size=args.local_batch_size if proto == "fedavg" else None))
-    return list(dict.fromkeys(settings))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ from gradleak.attacks import ATTACKS, supports_adaptive
 from gradleak.attacks.adaptive import ADAPTIVE_MODES
 from gradleak.attacks.base import resolve_config
 from gradleak.config import split_preset
+from gradleak.defenses import parse_defense
 from gradleak.errors import ConfigError
+from gradleak.reporting.audit import AuditCell, ProtocolSetting, parse_int_list
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -37,6 +39,52 @@ def add_case(p: argparse.ArgumentParser) -> None:
                    help="builtin (default: 68 real images, then crops)|cifar10|cifar100|imagenet|photos (built-in, offline), cifar10-dir|cifar100-dir|folder (with --data-root)")
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--data-seed", type=int, default=0, help="which images to draw from a dataset")
+
+
+def add_threat(p: argparse.ArgumentParser, *, grid: bool = False) -> None:
+    """The threat flags of every command that makes an update (simulate, demo, compare, audit).
+
+    ``grid=True`` (audit): --protocol, --local-steps and --clients take comma-separated lists, and
+    the defenses come from --defenses; otherwise each takes one value and --defense one setting.
+    """
+    many = " (comma-separated for several)" if grid else ""
+    p.add_argument("--protocol", default="fedsgd", help=f"fedsgd or fedavg{many} (default fedsgd)")
+    p.add_argument("--local-steps", default="1", help=f"FedAvg local steps S{many} (default 1)")
+    p.add_argument("--local-lr", type=float, default=0.1, help="FedAvg local learning rate (default 0.1)")
+    p.add_argument("--local-batch-size", type=int, default=None,
+                   help="FedAvg local mini-batch (default: the whole batch)")
+    p.add_argument("--clients", default="1", help=f"K clients averaged by the server{many} (default 1)")
+    if not grid:
+        p.add_argument("--defense", default="none",
+                       help="the client's defense, e.g. noise:1e-3, clip:1+noise:1e-3, prune:0.9, dpsgd:1.0 "
+                            "(default none; gradleak list defenses)")
+
+
+def protocol_settings(args: argparse.Namespace) -> list[ProtocolSetting]:
+    """The protocol settings from --protocol, --local-steps, --local-lr, --local-batch-size, --clients."""
+    protocols = [t.strip() for t in args.protocol.split(",") if t.strip()]
+    if not protocols:
+        raise ConfigError(f"--protocol: expected fedsgd and/or fedavg, got {args.protocol!r}")
+    steps = parse_int_list(args.local_steps, what="--local-steps")
+    clients = parse_int_list(args.clients, what="--clients")
+    settings = []
+    for proto in protocols:
+        for s in steps if proto == "fedavg" else [1]:
+            for k in clients:
+                settings.append(ProtocolSetting(proto, local_steps=s, clients=k,
+                                                local_lr=args.local_lr if proto == "fedavg" else None,
+                                                local_batch_size=args.local_batch_size if proto == "fedavg" else None))
+    return list(dict.fromkeys(settings))
+
+
+def threat_cell(args: argparse.Namespace) -> AuditCell:
+    """The one (batch size, defense, protocol) setting of a command that makes one update."""
+    settings = protocol_settings(args)
+    if len(settings) != 1:
+        raise ConfigError(f"--protocol/--local-steps/--clients: expected one setting (gradleak audit takes "
+                          f"lists), got {len(settings)}")
+    parse_defense(args.defense)  # a bad setting fails before any file is written
+    return AuditCell(batch_size=args.batch_size, defense=args.defense, protocol=settings[0])
 
 
 def add_attack(p: argparse.ArgumentParser, *, default_preset: str | None = None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from gradleak.cli.common import add_case, add_common, check_device, default_out, parse_overrides
+from gradleak.cli.common import add_case, add_common, add_threat, check_device, default_out, parse_overrides
 from gradleak.cli.simulate_cmd import simulate
 from gradleak.config import split_preset
 from gradleak.errors import ConfigError
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run several attacks on one update and tabulate them",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case(p)
+    add_threat(p)
     add_common(p)
     p.add_argument("--attacks", default="cinet,ig,idlg", help="comma-separated attack names")
     p.add_argument("--iterations", type=int, default=None, help="same iteration budget for every attack")

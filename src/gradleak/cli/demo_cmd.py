@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from gradleak.cli.attack_cmd import attack_files, print_summary, resume_run
-from gradleak.cli.common import add_attack, add_case, add_common, attack_config, check_device, default_out
+from gradleak.cli.common import add_attack, add_case, add_common, add_threat, attack_config, check_device, default_out
 from gradleak.cli.simulate_cmd import simulate
 
 
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="CI-Net end to end on built-in photos (minutes on a CPU)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case(p)
+    add_threat(p)
     add_attack(p, default_preset="demo")
     add_common(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted demo")
@@ -35,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
     config = attack_config(args)
     out = args.out or default_out("demo")
     case = simulate(args, out / "client")
+    threat = case["protocol"] + (f", {case['local_steps']} local steps" if case["protocol"] == "fedavg" else "") + (
+        f", {case['clients']} clients" if case["clients"] > 1 else "") + (
+        f", defense {case['defense']}" if case["defense"] != "none" else "")
     print(f"client: {args.model} ({args.activation}), {args.batch_size} images (--data {args.data}) at "
-          f"{args.image_size} px -> {case['files']['update']}")
+          f"{args.image_size} px, {threat} -> {case['files']['update']}")
     result = attack_files(case["files"], attack=args.attack, config=config, out=out,
                           give_labels=args.labels == "given", case=case, device=device, seed=args.seed,
                           resume=False, progress=not args.no_progress, pairing=args.pairing)

@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gradleak.cli.common import add_case, default_out
+import torch
+
+from gradleak.cli.common import add_case, add_threat, default_out, threat_cell
 from gradleak.data import load_batch
 from gradleak.models import build_model
-from gradleak.threat import fedsgd_update, save_model_state, save_truth, save_update
+from gradleak.reporting.audit import cell_update, check_victim
+from gradleak.threat import save_model_state, save_truth, save_update
 from gradleak.types import ModelSpec, ServerState
 
 
@@ -22,27 +25,37 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="client side: compute and write an update from a private batch",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case(p)
+    add_threat(p)
     p.add_argument("--out", type=Path, default=None, help="folder for the three files (default runs/simulate-<time>)")
     return p
 
 
 def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Write the three files for the case in ``args`` into ``out``; return the case description."""
+    """Write the three files for the case in ``args`` into ``out``; return the case description.
+
+    The update is what the server sees under the threat flags (:func:`gradleak.cli.common.add_threat`):
+    FedSGD or FedAvg local steps, K clients averaged, the client's defense.
+    """
+    cell = threat_cell(args)
     spec = ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
                      activation=args.activation, bn_mode=args.bn_mode, width=args.width)
     model = build_model(spec, seed=args.model_seed)
-    batch = load_batch(args.data, args.batch_size, size=args.image_size, num_classes=args.num_classes,
-                       seed=args.data_seed, root=args.data_root)
     server = ServerState.from_spec(model, spec)
-    update = fedsgd_update(server, batch.images, batch.labels)
+    check_victim(server, [cell])
+    batch = load_batch(args.data, args.batch_size * cell.protocol.clients, size=args.image_size,
+                       num_classes=args.num_classes, seed=args.data_seed, root=args.data_root)
+    update = cell_update(server, batch.images, batch.labels, cell=cell,
+                         generator=torch.Generator().manual_seed(args.data_seed))
     out.mkdir(parents=True, exist_ok=True)
     files = {"update": str(out / "update.safetensors"), "model_state": str(out / "model.safetensors"),
              "truth": str(out / "truth.safetensors")}
     save_update(update, files["update"])
     save_model_state(model, spec, files["model_state"])
     save_truth(batch.images, batch.labels, files["truth"], names=batch.names)
-    case = {"model": spec.to_dict(), "model_seed": args.model_seed, "protocol": "fedsgd",
-            "batch_size": args.batch_size, "data": args.data,
+    case = {"model": spec.to_dict(), "model_seed": args.model_seed, "protocol": cell.protocol.protocol,
+            "local_steps": cell.protocol.local_steps, "local_lr": cell.protocol.local_lr,
+            "local_batch_size": cell.protocol.local_batch_size, "clients": cell.protocol.clients,
+            "defense": cell.defense, "batch_size": args.batch_size, "data": args.data,
             "data_root": str(args.data_root) if args.data_root else None, "data_seed": args.data_seed,
             "images": batch.names, "files": files}
     (out / "case.json").write_text(json.dumps(case, indent=2))
