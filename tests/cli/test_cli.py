@@ -185,7 +185,7 @@ def test_every_command_that_makes_an_update_takes_the_threat_flags(tmp_path, cap
 
     parser = build_parser()
     for command in ("simulate", "demo", "compare", "audit"):
-        sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        sub = parser._subparsers._group_actions[0].choices[command]
         flags = {f for a in sub._actions for f in a.option_strings}
         assert {"--protocol", "--local-steps", "--local-lr", "--local-batch-size", "--clients"} <= flags, command
         assert ("--defenses" if command == "audit" else "--defense") in flags, command
