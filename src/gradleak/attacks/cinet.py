@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
-from gradleak.attacks.loop import Loop, Step, prepare
+from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
 from gradleak.attacks.matching import Matcher
 from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
 from gradleak.attacks.threat_model import Knowledge
@@ -40,7 +39,7 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
-class CINetConfig:
+class CINetConfig(LoopConfig):
     """Settings of the CI-Net attack.
 
     Args:
@@ -84,15 +83,11 @@ class CINetConfig:
     upsample: str = "nearest"
     norm: str = "batch"
     spectral: bool = True
-    label_strategy: str = "auto"
-    log_every: int = 25
-    checkpoint_every: int = 100
     activation_checkpointing: bool = False
     precision: str = "fp32"
-    adaptive: str = "auto"
 
     def __post_init__(self) -> None:
-        check_adaptive("cinet", self.adaptive)
+        super().__post_init__()
         if self.update not in _UPDATES:
             raise ConfigError(f"cinet update: expected one of {', '.join(_UPDATES)}, got {self.update!r}")
         if self.loss not in ("l2", "cosine", "cosine-naive"):
@@ -107,8 +102,7 @@ class CINetConfig:
             raise ConfigError(f"cinet precision: expected one of {', '.join(_PRECISIONS)}, got {self.precision!r}")
         if self.lr_decay not in DECAYS:
             raise ConfigError(f"cinet lr_decay: expected one of {', '.join(DECAYS)}, got {self.lr_decay!r}")
-        check_ranges("cinet", self, iterations=(0, None), lr=(0, None, "open"), log_every=(1, None),
-                     checkpoint_every=(0, None), tv=(0, None), nz=(1, 4096))
+        check_ranges("cinet", self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), nz=(1, 4096))
         if isinstance(self.channels, int) and not 1 <= self.channels <= 4096:
             raise ConfigError(f"cinet channels: expected 1 to 4096 or a rule (auto, paper, reference), got {self.channels}")
 

@@ -31,10 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
-from gradleak.attacks.loop import Loop, Step, prepare
+from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
@@ -46,9 +45,12 @@ logger = logging.getLogger(__name__)
 
 _LATENT_ATTRIBUTES = ("latent_shape", "nz", "latent_dim", "z_dim")
 
+Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""images -> (the loss with its prior, the gradient-matching part)"""
+
 
 @dataclass(frozen=True)
-class GIASConfig:
+class GIASConfig(LoopConfig):
     """Settings of GIAS.
 
     Args:
@@ -90,13 +92,11 @@ class GIASConfig:
     signed: bool = True
     lr_decay: str = "step"
     restarts: int = 1
-    label_strategy: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
-    adaptive: str = "auto"
 
     def __post_init__(self) -> None:
-        check_adaptive("gias", self.adaptive)
+        super().__post_init__()
         if self.latent_shape is not None:
             object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
         if self.output_range not in ("tanh", "unit"):
@@ -108,8 +108,7 @@ class GIASConfig:
         if self.generator_path and self.generator_factory:
             raise ConfigError("gias: expected either generator_path or generator_factory, got both")
         check_ranges("gias", self, latent_iterations=(0, None), generator_iterations=(0, None),
-                     lr=(0, None, "open"), generator_lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000),
-                     log_every=(1, None), checkpoint_every=(0, None))
+                     lr=(0, None, "open"), generator_lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000))
 
 
 def load_generator(cfg: GIASConfig, *, device: torch.device) -> nn.Module:
@@ -250,41 +249,8 @@ class GIASAttack(Attack):
         if resume:
             run.restore(*loop.restore(), self.device, rng)
 
-        # Stage 1 (Eq. 3): latent search with restarts, generator frozen.
-        while run.stage == "latent" and run.restart < cfg.restarts and not loop.stopped:
-            z = run.z.requires_grad_(True)
-            self._stage(loop, run, objective, [z], cfg.lr, cfg.latent_iterations, run.restart * cfg.latent_iterations,
-                        functools.partial(images, [base], z), {})
-            z.requires_grad_(False)
-            with torch.enable_grad():
-                score = float(objective(images([base], z))[1].detach())
-            score = score if math.isfinite(score) else math.inf
-            if run.best_score is None or score < run.best_score:
-                run.best_score, run.best_z = score, z.detach().clone()
-            if loop.stopped and run.iteration < cfg.latent_iterations:
-                break
-            run.scores.append(score)
-            run.restart, run.iteration = run.restart + 1, 0
-            run.z = torch.randn(zshape, generator=rng).to(self.device)
-        if run.stage == "latent" and not loop.stopped:
-            run.stage, run.iteration = "generator", 0
-
-        # Stage 2 (Eq. 4): one copy of the generator's weights per image, z* fixed.
-        gens = [base]
-        if run.stage == "generator":
-            gens = [_copy(base) for _ in range(n)]
-            for i, g in enumerate(gens):
-                _trainable(g, True)
-                if run.saved:
-                    prefix = f"gen.{i}."
-                    g.load_state_dict({k[len(prefix):]: t for k, t in run.saved.items() if k.startswith(prefix)})
-            run.z = run.best_z.clone()
-            weights: list[torch.Tensor] = [p for g in gens for p in g.parameters()]
-            extra = {f"gen.{i}.{k}": t for i, g in enumerate(gens) for k, t in g.state_dict().items()}
-            if cfg.generator_iterations > 0 and not loop.stopped:
-                z = run.z
-                self._stage(loop, run, objective, weights, cfg.generator_lr, cfg.generator_iterations,
-                            cfg.restarts * cfg.latent_iterations, lambda: images(gens, z), extra)
+        self._latent_search(loop, run, rng, objective, functools.partial(images, [base]), zshape)
+        gens = self._parameter_search(loop, run, objective, images, base, n) if run.stage == "generator" else [base]
         with torch.no_grad():
             out = images(gens, run.best_z if len(gens) == 1 else run.z).clamp(0, 1)
         if loop.done > loop.resumed_from:
@@ -293,7 +259,48 @@ class GIASAttack(Attack):
             "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": run.scores,
             "latent_shape": list(zshape[1:]), "generator_parameters": sum(p.numel() for p in base.parameters())})
 
-    def _stage(self, loop: Loop, run: _Run, objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    def _latent_search(self, loop: Loop, run: _Run, rng: torch.Generator, objective: Objective,
+                       images: Callable[[torch.Tensor], torch.Tensor], zshape: tuple[int, ...]) -> None:
+        """Stage 1 (Eq. 3): the latent search with restarts, the generator frozen; keeps the best latent."""
+        cfg = self.config
+        while run.stage == "latent" and run.restart < cfg.restarts and not loop.stopped:
+            z = run.z.requires_grad_(True)
+            self._stage(loop, run, objective, [z], cfg.lr, cfg.latent_iterations, run.restart * cfg.latent_iterations,
+                        functools.partial(images, z), {})
+            z.requires_grad_(False)
+            with torch.enable_grad():
+                score = float(objective(images(z))[1].detach())
+            score = score if math.isfinite(score) else math.inf
+            if run.best_score is None or score < run.best_score:
+                run.best_score, run.best_z = score, z.detach().clone()
+            if loop.stopped and run.iteration < cfg.latent_iterations:
+                return  # stopped mid-restart: a resumed run continues it
+            run.scores.append(score)
+            run.restart, run.iteration = run.restart + 1, 0
+            run.z = torch.randn(zshape, generator=rng).to(self.device)
+        if run.stage == "latent" and not loop.stopped:
+            run.stage, run.iteration = "generator", 0
+
+    def _parameter_search(self, loop: Loop, run: _Run, objective: Objective,
+                          images: Callable[[list[nn.Module], torch.Tensor], torch.Tensor], base: nn.Module,
+                          n: int) -> list[nn.Module]:
+        """Stage 2 (Eq. 4): one copy of the generator's weights per image, z* fixed; returns the copies."""
+        cfg = self.config
+        gens = [_copy(base) for _ in range(n)]
+        for i, g in enumerate(gens):
+            _trainable(g, True)
+            if run.saved:
+                prefix = f"gen.{i}."
+                g.load_state_dict({k[len(prefix):]: t for k, t in run.saved.items() if k.startswith(prefix)})
+        run.z = run.best_z.clone()
+        weights: list[torch.Tensor] = [p for g in gens for p in g.parameters()]
+        extra = {f"gen.{i}.{k}": t for i, g in enumerate(gens) for k, t in g.state_dict().items()}
+        if cfg.generator_iterations > 0 and not loop.stopped:
+            self._stage(loop, run, objective, weights, cfg.generator_lr, cfg.generator_iterations,
+                        cfg.restarts * cfg.latent_iterations, functools.partial(images, gens, run.z), extra)
+        return gens
+
+    def _stage(self, loop: Loop, run: _Run, objective: Objective,
                variables: list[torch.Tensor], lr: float, iterations: int, offset: int,
                forward: Callable[[], torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
         """Adam on ``variables`` (signed if configured) with step decay, through the shared loop."""

@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.base import Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.matching import Matcher, build_matcher
+from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError
 from gradleak.labels import LabelResult
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -46,6 +48,29 @@ RESUMABLE_CHANGES = ("iterations", "log_every", "checkpoint_every")
 
 FLOOR = "noise floor reached"
 STOPPED = "stopped by the callback"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The settings the loop reads, shared by every iterative attack's config (which may change the defaults).
+
+    Args:
+        label_strategy: how labels are recovered from the update (``gradleak.labels``).
+        log_every: iterations between loss readings and progress callbacks (host syncs).
+        checkpoint_every: iterations between checkpoints when a run folder is given (0: none).
+        adaptive: ``"auto"`` (simulate the update's recorded defense, :mod:`gradleak.attacks.adaptive`),
+            ``"on"`` (the same; refuse an undefended update) or ``"off"`` (the unaware attacker).
+    """
+
+    label_strategy: str = "auto"
+    log_every: int = 25
+    checkpoint_every: int = 100
+    adaptive: str = "auto"
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_adaptive(owner, self.adaptive)
+        check_ranges(owner, self, log_every=(1, None), checkpoint_every=(0, None))
 
 
 @dataclass

@@ -22,16 +22,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
-from gradleak.attacks.loop import Loop, Step, prepare
+from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
 from gradleak.attacks.schedules import make_scheduler, scheduler_state
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
@@ -47,7 +46,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 
 
 @dataclass(frozen=True)
-class OptimizationConfig:
+class OptimizationConfig(LoopConfig):
     """Settings shared by DLG, iDLG and Inverting Gradients (defaults: iDLG).
 
     Args:
@@ -85,14 +84,11 @@ class OptimizationConfig:
     soft_labels: bool = False
     line_search: str | None = "strong_wolfe"
     lbfgs_max_iter: int = 20
-    label_strategy: str = "auto"
     log_every: int = 10
-    checkpoint_every: int = 100
-    adaptive: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
-        check_adaptive(name, self.adaptive)
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{name} {key}: expected one of {', '.join(map(repr, allowed))}, "
@@ -100,7 +96,7 @@ class OptimizationConfig:
         if self.signed and self.optimizer == "lbfgs":
             raise ConfigError(f"{name}: signed gradients need a first-order optimizer ('adam' or 'sgd'), got 'lbfgs'")
         check_ranges(name, self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000),
-                     log_every=(1, None), checkpoint_every=(0, None), lbfgs_max_iter=(1, None))
+                     lbfgs_max_iter=(1, None))
 
 
 @dataclass(frozen=True)
@@ -146,6 +142,10 @@ class _Run:
 
     def meta(self) -> dict[str, Any]:
         return {k if k != "iteration" else "restart_iteration": getattr(self, k) for k in self._META}
+
+    def begin(self, trial: _Run) -> None:
+        """Start restart ``trial`` (its variables and optimiser); the bookkeeping stays."""
+        self.x, self.v, self.opt, self.sched, self.good = trial.x, trial.v, trial.opt, trial.sched, trial.good
 
 
 class OptimizationAttack(Attack):
@@ -196,7 +196,21 @@ class OptimizationAttack(Attack):
         loop.state, loop.on_interrupt = state, interrupted
         if resume:
             run = self._restore(*loop.restore(), shape, soft, rng)
-        partial: list[float] = []
+        partial = self._restarts(loop, run, step, objective, lambda: self._trial(shape, server.num_classes, soft, rng))
+        if loop.total > 0:
+            loop.save()
+        y_out = torch.softmax(run.best_v, dim=-1).argmax(-1) if soft else y_hard
+        scores = run.scores + partial
+        return loop.outcome(run.best_x.clamp(0, 1), y_out, setup.labels.strategy, {
+            "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": scores,
+            "best_restart": int(min(range(len(scores)), key=scores.__getitem__)), "diverged": run.diverged})
+
+    def _restarts(self, loop: Loop, run: _Run, step: Callable[[int], Step],
+                  objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                  trial: Callable[[], _Run]) -> list[float]:
+        """Run the remaining restarts, keeping the best by matching loss; returns the score of a restart
+        stopped part-way (a resumed run continues it), else nothing."""
+        cfg = self.config
 
         def preview() -> torch.Tensor:
             return run.x.detach().clamp(0, 1)  # the current restart's images
@@ -208,21 +222,13 @@ class OptimizationAttack(Attack):
             if run.best_score is None or score < run.best_score:
                 run.best_score, run.best_x, run.best_v = score, run.x.detach().clone(), run.v.detach().clone()
             if loop.stopped and run.iteration < cfg.iterations and ended != "diverged":
-                partial = [score]
-                break  # stopped mid-restart: a resumed run continues it
+                return [score]
             run.scores.append(score)
             run.diverged.append(ended == "diverged")
             if run.restart + 1 < cfg.restarts:
-                run = replace(self._trial(shape, server.num_classes, soft, rng), restart=run.restart, scores=run.scores,
-                              diverged=run.diverged, best_score=run.best_score, best_x=run.best_x, best_v=run.best_v)
+                run.begin(trial())
             run.restart, run.iteration = run.restart + 1, 0
-        if loop.total > 0:
-            loop.save()
-        y_out = torch.softmax(run.best_v, dim=-1).argmax(-1) if soft else y_hard
-        scores = run.scores + partial
-        return loop.outcome(run.best_x.clamp(0, 1), y_out, setup.labels.strategy, {
-            "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": scores,
-            "best_restart": int(min(range(len(scores)), key=scores.__getitem__)), "diverged": run.diverged})
+        return []
 
     def _trial(self, shape: tuple[int, ...], c: int, soft: bool, rng: torch.Generator) -> _Run:
         """A fresh restart: new images (and soft labels) and a new optimiser."""
@@ -344,6 +350,14 @@ def _unflatten(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[s
     return state
 
 
+_PUBLISHED_CODE: dict[str, dict[str, Any]] = {
+    # DLG's and iDLG's code: the defaults (L-BFGS lr 1, 300 steps, N(0, 1) images, and DLG's label
+    # logits or iDLG's label from the last layer's gradient) without the line search.
+    "paper": {"line_search": None},
+    "default": {},
+}
+
+
 @ATTACKS.register("dlg")
 class DLGAttack(OptimizationAttack):
     """Deep Leakage from Gradients: L-BFGS on images and soft labels, squared L2 gradient distance.
@@ -359,12 +373,7 @@ class DLGAttack(OptimizationAttack):
     name = "dlg"
     Config = DLGConfig
     knowledge = Knowledge(labels="joint", sok="A")
-    presets = {
-        # DLG's code: torch L-BFGS(lr=1) with its defaults, 300 steps, N(0,1) images and label logits.
-        # (the defaults but the line search: L-BFGS lr 1, 300 steps, N(0, 1) images and soft labels)
-        "paper": {"line_search": None},
-        "default": {},
-    }
+    presets = _PUBLISHED_CODE
 
 
 @ATTACKS.register("idlg")
@@ -378,12 +387,7 @@ class IDLGAttack(OptimizationAttack):
     name = "idlg"
     Config = OptimizationConfig
     knowledge = Knowledge(sok="A")
-    presets = {
-        # iDLG's code: L-BFGS(lr=1), 300 steps, N(0,1) images, label from the last layer's gradient.
-        # (the defaults but the line search)
-        "paper": {"line_search": None},
-        "default": {},
-    }
+    presets = _PUBLISHED_CODE
 
 
 @ATTACKS.register("ig")
