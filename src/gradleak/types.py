@@ -156,6 +156,21 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """A private batch: images (N, C, H, W) in [0, 1], labels (N,), and where each image came from.
+
+    What a client trains on; only the client side and scoring ever hold one.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass(frozen=True)
 class Reconstruction:
     """An attack's output.
 

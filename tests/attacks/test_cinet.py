@@ -123,8 +123,8 @@ def test_small_cinet_run_reconstructs_real_photos():
     attack = gradleak.attacks.create("cinet", CINetAttack.preset("reference", iterations=300, log_every=10))
     rec = attack.reconstruct(server, update)
     score = score_reconstruction(rec.images, images, recon_labels=rec.labels, truth_labels=labels, with_lpips=False)
-    assert score["summary"]["label_accuracy"] == 1.0
-    assert score["summary"]["ssim_mean"] > 0.6
+    assert score.summary["label_accuracy"] == 1.0
+    assert score.summary["ssim_mean"] > 0.6
     assert rec.history["loss"][-1] < rec.history["loss"][0] / 10
 
 

@@ -36,5 +36,5 @@ def test_cinet_on_one_step_fedavg_with_full_batch_reconstructs():
     server, _, images, labels = make_case("lenet", 1)
     update = fedavg_update(server, images, labels, local_steps=1, lr=0.05, batch_size=1)
     rec = _attack(server, update, iterations=150)
-    s = score_reconstruction(rec.images, images, with_lpips=False)["summary"]
+    s = score_reconstruction(rec.images, images, with_lpips=False).summary
     assert s["ssim_mean"] > 0.5

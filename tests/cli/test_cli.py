@@ -154,7 +154,8 @@ def test_simulate_a_batch_of_64_from_the_default_built_in_data(tmp_path, one_thr
 
     out = tmp_path / "sim64"
     assert main(["simulate", "--model", "lenet", "--batch-size", "64", "--out", str(out)]) == 0
-    images, labels = load_truth(out / "truth.safetensors")
+    truth = load_truth(out / "truth.safetensors")
+    images, labels = truth.images, truth.labels
     assert images.shape == (64, 3, 32, 32) and labels.shape == (64,)
     names = json.loads((out / "case.json").read_text())["images"]
     assert len(set(names)) == 64 and not any("#crop" in n for n in names)  # 64 real images, no crops

@@ -202,7 +202,7 @@ def test_audit_job_of_a_declared_defense_runs_both_attackers(tmp_path: Path):
     declared = declare_defense(update.replace(tensors=pruned.tensors), parse_defense("prune:0.9"))
     assert declared.defenses == pruned.defenses and declared.metadata == pruned.metadata
     folder = write_capture(tmp_path / "c", server=server, update=declared, capture={"round": 1, "node_id": 7},
-                           truth=(batch.images, batch.labels))
+                           truth=batch)
     job = AuditJob(folder=str(folder), attack="cinet", attack_config={"iterations": 40, "channels": 32},
                    model=SPEC, seeds=(0,), threads=1)
     summary = run_audit_job(job)

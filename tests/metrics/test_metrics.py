@@ -74,24 +74,24 @@ def test_hungarian_pairing_undoes_a_permutation():
 def test_greedy_can_reuse_and_scores_at_least_hungarian():
     truth = builtin_batch(6).images
     recon = torch.cat([truth[:1]] * 6)  # one good reconstruction repeated
-    greedy = score_reconstruction(recon, truth, pairing="greedy", with_lpips=False)["summary"]["ssim_mean"]
-    hung = score_reconstruction(recon, truth, pairing="hungarian", with_lpips=False)["summary"]["ssim_mean"]
+    greedy = score_reconstruction(recon, truth, pairing="greedy", with_lpips=False).summary["ssim_mean"]
+    hung = score_reconstruction(recon, truth, pairing="hungarian", with_lpips=False).summary["ssim_mean"]
     assert greedy >= hung
-    assert score_reconstruction(recon, truth, pairing="greedy", with_lpips=False)["pairing"] == [0] * 6
+    assert score_reconstruction(recon, truth, pairing="greedy", with_lpips=False).pairing == [0] * 6
 
 
 def test_score_summary_has_the_documented_keys():
     truth = builtin_batch(4).images
     out = score_reconstruction(truth.flip(0), truth, recon_labels=torch.tensor([1, 2, 3, 3]),
                                truth_labels=torch.tensor([3, 2, 1, 0]))
-    s = out["summary"]
+    s = out.summary
     for key in ("ssim_mean", "ssim_std", "fsim_mean", "psnr_mean", "lpips_mean", "label_accuracy", "n_images"):
         assert key in s
     assert s["ssim_mean"] > 0.999 and s["label_accuracy"] == 0.75
     ok, why = lpips_available()
     if not ok:
         assert s["lpips_mean"] is None and "vgg16" in s["lpips_note"].lower()
-    assert out["pairing"] == [3, 2, 1, 0]
+    assert out.pairing == [3, 2, 1, 0]
 
 
 def test_peak_memory_is_measured_per_run():

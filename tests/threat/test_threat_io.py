@@ -37,7 +37,8 @@ def test_model_state_round_trip_rebuilds_identical_model(tmp_path, lenet_case):
 def test_truth_round_trip(tmp_path, lenet_case):
     _, _, images, labels = lenet_case
     save_truth(images, labels, tmp_path / "t.safetensors")
-    x, y = load_truth(tmp_path / "t.safetensors")
+    truth = load_truth(tmp_path / "t.safetensors")
+    x, y = truth.images, truth.labels
     assert torch.equal(x, images) and torch.equal(y, labels)
 
 
@@ -117,3 +118,25 @@ def test_truth_file_with_wrong_content_is_refused(tmp_path):
     save_file({"images": torch.zeros(2, 3, 4, 4)}, str(path), metadata={"gradleak": json.dumps({"format": "gradleak-truth/1"})})
     with pytest.raises(DataError, match="expected 'images' and 'labels'"):
         load_truth(path)
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (torch.full((2, 3, 4, 4), float("nan")), torch.tensor([0, 1]), "expected finite images"),
+    (torch.full((2, 3, 4, 4), 255.0), torch.tensor([0, 1]), r"expected images in \[0, 1\], got values in \[255, 255\]"),
+    (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), "expected float images in"),
+    (torch.rand(2, 3, 4, 4), torch.tensor([0.0, 1.0]), "expected integer class labels"),
+    (torch.rand(2, 3, 4, 4), torch.tensor([0, -1]), "expected labels 0 to 9, got -1"),
+    (torch.rand(2, 3, 4, 4), torch.tensor([0, 10]), "expected labels 0 to 9, got 10"),
+])
+def test_a_truth_file_out_of_range_is_refused_before_any_attack(tmp_path, images, labels, message):
+    path = tmp_path / "t.safetensors"
+    save_truth(images, labels, path)
+    with pytest.raises(DataError, match=message):
+        load_truth(path, num_classes=10)
+
+
+def test_a_truth_file_loads_to_a_batch_with_its_names(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_truth(torch.rand(2, 3, 4, 4), torch.tensor([1, 2]), path, names=["a.png", "b.png"])
+    batch = load_truth(path, num_classes=10)
+    assert len(batch) == 2 and batch.names == ["a.png", "b.png"] and batch.labels.dtype == torch.int64

@@ -40,7 +40,8 @@ def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, 
     server = ServerState.from_spec(model, spec)
     truth_images = truth_labels = None
     if files.get("truth"):
-        truth_images, truth_labels = load_truth(files["truth"])
+        truth = load_truth(files["truth"], num_classes=server.num_classes)
+        truth_images, truth_labels = truth.images, truth.labels
         if truth_images.shape[0] != update.num_samples:
             raise ConfigError(f"truth file: expected {update.num_samples} images (the update's batch size), "
                               f"got {truth_images.shape[0]}")

@@ -31,7 +31,7 @@ from gradleak.cli.common import (
 )
 from gradleak.defenses import split_defenses
 from gradleak.errors import ConfigError
-from gradleak.reporting.audit import audit_grid, parse_int_list, run_audit, write_audit_report
+from gradleak.reporting.audit import AuditOptions, audit_grid, parse_int_list, run_audit, write_audit_report
 from gradleak.reporting.verdicts import Condition, failing, verdict
 from gradleak.types import ModelSpec
 
@@ -110,11 +110,13 @@ def run(args: argparse.Namespace) -> int:
         elif status == "running":
             print(f"  {name}: running", flush=True)
 
-    rows = run_audit(spec=spec, cells=cells, attack=args.attack, attack_config=config, out=out,
-                     model_seed=args.model_seed, data=args.data, data_root=args.data_root, data_seed=args.data_seed,
-                     utility_steps=args.utility_steps, utility_lr=args.utility_lr, give_labels=args.labels == "given",
-                     device=device, seed=args.seed, seeds=seeds, pairing=args.pairing, time_budget=args.seconds,
-                     progress=not args.no_progress, write_images=not args.no_images, on_event=on_event)
+    options = AuditOptions(model_seed=args.model_seed, data=args.data, data_root=args.data_root,
+                           data_seed=args.data_seed, utility_steps=args.utility_steps, utility_lr=args.utility_lr,
+                           give_labels=args.labels == "given", device=device, seed=args.seed, seeds=seeds,
+                           pairing=args.pairing, time_budget=args.seconds, progress=not args.no_progress,
+                           write_images=not args.no_images)
+    rows = run_audit(spec=spec, cells=cells, attack=args.attack, attack_config=config, out=out, options=options,
+                     on_event=on_event)
     protos = ", ".join(dict.fromkeys(c.protocol.tag() for c in cells))
     title = (f"{args.model} ({args.activation}, BatchNorm {args.bn_mode}), {protos}, data {args.data}; attack "
              f"{args.attack}{f' preset {args.preset}' if args.preset else ''}, "

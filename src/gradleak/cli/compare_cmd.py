@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     case = simulate(args, out / "client")
     model, spec = load_model_state(case["files"]["model_state"])
     update = load_update(case["files"]["update"], model=model)
-    images, labels = load_truth(case["files"]["truth"])
+    truth = load_truth(case["files"]["truth"])
+    images, labels = truth.images, truth.labels
     rows = compare_attacks(ServerState.from_spec(model, spec), update, attacks=attacks, out=out,
                            truth_images=images, truth_labels=labels, iterations=iterations, seconds=args.seconds,
                            presets=presets, overrides=overrides, give_labels=args.labels == "given", case=case,

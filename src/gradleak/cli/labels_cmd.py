@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "info": result.info,
     }
     if args.truth is not None:
-        _, truth = load_truth(args.truth)
+        truth = load_truth(args.truth).labels
         if truth.numel() != update.num_samples:
             raise ConfigError(f"truth file: expected {update.num_samples} labels (the update's batch size), "
                               f"got {truth.numel()}")

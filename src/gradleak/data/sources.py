@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from gradleak.errors import ConfigError, DataError
+from gradleak.types import Batch
 
 BUILTIN_SOURCES = ("builtin", "cifar10", "cifar100", "imagenet", "photos")
 _CROPS_PER_PHOTO = 27
@@ -38,13 +38,6 @@ _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left"
                    "retina", "ihc")
 
 
-@dataclass(frozen=True)
-class Batch:
-    """A private batch: images (N, C, H, W) in [0, 1], labels (N,), and where each image came from."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    names: list[str]
 
 
 def _package_dir(package: str) -> Path:

@@ -33,7 +33,7 @@ from gradleak.errors import ConfigError, GradleakError, UpdateError
 from gradleak.labels import recover_labels
 from gradleak.threat import load_model_state, load_truth, load_update, local_schedule, save_model_state, save_truth
 from gradleak.threat.io import save_update
-from gradleak.types import ClientUpdate, ModelSpec, ServerState
+from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class AuditJob:
 
 
 def write_capture(folder: str | Path, *, server: ServerState, update: ClientUpdate, capture: Mapping[str, Any],
-                  truth: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+                  truth: Batch | None = None) -> Path:
     """Write what the server saw from one client (and, for evaluation only, the client's truth).
 
     Returns:
@@ -241,7 +241,7 @@ def write_capture(folder: str | Path, *, server: ServerState, update: ClientUpda
         save_file({k: v.detach().contiguous().cpu() for k, v in server.model.state_dict().items()},
                   str(folder / "model.safetensors"))
     if truth is not None:
-        save_truth(truth[0], truth[1], folder / "truth.safetensors")
+        save_truth(truth.images, truth.labels, folder / "truth.safetensors", names=truth.names)
     (folder / "capture.json").write_text(json.dumps(dict(capture), indent=2, default=str))
     return folder
 
@@ -279,13 +279,14 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
     folder = Path(job.folder)
     server = _load_server(job)
     update = load_update(folder / "update.safetensors", model=server.model)
-    truth = load_truth(folder / "truth.safetensors") if (folder / "truth.safetensors").is_file() else None
+    truth = (load_truth(folder / "truth.safetensors", num_classes=server.num_classes)
+             if (folder / "truth.safetensors").is_file() else None)
     labels_doc: dict[str, Any] = {"strategy_requested": job.label_strategy}
     try:
         result = recover_labels(server, update, strategy=job.label_strategy)
         labels_doc.update(strategy=result.strategy, labels=result.labels.tolist(), warnings=result.warnings)
         if truth is not None:
-            labels_doc["accuracy"] = float(label_accuracy(result.labels, truth[1]))
+            labels_doc["accuracy"] = float(label_accuracy(result.labels, truth.labels))
     except GradleakError as e:
         labels_doc["error"] = str(e)
     (folder / "labels.json").write_text(json.dumps(labels_doc, indent=2))
@@ -295,7 +296,7 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
     run_attackers(server, update, attack=job.attack, attack_config=job.attack_config, folder=folder,
                   attackers=attackers, seeds=job.seeds,
                   case={"source": "flower", **{k: v for k, v in capture.items() if k != "truth"}},
-                  truth_images=None if truth is None else truth[0], truth_labels=None if truth is None else truth[1],
+                  truth_images=None if truth is None else truth.images, truth_labels=None if truth is None else truth.labels,
                   device=job.device, progress=False, time_budget=job.time_budget)
     log.info("audit of round %s node %s written to %s", capture.get("round"), capture.get("node_id"), folder)
     row = worst_case(load_runs(folder), defended=defended, not_tried=not_tried)

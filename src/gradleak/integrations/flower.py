@@ -58,7 +58,7 @@ from gradleak.integrations.capture import (
 )
 from gradleak.reporting.verdicts import Condition
 from gradleak.threat import load_truth, save_truth
-from gradleak.types import ModelSpec
+from gradleak.types import Batch, ModelSpec
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -364,11 +364,12 @@ class AuditStrategy(Strategy):
             return build_model(self.model, seed=0)
         return self.model
 
-    def _truth(self, server_round: int, node: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _truth(self, server_round: int, node: int) -> Batch | None:
         if self.truth is None:
             return None
         if callable(self.truth):
-            return self.truth(server_round, node)
+            given = self.truth(server_round, node)  # a Batch or (images, labels)
+            return given if given is None or isinstance(given, Batch) else Batch(images=given[0], labels=given[1])
         path = truth_path(self.truth, server_round=server_round, node_id=node)
         if not path.is_file():
             log.warning("audit round %d node %d: no truth file %s; not scored", server_round, node, path)

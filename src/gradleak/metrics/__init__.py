@@ -3,7 +3,7 @@ one-to-one Hungarian pairing of reconstructions to ground truth, and label accur
 
 from gradleak.metrics.image import fsim, lpips_available, lpips_vgg, psnr, ssim
 from gradleak.metrics.pairing import pair_images, pairwise_ssim
-from gradleak.metrics.score import score_reconstruction
+from gradleak.metrics.score import Score, score_reconstruction
 
-__all__ = ["fsim", "lpips_available", "lpips_vgg", "pair_images", "pairwise_ssim", "psnr",
+__all__ = ["Score", "fsim", "lpips_available", "lpips_vgg", "pair_images", "pairwise_ssim", "psnr",
            "score_reconstruction", "ssim"]

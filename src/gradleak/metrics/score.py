@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,9 +17,28 @@ def _stats(values: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
 
 
+@dataclass(frozen=True)
+class Score:
+    """A scored reconstruction.
+
+    Args:
+        summary: mean and std of SSIM, PSNR, FSIM (and LPIPS when available), label accuracy,
+            the pairing method and the number of images.
+        per_image: one row per private image ``j``: its paired reconstruction and its scores.
+        pairing: ``pairing[j]`` is the reconstruction paired with private image ``j``.
+    """
+
+    summary: dict[str, Any]
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    pairing: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary, "per_image": self.per_image, "pairing": self.pairing}
+
+
 def score_reconstruction(recon: torch.Tensor, truth: torch.Tensor, *, recon_labels: torch.Tensor | None = None,
                          truth_labels: torch.Tensor | None = None, pairing: str = "hungarian",
-                         with_lpips: bool = True) -> dict[str, Any]:
+                         with_lpips: bool = True) -> Score:
     """Pair and score reconstructions.
 
     Args:
@@ -30,8 +50,7 @@ def score_reconstruction(recon: torch.Tensor, truth: torch.Tensor, *, recon_labe
         with_lpips: compute LPIPS-VGG when its weights are available offline.
 
     Returns:
-        ``{"summary": {...}, "per_image": [...], "pairing": [...]}`` where ``pairing[j]`` is the
-        reconstruction paired with truth ``j``.
+        A :class:`Score` (``to_dict()``: what ``metrics.json`` holds).
     """
     order = pair_images(recon, truth, method=pairing)
     paired = recon[order]
@@ -50,4 +69,4 @@ def score_reconstruction(recon: torch.Tensor, truth: torch.Tensor, *, recon_labe
                                  if recon_labels is not None and truth_labels is not None else None)
     per_image = [{"truth": j, "reconstruction": int(order[j]), **{k: float(v[j]) for k, v in values.items()}}
                  for j in range(truth.shape[0])]
-    return {"summary": summary, "per_image": per_image, "pairing": order.tolist()}
+    return Score(summary=summary, per_image=per_image, pairing=order.tolist())

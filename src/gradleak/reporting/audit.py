@@ -303,26 +303,13 @@ def cell_finished(folder: str | Path) -> bool:
                                for a in info.get("attacker_names", []) for s in seeds)
 
 
-def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attack_config: Any, out: str | Path,
-              model_seed: int = 42, data: str = "builtin", data_root: str | Path | None = None, data_seed: int = 0,
-              utility_steps: int = 20, utility_lr: float = 0.1, give_labels: bool = False, device: str = "cpu",
-              seed: int = 0, seeds: Sequence[int] | None = None, pairing: str = "hungarian",
-              time_budget: float | None = None, progress: bool = True, write_images: bool = True,
-              on_event: EventFn | None = None) -> list[dict[str, Any]]:
-    """Run ``attack`` on every cell into ``<out>/<cell.name>/<attacker>-s<seed>/`` and return one row per cell.
-
-    Each defended cell is attacked by the unaware and the adaptive attacker (:func:`attackers_for`),
-    each with every seed of ``seeds``; the row is the worst case over them
-    (:func:`gradleak.reporting.verdicts.worst_case`).
+@dataclass(frozen=True)
+class AuditOptions:
+    """How an audit runs, beside its grid and its attack (:func:`run_audit`).
 
     Args:
-        spec: the victim architecture; its weights come from ``build_model(spec, seed=model_seed)``.
-        cells: the grid (:func:`audit_grid`).
-        attack: registered attack name.
-        attack_config: its resolved config (dataclass or dict).
-        out: the audit folder.
         model_seed: victim initialisation seed.
-        data: data source of :func:`gradleak.data.load_batch` (default: built-in CIFAR-10 photos).
+        data: data source of :func:`gradleak.data.load_batch` (default: the built-in images).
         data_root: folder of a local dataset copy, for sources that need one.
         data_seed: which images to draw.
         utility_steps: T rounds of the utility measurement (0: none).
@@ -336,6 +323,52 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
         progress: show the attack's progress bar.
         write_images: ``False``: numbers only (no reconstructions, grids, truth files or checkpoints
             left on disk); reconstructions of real client data are themselves sensitive.
+    """
+
+    model_seed: int = 42
+    data: str = "builtin"
+    data_root: str | Path | None = None
+    data_seed: int = 0
+    utility_steps: int = 20
+    utility_lr: float = 0.1
+    give_labels: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    seeds: Sequence[int] | None = None
+    pairing: str = "hungarian"
+    time_budget: float | None = None
+    progress: bool = True
+    write_images: bool = True
+
+    def __post_init__(self) -> None:
+        steps = self.utility_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"audit utility steps: expected a non-negative integer, got {steps!r}")
+        if not self.utility_lr > 0:
+            raise ConfigError(f"audit utility learning rate: expected a positive number, got {self.utility_lr!r}")
+
+    def attack_seeds(self) -> list[int]:
+        seeds = list(dict.fromkeys(int(s) for s in (self.seeds if self.seeds is not None else [self.seed])))
+        if not seeds:
+            raise ConfigError("audit seeds: expected at least one attack seed, got none")
+        return seeds
+
+
+def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attack_config: Any, out: str | Path,
+              options: AuditOptions | None = None, on_event: EventFn | None = None) -> list[dict[str, Any]]:
+    """Run ``attack`` on every cell into ``<out>/<cell.name>/<attacker>-s<seed>/`` and return one row per cell.
+
+    Each defended cell is attacked by the unaware and the adaptive attacker (:func:`attackers_for`),
+    each with every seed of ``seeds``; the row is the worst case over them
+    (:func:`gradleak.reporting.verdicts.worst_case`).
+
+    Args:
+        spec: the victim architecture; its weights come from ``build_model(spec, seed=model_seed)``.
+        cells: the grid (:func:`audit_grid`).
+        attack: registered attack name.
+        attack_config: its resolved config (dataclass or dict).
+        out: the audit folder.
+        options: how it runs (:class:`AuditOptions`; default: its defaults).
         on_event: told ``(cell_name, "skipped" | "running" | "done")``.
 
     Returns:
@@ -345,15 +378,13 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
         ConfigError: a finished cell in ``out`` was made with other settings, or a bad value.
         UnsupportedModelError: DP-SGD on a victim with train-mode BatchNorm.
     """
-    if isinstance(utility_steps, bool) or not isinstance(utility_steps, int) or utility_steps < 0:
-        raise ConfigError(f"audit utility steps: expected a non-negative integer, got {utility_steps!r}")
-    if not utility_lr > 0:
-        raise ConfigError(f"audit utility learning rate: expected a positive number, got {utility_lr!r}")
+    o = options or AuditOptions()
     if not cells:
         raise ConfigError("audit grid: expected at least one cell, got none")
-    seeds = list(dict.fromkeys(int(s) for s in (seeds if seeds is not None else [seed])))
-    if not seeds:
-        raise ConfigError("audit seeds: expected at least one attack seed, got none")
+    seeds, seed, data, data_root, data_seed, model_seed = (o.attack_seeds(), o.seed, o.data, o.data_root, o.data_seed,
+                                                           o.model_seed)
+    utility_steps, utility_lr, give_labels, pairing, time_budget, write_images = (
+        o.utility_steps, o.utility_lr, o.give_labels, o.pairing, o.time_budget, o.write_images)
     out = Path(out)
     server = ServerState.from_spec(build_model(spec, seed=model_seed), spec)
     check_victim(server, cells)
@@ -409,13 +440,13 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], attack: str, attac
             case = {**settings, "audit_cell": {k: v for k, v in info.items() if k != "settings"}, "images": batch.names}
             run_attackers(server, update, attack=attack, attack_config=attack_config, folder=folder,
                           attackers=attackers, seeds=seeds, case=case, truth_images=batch.images,
-                          truth_labels=batch.labels, give_labels=give_labels, device=device, progress=progress,
+                          truth_labels=batch.labels, give_labels=give_labels, device=o.device, progress=o.progress,
                           pairing=pairing, time_budget=time_budget, write_images=write_images)
             tell(cell.name, "done")
         rows.append(load_row(folder))
     return rows
 
 
-__all__ = ["AuditCell", "ProtocolSetting", "attacker_config", "attackers_for", "audit_grid", "cell_finished",
+__all__ = ["AuditCell", "AuditOptions", "ProtocolSetting", "attacker_config", "attackers_for", "audit_grid", "cell_finished",
            "cell_update", "check_victim", "load_row", "parse_int_list", "run_attackers", "run_audit", "utility",
            "verdict", "write_audit_report"]

@@ -185,7 +185,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     if truth_images is not None:
         scored = score_reconstruction(rec.images, truth_images.cpu(), recon_labels=rec.labels,
                                       truth_labels=truth_labels, pairing=pairing)
-        summary, per_image, pairs = scored["summary"], scored["per_image"], scored["pairing"]
+        summary, per_image, pairs = scored.summary, scored.per_image, scored.pairing
     else:
         summary = {"n_images": int(rec.images.shape[0]), "note": "no ground truth given: nothing scored"}
     summary.update({

@@ -251,18 +251,19 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
     import torch
 
     from gradleak.attacks.base import resolve_config
-    from gradleak.reporting.audit import run_audit
+    from gradleak.reporting.audit import AuditOptions, run_audit
 
     torch.set_num_threads(max(1, int(grid.num_cpus)))
     iterations = 2 if dry_run else grid.iterations
     config = resolve_config(trial.attack.name, iterations=iterations, preset=trial.attack.preset,
                            overrides=trial.attack.overrides)
     folder = trial_folder(out, trial)
+    options = AuditOptions(model_seed=grid.model_seed, data=grid.data, data_root=grid.data_root,
+                           data_seed=trial.data_seed, utility_steps=grid.utility_steps, utility_lr=grid.utility_lr,
+                           give_labels=grid.labels == "given", device=grid.device, seed=trial.seed,
+                           pairing=grid.pairing, time_budget=grid.time_budget, progress=False)
     run_audit(spec=grid.model, cells=[trial.cell], attack=trial.attack.name, attack_config=config,
-              out=folder.parent, model_seed=grid.model_seed, data=grid.data, data_root=grid.data_root,
-              data_seed=trial.data_seed, utility_steps=grid.utility_steps, utility_lr=grid.utility_lr,
-              give_labels=grid.labels == "given", device=grid.device, seed=trial.seed, pairing=grid.pairing,
-              time_budget=grid.time_budget, progress=False)
+              out=folder.parent, options=options)
     from gradleak.sweep.report import trial_row
 
     return trial_row(folder, trial)

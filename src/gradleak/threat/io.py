@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gradleak.errors import DataError, UpdateError
-from gradleak.types import ClientUpdate, ModelSpec
+from gradleak.types import Batch, ClientUpdate, ModelSpec
 
 _FORMAT = "gradleak-update/1"
 
@@ -137,8 +137,13 @@ def save_truth(images: torch.Tensor, labels: torch.Tensor, path: str | Path, *, 
               str(path), metadata={"gradleak": json.dumps(meta)})
 
 
-def load_truth(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a ground-truth file: images (N, C, H, W) in [0, 1] and labels (N,)."""
+def load_truth(path: str | Path, *, num_classes: int | None = None) -> Batch:
+    """Read a ground-truth file into a :class:`~gradleak.types.Batch`.
+
+    Raises:
+        DataError: not a truth file; images not float (N, C, H, W) in [0, 1] (NaN, 0..255 or
+            uint8 included); labels not integer class indices (N,) in ``[0, num_classes)``.
+    """
     tensors, header = _read(path, "truth")
     if header.get("format") != "gradleak-truth/1" or set(tensors) != {"images", "labels"}:
         raise DataError(f"truth file '{path}': expected 'images' and 'labels' with header 'gradleak-truth/1'")
@@ -146,4 +151,19 @@ def load_truth(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if images.ndim != 4 or labels.shape != (images.shape[0],) or math.prod(images.shape) == 0:
         raise DataError(f"truth file '{path}': expected images (N, C, H, W) and labels (N,), "
                         f"got {tuple(images.shape)} and {tuple(labels.shape)}")
-    return images.float(), labels.long()
+    if not images.is_floating_point():
+        raise DataError(f"truth file '{path}': expected float images in [0, 1], got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise DataError(f"truth file '{path}': expected finite images, got NaN or Inf")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(f"truth file '{path}': expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise DataError(f"truth file '{path}': expected integer class labels, got {labels.dtype}")
+    bad = labels[(labels < 0) | (labels >= num_classes)] if num_classes is not None else labels[labels < 0]
+    if bad.numel():
+        want = f"0 to {num_classes - 1}" if num_classes is not None else ">= 0"
+        raise DataError(f"truth file '{path}': expected labels {want}, got {int(bad[0])}")
+    names = header.get("names")
+    return Batch(images=images.float(), labels=labels.long(),
+                 names=[str(n) for n in names] if isinstance(names, list) else [])
