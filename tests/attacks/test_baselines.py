@@ -224,19 +224,37 @@ def test_gias_recovers_an_image_from_the_generators_range():
 def test_gias_loads_a_generator_from_a_constructor_and_a_state_dict(tmp_path: Path):
     from safetensors.torch import save_file
 
-    from gradleak.attacks.gias import load_generator
+    from gradleak.attacks.gias import load_generator, register_generator
 
+    register_generator("test-tiny", force=True)(_tiny_generator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         gen = _tiny_generator()
     save_file(gen.state_dict(), str(tmp_path / "g.safetensors"))
-    cfg = gradleak.attacks.GIASConfig(generator_factory=f"{__name__}:_tiny_generator",
-                                      generator_state=str(tmp_path / "g.safetensors"))
+    cfg = gradleak.attacks.GIASConfig(generator_factory="test-tiny", generator_state=str(tmp_path / "g.safetensors"))
     loaded = load_generator(cfg, device=torch.device("cpu"))
     z = torch.randn(3, 8)
     torch.testing.assert_close(loaded(z), gen(z))
-    with pytest.raises(ConfigError, match="module:callable"):
-        load_generator(gradleak.attacks.GIASConfig(generator_factory="no_such_module:make"), device=torch.device("cpu"))
+
+
+def test_gias_never_imports_a_path_named_in_a_config(tmp_path: Path):
+    """An import-and-call gadget: 'module:callable' from --set, a sweep file or a run folder is refused."""
+    import sys
+
+    from gradleak.attacks.gias import load_generator
+
+    (tmp_path / "gadget_module.py").write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n"
+                                                "def make():\n    raise SystemExit('called')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for name in ("gadget_module:make", f"{__name__}:_tiny_generator", "os:getcwd"):
+            with pytest.raises(ConfigError, match="import path such as 'module:callable' is not accepted"):
+                load_generator(gradleak.attacks.GIASConfig(generator_factory=name), device=torch.device("cpu"))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "gadget_module" not in sys.modules and not (tmp_path / "ran").exists()
+    with pytest.raises(ConfigError, match="expected a registered generator"):
+        load_generator(gradleak.attacks.GIASConfig(generator_factory="nope"), device=torch.device("cpu"))
 
 
 def test_gias_needs_an_output_shape_that_fits_the_victim():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
+import importlib.metadata
 import logging
 import math
 from collections.abc import Callable
@@ -39,6 +39,7 @@ from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import ConfigError
 from gradleak.functional import total_variation
+from gradleak.registry import Registry
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ class GIASConfig(LoopConfig):
 
     Args:
         generator_path: a TorchScript file holding the pretrained generator.
-        generator_factory: ``"module:callable"`` building the generator (alternative to a
-            TorchScript file), loaded with the weights in ``generator_state``.
+        generator_factory: the name of a generator constructor registered with
+            :func:`register_generator` (or an installed entry point in group ``gradleak.generators``),
+            built without arguments and loaded with the weights in ``generator_state``. Never an
+            import path.
         generator_state: state-dict file for ``generator_factory`` (``.safetensors``, or a torch
             file read with ``weights_only=True``).
         latent_shape: shape of one image's latent, e.g. ``[100, 1, 1]`` for DCGAN; default: the
@@ -111,6 +114,50 @@ class GIASConfig(LoopConfig):
                      lr=(0, None, "open"), generator_lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000))
 
 
+GENERATORS: Registry[Callable[[], nn.Module]] = Registry("gias generator")
+"""Constructors of pretrained generators that ``generator_factory`` may name (registered in code)."""
+
+ENTRY_POINTS = "gradleak.generators"
+"""The entry-point group an installed package may use to offer a generator constructor."""
+
+
+def register_generator(name: str, *, force: bool = False) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Decorator: let ``generator_factory=name`` build a generator with this constructor (no arguments).
+
+    Example:
+        >>> @register_generator("my-dcgan", force=True)
+        ... def my_dcgan():
+        ...     return torch.nn.Sequential(torch.nn.Linear(100, 3 * 32 * 32), torch.nn.Tanh(),
+        ...                                torch.nn.Unflatten(1, (3, 32, 32)))
+        >>> "my-dcgan" in GENERATORS
+        True
+    """
+    return GENERATORS.register(name, force=force)
+
+
+def generator_factory(name: str) -> Callable[[], nn.Module]:
+    """The constructor registered as ``name`` in code, or offered by an installed package's entry point.
+
+    Never an import path: a config (from ``--set``, a sweep file or a run folder) cannot make the
+    reader import a module and call a function.
+
+    Raises:
+        ConfigError: ``name`` is neither registered nor an installed entry point.
+    """
+    if name in GENERATORS:
+        return GENERATORS.get(name)
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        if ep.name == name:
+            loaded: Callable[[], nn.Module] = ep.load()
+            return loaded
+    offered = GENERATORS.available() + sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINTS))
+    hint = ("; an import path such as 'module:callable' is not accepted: register the constructor with "
+            "gradleak.attacks.gias.register_generator, or install it as an entry point in group "
+            f"'{ENTRY_POINTS}'") if ":" in name else ""
+    raise ConfigError(f"gias generator_factory: expected a registered generator ({', '.join(offered) or 'none registered'})"
+                      f", got {name!r}{hint}")
+
+
 def load_generator(cfg: GIASConfig, *, device: torch.device) -> nn.Module:
     """The pretrained generator named by ``cfg`` (TorchScript file, or constructor + state dict).
 
@@ -126,12 +173,7 @@ def load_generator(cfg: GIASConfig, *, device: torch.device) -> nn.Module:
         except (RuntimeError, ValueError) as e:
             raise ConfigError(f"gias generator_path '{path}': expected a TorchScript file ({e})") from None
     if cfg.generator_factory:
-        module_name, _, attr = cfg.generator_factory.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"gias generator_factory: expected 'module:callable', got "
-                              f"{cfg.generator_factory!r} ({e})") from None
+        factory = generator_factory(cfg.generator_factory)
         gen = factory()
         if cfg.generator_state:
             gen.load_state_dict(_read_state(Path(cfg.generator_state)))
