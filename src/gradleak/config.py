@@ -38,6 +38,8 @@ def from_dict(cls: type[C], data: Any, *, what: str | None = None) -> C:
     values = {k: check_value(f"{what} {k}", hints[k], v) for k, v in data.items()}
     try:
         return cls(**values)
+    except ConfigError:
+        raise  # the dataclass's own check, which names the field
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{what}: {e}") from None
 

@@ -190,3 +190,41 @@ def test_every_command_that_makes_an_update_takes_the_threat_flags(tmp_path, cap
         flags = {f for a in sub._actions for f in a.option_strings}
         assert {"--protocol", "--local-steps", "--local-lr", "--local-batch-size", "--clients"} <= flags, command
         assert ("--defenses" if command == "audit" else "--defense") in flags, command
+
+
+def test_a_finished_run_is_never_overwritten_unless_asked(client_files, tmp_path, capsys):
+    u, m = str(client_files / "update.safetensors"), str(client_files / "model.safetensors")
+    run = tmp_path / "run"
+    base = ["attack", "--update", u, "--model-state", m, "--iterations", "2", "--set", "channels=8", "--no-progress"]
+    assert main([*base, "--out", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    # another attack into the finished run: refused before anything is written
+    assert main([*base, "--set", "lr=0.01", "--out", str(run)]) == 2
+    message = _err(capsys)
+    assert "holds a run" in message and "--force" in message
+    # a failing call (bad config) into it: refused, the run intact
+    assert main([*base, "--set", "upsample=cubic", "--out", str(run)]) == 2
+    assert "upsample" in _err(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # a clean error into a new folder leaves no folder behind
+    fresh = tmp_path / "fresh"
+    assert main([*base, "--set", "nz=0", "--out", str(fresh)]) == 2
+    assert "nz" in _err(capsys) and not fresh.exists()
+    # --out is a file; --force replaces the run
+    (tmp_path / "file").write_text("x")
+    assert main([*base, "--out", str(tmp_path / "file")]) == 2
+    assert "expected a folder, got an existing file" in _err(capsys)
+    assert main([*base, "--set", "lr=0.01", "--out", str(run), "--force"]) == 0
+    assert json.loads((run / "config.json").read_text())["attack_config"]["lr"] == 0.01
+
+
+def test_resume_of_a_folder_without_a_checkpoint_is_a_clear_error(client_files, tmp_path, capsys):
+    u, m = str(client_files / "update.safetensors"), str(client_files / "model.safetensors")
+    run = tmp_path / "run"
+    assert main(["attack", "--update", u, "--model-state", m, "--iterations", "2", "--set", "channels=8",
+                 "--set", "checkpoint_every=0", "--no-progress", "--out", str(run)]) == 0
+    (run / "checkpoint.json").unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["attack", "--resume", str(run)]) == 2
+    assert "no checkpoint" in _err(capsys)

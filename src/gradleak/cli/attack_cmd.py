@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, give_labels: bool,
                  case: dict[str, Any], device: str, seed: int, resume: bool, progress: bool,
-                 pairing: str) -> AttackRun:
+                 pairing: str, force: bool = False) -> AttackRun:
     """Load the update, model state and (optional) truth files and run the attack."""
     model, spec = load_model_state(files["model_state"])
     update = load_update(files["update"], model=model)
@@ -51,7 +51,7 @@ def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, 
     case = {**case, "files": files}
     return run_attack(server, update, attack=attack, config=config, out=out, truth_images=truth_images,
                       truth_labels=truth_labels, give_labels=give_labels, case=case, device=device, seed=seed,
-                      resume=resume, progress=progress, pairing=pairing)
+                      resume=resume, progress=progress, pairing=pairing, force=force)
 
 
 def resume_run(run_dir: Path, *, progress: bool) -> AttackRun:
@@ -63,11 +63,13 @@ def resume_run(run_dir: Path, *, progress: bool) -> AttackRun:
     files = cfg.get("case", {}).get("files")
     if not files:
         raise CheckpointError(f"resume: '{cfg_path}' does not name the update and model-state files")
+    if not (run_dir / "checkpoint.json").is_file():
+        raise CheckpointError(f"resume: '{run_dir}' holds config.json but no checkpoint (the run stopped before "
+                              "its first checkpoint, or wrote numbers only); start it again with --force")
     return attack_files(files, attack=cfg["attack"], config=cfg["attack_config"], out=run_dir,
                         give_labels=cfg.get("labels") == "given", case=cfg.get("case", {}),
                         device=cfg.get("device", "cpu"), seed=int(cfg.get("seed", 0)),
-                        resume=(run_dir / "checkpoint.json").is_file(), progress=progress,
-                        pairing=cfg.get("pairing", "hungarian"))
+                        resume=True, progress=progress, pairing=cfg.get("pairing", "hungarian"))
 
 
 def print_summary(result: AttackRun) -> None:
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     config = attack_config(args)  # first: --preset ATTACK:PRESET may name the attack
     result = attack_files(files, attack=args.attack, config=config, out=args.out or default_out("attack"),
                           give_labels=args.labels == "given", case={}, device=check_device(args.device),
-                          seed=args.seed, resume=False, progress=not args.no_progress, pairing=args.pairing)
+                          seed=args.seed, resume=False, progress=not args.no_progress, pairing=args.pairing,
+                          force=args.force)
     print_summary(result)
     return 0

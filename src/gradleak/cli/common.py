@@ -24,6 +24,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<command>-<time>)")
     p.add_argument("--dry-run", action="store_true", help="2 iterations: check that everything fits")
+    p.add_argument("--force", action="store_true", help="replace a run already in --out (otherwise refused)")
 
 
 def add_case(p: argparse.ArgumentParser) -> None:

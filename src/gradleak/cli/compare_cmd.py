@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 
+from gradleak.attacks.base import resolve_config
 from gradleak.cli.common import add_case, add_common, add_threat, check_device, default_out, parse_overrides
 from gradleak.cli.simulate_cmd import simulate
 from gradleak.config import split_preset
 from gradleak.errors import ConfigError
 from gradleak.reporting.compare import compare_attacks
+from gradleak.reporting.runner import check_out
 from gradleak.threat import load_model_state, load_truth, load_update
 from gradleak.types import ServerState
 
@@ -54,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault(a, {})[k] = value
     iterations = 2 if args.dry_run else args.iterations
     out = args.out or default_out("compare")
+    for name in attacks:  # unknown attacks, presets or fields, and occupied folders, fail before the client runs
+        resolve_config(name, preset=presets.get(name), overrides=overrides.get(name))
+        check_out(out / name, force=args.force)
     case = simulate(args, out / "client")
     model, spec = load_model_state(case["files"]["model_state"])
     update = load_update(case["files"]["update"], model=model)
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     rows = compare_attacks(ServerState.from_spec(model, spec), update, attacks=attacks, out=out,
                            truth_images=images, truth_labels=labels, iterations=iterations, seconds=args.seconds,
                            presets=presets, overrides=overrides, give_labels=args.labels == "given", case=case,
-                           device=device, seed=args.seed, progress=not args.no_progress)
+                           device=device, seed=args.seed, progress=not args.no_progress, force=args.force)
     print((out / "table.md").read_text())
     print(f"{len(rows)} attacks compared; run folders, table.md, table.csv and grid.png in {out}")
     return 0

@@ -13,6 +13,7 @@ import argparse
 from gradleak.cli.attack_cmd import attack_files, print_summary, resume_run
 from gradleak.cli.common import add_attack, add_case, add_common, add_threat, attack_config, check_device, default_out
 from gradleak.cli.simulate_cmd import simulate
+from gradleak.reporting.runner import check_out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     config = attack_config(args)
     out = args.out or default_out("demo")
+    check_out(out, force=args.force)  # before the client's files are written
     case = simulate(args, out / "client")
     threat = case["protocol"] + (f", {case['local_steps']} local steps" if case["protocol"] == "fedavg" else "") + (
         f", {case['clients']} clients" if case["clients"] > 1 else "") + (
@@ -43,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
           f"{args.image_size} px, {threat} -> {case['files']['update']}")
     result = attack_files(case["files"], attack=args.attack, config=config, out=out,
                           give_labels=args.labels == "given", case=case, device=device, seed=args.seed,
-                          resume=False, progress=not args.no_progress, pairing=args.pairing)
+                          resume=False, progress=not args.no_progress, pairing=args.pairing, force=args.force)
     print_summary(result)
     return 0

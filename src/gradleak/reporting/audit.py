@@ -289,7 +289,7 @@ def run_attackers(server: ServerState, update: ClientUpdate, *, attack: str, att
                 continue
             run_attack(server, update, attack=attack, config=attacker_config(attack, attack_config, attacker),
                        out=run_dir, seed=attack_seed, case={**case, "attacker": attacker},
-                       resume=(run_dir / "checkpoint.json").is_file(), **run)
+                       resume=(run_dir / "checkpoint.json").is_file(), force=True, **run)  # the audit's own folder
 
 
 def cell_finished(folder: str | Path) -> bool:

@@ -37,7 +37,7 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
                     seconds: float | None = None, presets: dict[str, str] | None = None,
                     overrides: dict[str, dict[str, Any]] | None = None, give_labels: bool = False,
                     case: dict[str, Any] | None = None, device: str = "cpu", seed: int = 0,
-                    progress: bool = True) -> list[dict[str, Any]]:
+                    progress: bool = True, force: bool = False) -> list[dict[str, Any]]:
     """Run every attack in ``attacks`` on ``update`` and write ``table.md``, ``table.csv``, ``grid.png``.
 
     Returns:
@@ -57,7 +57,7 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
         result = run_attack(server, update, attack=name, config=cfg, out=out / name, truth_images=truth_images,
                             truth_labels=truth_labels, give_labels=give_labels,
                             case={**(case or {}), "compare": attacks, "budget": {"iterations": iterations, "seconds": seconds}},
-                            device=device, seed=seed, progress=progress, time_budget=seconds)
+                            device=device, seed=seed, progress=progress, time_budget=seconds, force=force)
         rows.append(result.metrics["summary"])
         pairs = torch.tensor([p["reconstruction"] for p in result.metrics["per_image"]])
         recons.append(result.reconstruction.images[pairs])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
@@ -107,11 +109,50 @@ class _ProgressBar:
             self.bar.close()
 
 
+RUN_FILES = ("config.json", "metrics.json", "checkpoint.json", "checkpoint.safetensors",
+             "reconstruction.safetensors", "report.html", "grid.png", "curves.png")
+"""The files a run folder holds (what :func:`check_out` looks for and ``force`` replaces)."""
+
+
+def _remove_written(run_dir: Path, created: bool) -> None:
+    """After a failure before any checkpoint: remove the folder if this call made it, else only run files."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def check_out(out: str | Path, *, resume: bool = False, force: bool = False) -> None:
+    """Refuse an output folder that is a file, is not writable, or holds a run, unless asked.
+
+    Args:
+        out: the run folder to write.
+        resume: the call continues the run in ``out``.
+        force: the call may replace the run in ``out``.
+
+    Raises:
+        ConfigError: naming the folder and what to do.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder '{out}': expected a folder, got an existing file")
+    held = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if held and not (resume or force):
+        raise ConfigError(f"output folder '{out}' holds a run ({', '.join(held[:3])}); expected a new folder, "
+                          "or resume it (--resume) or replace it (--force)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder '{out}': expected a writable place, got '{parent}' (not writable)")
+
+
 def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config: Any, out: str | Path,
                truth_images: torch.Tensor | None = None, truth_labels: torch.Tensor | None = None,
                give_labels: bool = False, case: dict[str, Any] | None = None, device: str = "cpu",
                seed: int = 0, resume: bool = False, progress: bool = True, pairing: str = "hungarian",
-               time_budget: float | None = None, write_images: bool = True) -> AttackRun:
+               time_budget: float | None = None, write_images: bool = True, force: bool = False) -> AttackRun:
     """Run ``attack`` on ``update`` and write the run folder ``out``.
 
     Args:
@@ -135,6 +176,11 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         write_images: ``False`` writes numbers only: no reconstruction file, no image grid, and the
             checkpoint (which can regenerate the images) is removed once the run is finished.
             Reconstructions of real client data are themselves sensitive.
+        force: replace a run already in ``out`` (otherwise refused, :func:`check_out`).
+
+    Everything is validated (the folder, the config, the update against the model, the truth)
+    before anything is written. If the attack then fails before its first checkpoint, what this
+    call wrote is removed, and only that; a run with a checkpoint is kept, to be resumed.
 
     Returns:
         The run folder, the reconstruction and the metrics.
@@ -142,10 +188,22 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     if give_labels and truth_labels is None:
         raise ConfigError("labels 'given': expected the ground-truth labels (a truth file), got none")
     run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_out(run_dir, resume=resume, force=force)
     dev = torch.device(device)
-    memory_scope = reset_peak_memory(dev)
     att = attack_api.create(attack, config, device=dev, seed=seed)
+    att.check(server, update)
+    if truth_images is not None and tuple(truth_images.shape) != (update.num_samples, *server.input_shape):
+        raise ConfigError(f"truth images: expected shape {(update.num_samples, *server.input_shape)}, "
+                          f"got {tuple(truth_images.shape)}")
+    if truth_labels is not None and truth_labels.numel() != update.num_samples:
+        raise ConfigError(f"truth labels: expected {update.num_samples} (the update's batch size), got "
+                          f"{truth_labels.numel()}")
+    created = not run_dir.exists()
+    if force and not resume:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    memory_scope = reset_peak_memory(dev)
     if time_budget is not None and hasattr(att.config, "log_every"):
         # the deadline is checked at progress reports: report every step, so that no attack overruns
         # the budget by more than one iteration (scoring stays capped by _ProgressBar.score_share)
@@ -166,6 +224,10 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     try:
         rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,
                               run_dir=run_dir, resume=resume)
+    except Exception:
+        if not resume and not (run_dir / "checkpoint.json").is_file():
+            _remove_written(run_dir, created)
+        raise
     finally:
         bar.close()
     wall = time.perf_counter() - t0
