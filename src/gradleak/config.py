@@ -35,6 +35,11 @@ def from_dict(cls: type[C], data: Any, *, what: str | None = None) -> C:
     what = what or cls.__name__
     hints = typing.get_type_hints(cls)
     check_keys(data, [f.name for f in dataclasses.fields(cls) if f.init], what)  # type: ignore[arg-type]
+    required = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"{what}: expected {', '.join(repr(k) for k in missing)} (required), got none")
     values = {k: check_value(f"{what} {k}", hints[k], v) for k, v in data.items()}
     try:
         return cls(**values)

@@ -10,6 +10,7 @@ the throughput itself, which is also the peak that ``gradleak bench step`` compa
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
 from pathlib import Path
@@ -91,3 +92,11 @@ def precision_warning(precision: str, device: str | torch.device) -> str | None:
                 f"instructions: it runs emulated, slower than fp32 (it still saves memory); "
                 f"use precision=fp32 for speed")
     return None
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradleak.config import from_dict
-from gradleak.errors import UpdateError
+from gradleak.errors import ConfigError, UpdateError
 
 UpdateKind = Literal["gradient", "delta"]
 ProtocolName = Literal["fedsgd", "fedavg", "aggregate"]
@@ -46,6 +46,17 @@ class ModelSpec:
     activation: str = "sigmoid"
     bn_mode: str = "train"
     width: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"model spec name: expected a registered architecture name, got {self.name!r}")
+        for key, low, high in (("num_classes", 1, 100_000), ("image_size", 1, 4096), ("channels", 1, 64)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"model spec {key}: expected an integer from {low} to {high}, got {value!r}")
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
+                                       or not 1 <= self.width <= 65_536):
+            raise ConfigError(f"model spec width: expected null or an integer from 1 to 65536, got {self.width!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -115,7 +115,7 @@ def test_update_for_another_model_exits_2(client_files, tmp_path, capsys):
     assert rc == 2 and "does not fit the model" in _err(capsys)
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path):
+def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path, capsys):
     """A run killed with SIGKILL loses at most one checkpoint interval and then completes."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "gradleak", "attack", "--update", str(client_files / "update.safetensors"),
@@ -139,6 +139,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path):
     assert reached % 10 == 0
     # resume with a smaller total so the test ends: the recorded config says 100000, so edit it as a user would
     cfg = json.loads((out / "config.json").read_text())
+    edited = {**cfg, "attack_config": {**cfg["attack_config"], "lr": 0.5}}
+    (out / "config.json").write_text(json.dumps(edited))
+    assert main(["attack", "--resume", str(out), "--no-progress"]) == 2  # other settings: refused, named
+    assert "lr: 0.001 -> 0.5" in capsys.readouterr().err
     cfg["attack_config"]["iterations"] = reached + 5
     (out / "config.json").write_text(json.dumps(cfg))
     assert main(["attack", "--resume", str(out), "--no-progress"]) == 0
@@ -147,6 +151,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path):
     assert metrics["summary"]["iterations"] == reached + 5
     its = metrics["history"]["iteration"]
     assert its[0] == 5 and its[-1] == reached + 5  # history from before the kill survived
+    assert metrics["history"]["ssim_iteration"][0] == 5  # and the SSIM points too
 
 
 def test_simulate_a_batch_of_64_from_the_default_built_in_data(tmp_path, one_thread):

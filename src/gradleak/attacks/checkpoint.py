@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gradleak.errors import CheckpointError
@@ -85,9 +86,12 @@ class Checkpointer:
         try:
             meta = json.loads(self.meta_path.read_text())
             tensors = load_file(str(self.tensor_path))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"resume: checkpoint in '{self.folder}' is unreadable ({e})") from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"resume: checkpoint in '{self.folder}' is unreadable ({str(e)[:120]})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("iteration"), int):
+            raise CheckpointError(f"resume: checkpoint.json in '{self.folder}': expected a JSON object with the "
+                                  "iteration, got something else")
         stamp = tensors.get("_iteration")
-        if stamp is None or int(stamp.item()) != int(meta.get("iteration", -1)):
+        if stamp is None or stamp.numel() != 1 or int(stamp.item()) != meta["iteration"]:
             raise CheckpointError(f"resume: checkpoint files in '{self.folder}' are from different iterations")
         return tensors, meta

@@ -178,7 +178,9 @@ class CINetAttack(Attack):
 
         loop.state = state
         if resume:
-            self._restore(*loop.restore(), gen, opt, sched, z, rng)
+            restored = loop.restore()
+            with loop.restoring():
+                self._restore(*restored, gen, opt, sched, z, rng)
         gen.train()
         step = _Stepper(cfg, gen, z, gparams, opt, sched, matcher, y)
         loop.on_interrupt = step.interrupted

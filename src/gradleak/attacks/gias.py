@@ -289,7 +289,9 @@ class GIASAttack(Attack):
         run.best_z = run.z.clone()
         loop.state = lambda: run.state(rng)
         if resume:
-            run.restore(*loop.restore(), self.device, rng)
+            restored = loop.restore()
+            with loop.restoring():
+                run.restore(*restored, self.device, rng)
 
         self._latent_search(loop, run, rng, objective, functools.partial(images, [base]), zshape)
         gens = self._parameter_search(loop, run, objective, images, base, n) if run.stage == "generator" else [base]

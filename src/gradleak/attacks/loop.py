@@ -19,11 +19,14 @@ An attack gives the loop a ``step(it) -> Step`` function for each stage and, for
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +39,8 @@ from gradleak.attacks.base import Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.matching import Matcher, build_matcher
 from gradleak.config import check_ranges
-from gradleak.errors import CheckpointError
+from gradleak.errors import CheckpointError, UpdateError
+from gradleak.hardware import memory_bytes
 from gradleak.labels import LabelResult
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
@@ -89,6 +93,7 @@ def prepare(attack: Attack, server: ServerState, update: ClientUpdate, labels: t
     ``strategy=None`` recovers no labels (an attack that optimises them, as DLG does).
     """
     attack.check(server, update)
+    check_size(update, server)
     if strategy is None:
         lab = LabelResult(torch.empty(0, dtype=torch.long), "dlg-joint")
     else:
@@ -97,6 +102,17 @@ def prepare(attack: Attack, server: ServerState, update: ClientUpdate, labels: t
     victim.train(server.bn_mode == "train")
     return Setup(labels=lab, victim=victim, matcher=build_matcher(update, victim, device=attack.device,
                                                                   adaptive=adaptive))
+
+
+def check_size(update: ClientUpdate, server: ServerState) -> None:
+    """Refuse a batch whose images alone would fill half of this machine's memory (a header's N is the
+    client's word, not a size to allocate)."""
+    total = memory_bytes()
+    need = update.num_samples * math.prod(server.input_shape) * 4
+    if total is not None and need > total // 2:
+        raise UpdateError(f"update num_samples: {update.num_samples} images of {server.input_shape} would need "
+                          f"{need / 2**30:.1f} GiB for the images alone; expected at most half of this machine's "
+                          f"{total / 2**30:.0f} GiB")
 
 
 @dataclass
@@ -177,10 +193,32 @@ class Loop:
                 detail = ", ".join(f"{k}: {written.get(k)!r} -> {now.get(k)!r}" for k in changed)
                 raise CheckpointError(f"resume: the checkpoint in '{self.ckpt.folder}' was written with other "
                                       f"settings ({detail}); resume with the recorded settings or start a new run")
-        self.history = meta["history"]
+        history = meta.get("history")
+        if (not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values())
+                or not isinstance(meta.get("elapsed", 0.0), (int, float))):
+            raise CheckpointError(f"resume: checkpoint.json in '{self.ckpt.folder}': expected the run's history "
+                                  "and clock, got something else")
+        threads = meta.get("threads")
+        if isinstance(threads, int) and threads != torch.get_num_threads():
+            warnings.warn(f"resume: the checkpoint was written with {threads} threads, this run uses "
+                          f"{torch.get_num_threads()}; the result will differ from an uninterrupted run in the "
+                          "last bits (torch.set_num_threads to match)", RuntimeWarning, stacklevel=3)
+        self.history = history
         self.done = self.resumed_from = int(meta["iteration"])
         self._elapsed = float(meta.get("elapsed", 0.0))
         return {k: t.clone() for k, t in tensors.items()}, meta  # aligned copies: see optimization._unflatten
+
+    @contextlib.contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Around an attack's own restore: a checkpoint that does not fit it is a clear error."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            folder = self.ckpt.folder if self.ckpt is not None else self.run_dir
+            raise CheckpointError(f"resume: the checkpoint in '{folder}' does not fit this {self.attack.name} run "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
 
     def save(self) -> None:
         """Checkpoint now (the attack's ``state()`` plus the loop's own)."""
@@ -189,7 +227,8 @@ class Loop:
         tensors, meta = self.state()
         tensors = {**tensors, "_iteration": torch.tensor(self.done)}
         self.ckpt.save(tensors, {**meta, "iteration": self.done, "history": self.history, "elapsed": self.seconds,
-                                 "config": _jsonable(dataclasses.asdict(self.attack.config))})
+                                 "config": _jsonable(dataclasses.asdict(self.attack.config)),
+                                 "threads": torch.get_num_threads()})
 
     def steps(self, step: Callable[[int], Step], *, start: int, stop: int, offset: int = 0,
               preview: Callable[[], torch.Tensor] | None = None) -> str:

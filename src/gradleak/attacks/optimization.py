@@ -195,7 +195,9 @@ class OptimizationAttack(Attack):
 
         loop.state, loop.on_interrupt = state, interrupted
         if resume:
-            run = self._restore(*loop.restore(), shape, soft, rng)
+            restored = loop.restore()
+            with loop.restoring():
+                run = self._restore(*restored, shape, soft, rng)
         partial = self._restarts(loop, run, step, objective, lambda: self._trial(shape, server.num_classes, soft, rng))
         if loop.total > 0:
             loop.save()

@@ -59,7 +59,13 @@ def resume_run(run_dir: Path, *, progress: bool) -> AttackRun:
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"resume: expected a run folder with config.json, got '{run_dir}'")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"resume: '{cfg_path}' is not readable JSON ({str(e)[:80]})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("attack"), str) or "attack_config" not in cfg:
+        raise CheckpointError(f"resume: '{cfg_path}': expected a run's config (attack, attack_config, case), "
+                              "got something else")
     files = cfg.get("case", {}).get("files")
     if not files:
         raise CheckpointError(f"resume: '{cfg_path}' does not name the update and model-state files")

@@ -209,7 +209,12 @@ def folder_batch(root: str | Path, n: int, *, size: int = 32, seed: int = 0) -> 
     images, labels, names = [], [], []
     for i in idx:
         path, label = ds.samples[i]
-        images.append(_to_tensor(Image.open(path), size))
+        try:
+            with Image.open(path) as img:
+                images.append(_to_tensor(img, size))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, too large
+            raise DataError(f"image folder '{root}': expected readable images, got '{path}' ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:80]})") from None
         labels.append(label)
         names.append(Path(path).name)
     return Batch(images=torch.stack(images), labels=torch.tensor(labels, dtype=torch.long), names=names)

@@ -70,7 +70,8 @@ class _ProgressBar:
     score_share = 0.1
 
     def __init__(self, total: int, start: int, truth: torch.Tensor | None, enabled: bool,
-                 time_budget: float | None = None) -> None:
+                 time_budget: float | None = None, record: Path | None = None) -> None:
+        self.record = record  # progress.json: the SSIM points, kept across resumes
         self.deadline = None if time_budget is None else time.perf_counter() + time_budget
         self.truth = truth
         self.total, self.enabled = total, enabled
@@ -98,6 +99,8 @@ class _ProgressBar:
             self.ssim_iteration.append(p.iteration)
             self.ssim.append(value)
             post["ssim"] = f"{value:.3f}"
+            if self.record is not None:
+                write_json(self.record, {"ssim_iteration": self.ssim_iteration, "ssim": self.ssim})
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(p.iteration - self.last)
         self.last = p.iteration
@@ -110,8 +113,26 @@ class _ProgressBar:
 
 
 RUN_FILES = ("config.json", "metrics.json", "checkpoint.json", "checkpoint.safetensors",
-             "reconstruction.safetensors", "report.html", "grid.png", "curves.png")
+             "reconstruction.safetensors", "report.html", "grid.png", "curves.png", "progress.json")
 """The files a run folder holds (what :func:`check_out` looks for and ``force`` replaces)."""
+
+
+def _checkpoint_iteration(run_dir: Path) -> int:
+    try:
+        value = json.loads((run_dir / "checkpoint.json").read_text()).get("iteration", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0  # the attack's own restore names the problem
+    return value if isinstance(value, int) else 0
+
+
+def _progress_before(path: Path, iteration: int) -> tuple[list[int], list[float]]:
+    """The SSIM points recorded up to the checkpoint's ``iteration`` (a resumed run keeps its curve)."""
+    try:
+        doc = json.loads(path.read_text())
+        pairs = [(int(i), float(v)) for i, v in zip(doc["ssim_iteration"], doc["ssim"], strict=True) if i <= iteration]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], []
+    return [i for i, _ in pairs], [v for _, v in pairs]
 
 
 def _remove_written(run_dir: Path, created: bool) -> None:
@@ -217,9 +238,11 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     write_json(run_dir / "config.json", config_doc)
 
     total = int(getattr(att.config, "iterations", 0))
-    bar = _ProgressBar(total, 0, truth_images.cpu() if truth_images is not None else None, progress, time_budget)
+    bar = _ProgressBar(total, 0, truth_images.cpu() if truth_images is not None else None, progress, time_budget,
+                       record=run_dir / "progress.json")
     if resume and (run_dir / "checkpoint.json").is_file():
-        bar.last = int(json.loads((run_dir / "checkpoint.json").read_text()).get("iteration", 0))
+        bar.last = _checkpoint_iteration(run_dir)
+        bar.ssim_iteration, bar.ssim = _progress_before(run_dir / "progress.json", bar.last)
     t0 = time.perf_counter()
     try:
         rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,

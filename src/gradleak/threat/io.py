@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from gradleak.errors import DataError, UpdateError
+from gradleak.config import check_value
+from gradleak.errors import ConfigError, DataError, UpdateError
 from gradleak.types import Batch, ClientUpdate, ModelSpec
 
 _FORMAT = "gradleak-update/1"
@@ -41,6 +42,11 @@ def _read(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, header
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def save_update(update: ClientUpdate, path: str | Path) -> None:
     """Write ``update`` to ``path`` (safetensors, metadata as JSON in the header)."""
     header = {"format": _FORMAT, **update.meta_dict()}
@@ -59,28 +65,60 @@ def load_update(path: str | Path, *, model: nn.Module | None = None) -> ClientUp
     tensors, header = _read(path, "update")
     if header.get("format") != _FORMAT:
         raise UpdateError(f"update file '{path}': expected header format '{_FORMAT}', got {header.get('format')!r}")
-    order = list(header.get("parameters", {}))
+    fields = _header_fields(header, path)
+    order = list(fields.pop("parameters"))
     if sorted(order) != sorted(tensors):
         raise UpdateError(f"update file '{path}': the header lists {len(order)} parameters, the file holds {len(tensors)}")
-    update = ClientUpdate(
-        tensors={n: tensors[n] for n in order},
-        kind=header.get("kind", "gradient"),
-        num_samples=int(header.get("num_samples", 1)),
-        protocol=header.get("protocol", "fedsgd"),
-        local_steps=int(header.get("local_steps", 1)),
-        local_lr=header.get("local_lr"),
-        local_batch_size=header.get("local_batch_size"),
-        num_clients=int(header.get("num_clients", 1)),
-        defenses=tuple(header.get("defenses", ())),
-        metadata=header.get("metadata", {}),
-    )
+    update = ClientUpdate(tensors={n: tensors[n] for n in order}, **fields)
     check_update(update, model=model)
     return update
+
+
+# The update header's fields: (type, default; REQUIRED: no default, bounds for integers).
+REQUIRED = object()
+_HEADER: dict[str, tuple[Any, Any, tuple[int, int] | None]] = {
+    "kind": (Literal["gradient", "delta"], "gradient", None),
+    "num_samples": (int, REQUIRED, (1, 1_000_000)),
+    "protocol": (Literal["fedsgd", "fedavg", "aggregate"], "fedsgd", None),
+    "local_steps": (int, 1, (1, 1_000_000)),
+    "local_lr": (float | None, None, None),
+    "local_batch_size": (int | None, None, (1, 1_000_000)),
+    "num_clients": (int, 1, (1, 1_000_000)),
+    "defenses": (tuple[str, ...], (), None),
+    "metadata": (dict, {}, None),
+    "parameters": (dict, REQUIRED, None),
+}
+
+
+def _header_fields(header: Any, path: str | Path) -> dict[str, Any]:
+    """The update header's fields, each of its type and in its bounds (a missing N is never taken as 1)."""
+    if not isinstance(header, dict):
+        raise UpdateError(f"update file '{path}': expected a JSON object as header, got {type(header).__name__}")
+    out: dict[str, Any] = {}
+    for key, (kind, default, bounds) in _HEADER.items():
+        if key not in header:
+            if default is REQUIRED:
+                raise UpdateError(f"update file '{path}': expected '{key}' in the header, got none"
+                                  + (" (the number of private samples behind the update)" if key == "num_samples" else ""))
+            out[key] = default
+            continue
+        try:
+            value = check_value(f"update header {key}", kind, header[key])
+        except ConfigError as e:
+            raise UpdateError(f"update file '{path}': {e}") from None
+        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
+            raise UpdateError(f"update file '{path}': expected header {key} from {bounds[0]} to {bounds[1]}, got {value}")
+        out[key] = value
+    if out["local_lr"] is not None and not out["local_lr"] > 0:
+        raise UpdateError(f"update file '{path}': expected a positive header local_lr, got {out['local_lr']}")
+    return out
 
 
 def check_update(update: ClientUpdate, *, model: nn.Module | None = None) -> None:
     """Raise :class:`UpdateError` if ``update`` is non-finite or does not fit ``model``."""
     for name, t in update.tensors.items():
+        if not t.is_floating_point():
+            raise UpdateError(f"update tensor '{name}': expected floating-point values, got {t.dtype}")
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise UpdateError(f"update tensor '{name}': expected finite values, got {bad} NaN/Inf entries")
@@ -119,7 +157,16 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
     state, header = _read(path, "model-state")
     if header.get("format") != "gradleak-model/1":
         raise UpdateError(f"model-state file '{path}': expected header format 'gradleak-model/1', got {header.get('format')!r}")
-    spec = ModelSpec.from_dict(header["spec"])
+    if not isinstance(header.get("spec"), dict):
+        raise UpdateError(f"model-state file '{path}': expected the model spec as a JSON object in the header, "
+                          f"got {_short(header.get('spec'))}")
+    try:
+        spec = ModelSpec.from_dict(header["spec"])
+    except ConfigError as e:
+        raise UpdateError(f"model-state file '{path}': {e}") from None
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateError(f"model-state file '{path}': expected finite weights, got NaN/Inf in '{name}'")
     model = build_model(spec, seed=None)
     try:
         model.load_state_dict(state, strict=True)
