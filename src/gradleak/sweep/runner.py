@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -279,6 +280,7 @@ def _check(grid: SweepGrid, trials: list[Trial], out: Path, dry_run: bool) -> li
     for a in grid.attacks:  # unknown presets or fields fail before anything runs
         resolve_config(a.name, iterations=grid.iterations, preset=a.preset, overrides=a.overrides)
     check_victim(ServerState.from_spec(build_model(grid.model, seed=grid.model_seed), grid.model), grid.cells())
+    out.mkdir(parents=True, exist_ok=True)
     todo = []
     for trial in trials:
         folder = trial_folder(out, trial)
@@ -320,9 +322,14 @@ def run_sweep(grid: SweepGrid, *, out: str | Path, backend: str = "local", addre
     if workers is not None and workers < 1:
         raise ConfigError(f"sweep workers: expected a positive integer, got {workers}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     trials = grid.trials()
-    todo = _check(grid, trials, out, dry_run)
+    created = not out.exists()
+    try:
+        todo = _check(grid, trials, out, dry_run)  # validates everything before it writes a trial.json
+    except Exception:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     tell = on_event or (lambda trial_id, status: None)
     for t in trials:
         if t not in todo:

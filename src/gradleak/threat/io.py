@@ -39,6 +39,8 @@ def _read(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[st
         header = json.loads(raw.get("gradleak", "{}"))
     except json.JSONDecodeError as e:
         raise UpdateError(f"{what} file '{path}': the JSON header is malformed ({e})") from None
+    if not isinstance(header, dict):
+        raise UpdateError(f"{what} file '{path}': expected a JSON object as header, got {type(header).__name__}")
     return tensors, header
 
 

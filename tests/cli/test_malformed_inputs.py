@@ -1,0 +1,181 @@
+"""The CLI's promise on bad input, as a table: exit 2, one line naming what was expected, nothing left behind.
+
+Each row crafts one malformed input (an update, model-state or truth file with a bad header value,
+a ``--set`` value, a data folder, a sweep grid, a run folder) and runs the command on it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gradleak.cli.main import main
+
+SMALL = ["--model", "lenet", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("client")
+    assert main(["simulate", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["gradleak"])
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict | str) -> Path:
+    save_file(tensors, str(path), metadata={"gradleak": header if isinstance(header, str) else json.dumps(header)})
+    return path
+
+
+def _update(client: Path, tmp: Path, **changes) -> Path:
+    tensors, header = _read(client / "update.safetensors")
+    header = {k: v for k, v in {**header, **changes}.items() if v is not _DROP}
+    return _write(tmp / "u.safetensors", tensors, header)
+
+
+def _model(client: Path, tmp: Path, spec) -> Path:
+    tensors, header = _read(client / "model.safetensors")
+    header["spec"] = spec
+    return _write(tmp / f"m{next(_COUNT)}.safetensors", tensors, header)
+
+
+def _truth(client: Path, tmp: Path, images=None, labels=None) -> Path:
+    tensors, header = _read(client / "truth.safetensors")
+    if images is not None:
+        tensors["images"] = images(tensors["images"])
+    if labels is not None:
+        tensors["labels"] = labels(tensors["labels"])
+    return _write(tmp / f"t{next(_COUNT)}.safetensors", tensors, header)
+
+
+_DROP = object()
+_COUNT = itertools.count()
+HEADER_CASES = [  # (field, value, message)
+    ("num_samples", "abc", "num_samples: expected an integer, got 'abc'"),
+    ("num_samples", [2], "num_samples: expected an integer"),
+    ("num_samples", None, "num_samples: expected an integer, got None"),
+    ("num_samples", 2.7, "num_samples: expected an integer, got 2.7"),
+    ("num_samples", 10**12, "num_samples from 1 to 1000000"),
+    ("num_samples", 0, "num_samples from 1 to 1000000, got 0"),
+    ("num_samples", _DROP, "expected 'num_samples' in the header"),
+    ("local_steps", "3", "local_steps: expected an integer, got '3'"),
+    ("num_clients", "2", "num_clients: expected an integer"),
+    ("local_lr", "0.1", "local_lr: expected a number or null"),
+    ("local_lr", -1.0, "positive header local_lr"),
+    ("metadata", [1, 2], "metadata: expected dict"),
+    ("kind", "weights", "kind: expected one of 'gradient', 'delta'"),
+    ("protocol", 3, "protocol: expected one of"),
+    ("defenses", "noise", "defenses: expected a list of strings"),
+    ("format", "other/1", "expected header format"),
+    ("parameters", [], "parameters: expected dict"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", HEADER_CASES, ids=[f"{f}={v!r}"[:30] for f, v, _ in HEADER_CASES])
+def test_a_bad_update_header_exits_2_naming_the_field(client, tmp_path, capsys, field, value, message):
+    bad = _update(client, tmp_path, **{field: value})
+    out = tmp_path / "run"
+    assert main(["attack", "--update", str(bad), "--model-state", str(client / "model.safetensors"),
+                 "--out", str(out), "--no-progress"]) == 2
+    _one_line(capsys, message)
+    assert not out.exists()
+
+
+def _one_line(capsys, message: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert message in err, err
+
+
+def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    u, m, t = str(client / "update.safetensors"), str(client / "model.safetensors"), str(client / "truth.safetensors")
+    tensors, header = _read(client / "update.safetensors")
+    first = next(iter(tensors))
+    int_update = _write(tmp / "int.safetensors", {**tensors, first: tensors[first].to(torch.int32)}, header)
+    bool_update = _write(tmp / "bool.safetensors", {**tensors, first: tensors[first] > 0}, header)
+    nan_update = _write(tmp / "nan.safetensors", {**tensors, first: tensors[first] * float("nan")}, header)
+    text_header = _write(tmp / "text.safetensors", tensors, "not json")
+    list_header = _write(tmp / "list.safetensors", tensors, "[1, 2]")
+    (tmp / "pickle.safetensors").write_bytes(pickle.dumps(tensors))
+    mt, mh = _read(client / "model.safetensors")
+    nan_model = _write(tmp / "nanmodel.safetensors", {k: v * float("nan") if v.is_floating_point() else v
+                                                      for k, v in mt.items()}, mh)
+    folder = tmp / "images" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "fake.png").write_text("not an image")
+    (tmp / "images" / "dog").mkdir()
+    (tmp / "images" / "dog" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
+    (tmp / "grid.json").write_text(json.dumps({"model": "lenet", "attacks": ["cinet"], "batch_sizes": ["1"]}))
+    (tmp / "grid2.json").write_text(json.dumps({"model": "lenet", "attacks": [{"name": "cinet", "set": {"lr": "x"}}],
+                                                "batch_sizes": [1]}))
+    (tmp / "notjson").mkdir()
+    (tmp / "notjson" / "config.json").write_text("{not json")
+    (tmp / "listcfg").mkdir()
+    (tmp / "listcfg" / "config.json").write_text("[1]")
+    (tmp / "afile").write_text("x")
+    base = ["attack", "--update", u, "--model-state", m, "--no-progress"]
+    out = ["--out", str(tmp / "out")]
+    return [
+        (["attack", "--update", str(int_update), "--model-state", m, *out], "expected floating-point values, got torch.int32"),
+        (["attack", "--update", str(bool_update), "--model-state", m, *out], "expected floating-point values, got torch.bool"),
+        (["attack", "--update", str(nan_update), "--model-state", m, *out], "expected finite values"),
+        (["attack", "--update", str(text_header), "--model-state", m, *out], "JSON header is malformed"),
+        (["attack", "--update", str(list_header), "--model-state", m, *out], "expected a JSON object as header"),
+        (["attack", "--update", str(tmp / "pickle.safetensors"), "--model-state", m, *out], "expected a safetensors file"),
+        (["attack", "--update", str(tmp), "--model-state", m, *out], "expected an existing safetensors file"),
+        (["attack", "--update", u, "--model-state", str(_model(client, tmp, "lenet")), *out],
+         "expected the model spec as a JSON object"),
+        (["attack", "--update", u, "--model-state", str(_model(client, tmp, {"image_size": 32})), *out], "'name' (required)"),
+        (["attack", "--update", u, "--model-state", str(_model(client, tmp, {"name": "lenet", "image_size": "32"})), *out],
+         "image_size: expected an integer, got '32'"),
+        (["attack", "--update", u, "--model-state", str(_model(client, tmp, {"name": "lenet", "image_size": 60000})), *out],
+         "image_size: expected an integer from 1 to 4096, got 60000"),
+        (["attack", "--update", u, "--model-state", str(nan_model), *out], "expected finite weights"),
+        ([*base, "--truth", str(_truth(client, tmp, images=lambda x: x * float("nan"))), *out], "expected finite images"),
+        ([*base, "--truth", str(_truth(client, tmp, images=lambda x: x * 255)), *out], "expected images in [0, 1]"),
+        ([*base, "--truth", str(_truth(client, tmp, images=lambda x: (x * 255).to(torch.uint8))), *out],
+         "expected float images"),
+        ([*base, "--truth", str(_truth(client, tmp, labels=lambda y: y * 0 - 1)), *out], "expected labels 0 to 9, got -1"),
+        ([*base, "--truth", str(_truth(client, tmp, labels=lambda y: y * 0 + 10)), *out], "expected labels 0 to 9, got 10"),
+        ([*base, "--truth", str(_truth(client, tmp, labels=lambda y: y.float())), *out], "expected integer class labels"),
+        ([*base, "--set", "spectral=maybe", *out], "expected true or false, got 'maybe'"),
+        ([*base, "--set", "iterations=-1", *out], "iterations: expected >= 0, got -1"),
+        ([*base, "--set", "lr=0", *out], "lr: expected > 0, got 0.0"),
+        ([*base, "--set", "channels=0", *out], "channels: expected 1 to 4096"),
+        ([*base, "--set", "nosuch=1", *out], "unknown option(s) nosuch"),
+        ([*base, "--set", "noequals", *out], "expected KEY=VALUE"),
+        ([*base, "--set", "generator_factory=os:system", "--attack", "gias", *out], "is not accepted"),
+        ([*base, "--out", str(tmp / "afile")], "expected a folder, got an existing file"),
+        (["attack", "--resume", str(tmp / "notjson")], "is not readable JSON"),
+        (["attack", "--resume", str(tmp / "listcfg")], "expected a run's config"),
+        (["simulate", *SMALL, "--data", "folder", "--data-root", str(tmp / "images"), "--out", str(tmp / "s1")],
+         "expected readable images"),
+        (["simulate", *SMALL, "--defense", "noise:abc", "--out", str(tmp / "s2")], "noise"),
+        (["simulate", *SMALL, "--protocol", "fedavg,fedsgd", "--out", str(tmp / "s3")], "expected one setting"),
+        (["simulate", "--model", "lenet", "--batch-size", "900", "--out", str(tmp / "s4")], "at most 824 images"),
+        (["sweep", str(tmp / "grid.json"), "--out", str(tmp / "sw1")], "expected integers, got '1'"),
+        (["sweep", str(tmp / "grid2.json"), "--out", str(tmp / "sw2")], "lr: expected a number, got 'x'"),
+        (["compare", *SMALL, "--attacks", "cinet,nope", "--out", str(tmp / "c1")], "unknown attack 'nope'"),
+        (["labels", "--update", str(int_update), "--model-state", m], "expected floating-point values"),
+    ]
+
+
+def test_malformed_inputs_exit_2_with_one_line_and_leave_nothing(client, tmp_path, capsys):
+    cases = _other_cases(client, tmp_path)
+    assert len(cases) + len(HEADER_CASES) >= 40
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        _one_line(capsys, message)
+    for made in ("out", "s1", "s2", "s3", "s4", "c1", "sw1", "sw2"):
+        assert not (tmp_path / made).exists(), made  # a clean error leaves no folder behind
