@@ -99,7 +99,7 @@ def _one_line(capsys, message: str) -> None:
 
 
 def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
-    u, m, t = str(client / "update.safetensors"), str(client / "model.safetensors"), str(client / "truth.safetensors")
+    u, m = str(client / "update.safetensors"), str(client / "model.safetensors")
     tensors, header = _read(client / "update.safetensors")
     first = next(iter(tensors))
     int_update = _write(tmp / "int.safetensors", {**tensors, first: tensors[first].to(torch.int32)}, header)

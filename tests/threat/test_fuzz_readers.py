@@ -40,7 +40,7 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
     server, update, images, labels = make_case("mlp", 2, size=8, width=8)
     save_update(update, folder / "update.safetensors")
-    save_model_state(server.model, server.spec, folder / "model.safetensors")  # type: ignore[arg-type]
+    save_model_state(server.model, server.spec, folder / "model.safetensors")
     save_truth(images, labels, folder / "truth.safetensors")
     return folder, server
 
