@@ -40,13 +40,9 @@ def sync(device: str) -> None:
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
-    cells = [[h for h in headers]] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(line(cells[0]))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells[1:]:
-        print(line(r))
+    from gradleak.reporting.tables import markdown
+
+    print(markdown(headers, rows, aligned=True))
 
 
 def write_json(path: str | Path, data: Any) -> None:

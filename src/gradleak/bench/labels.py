@@ -37,6 +37,7 @@ from gradleak.errors import GradleakError
 from gradleak.labels import label_accuracy, recover_labels
 from gradleak.labels.ilrg import ilrg
 from gradleak.models import build_model
+from gradleak.reporting.tables import markdown
 from gradleak.types import ModelSpec, ServerState
 
 VICTIMS: dict[str, dict[str, Any]] = {
@@ -134,8 +135,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                   key=lambda k: (list(VICTIMS).index(k[0]), k[1] != "untrained", defenses.index(k[3]),
                                  int(str(k[2]).rstrip("u")), str(k[2]).endswith("u")))
     many = len(defenses) > 1
-    head = "| victim | state | " + ("defense | " if many else "") + "N | " + " | ".join(STRATEGIES) + " |"
-    lines = [head, "|" + "---|" * (3 + many + len(STRATEGIES))]
+    head = ["victim", "state"] + (["defense"] if many else []) + ["N", *STRATEGIES]
+    body = []
     for victim, state, n, defense in keys:
         cells = []
         for s in STRATEGIES:
@@ -150,8 +151,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 used = {r.get("used") for r in sel if r["accuracy"] is not None}
                 via = f" via {'/'.join(sorted(u for u in used if u))}" if s == "auto" else ""
                 cells.append(f"{statistics.mean(ok):.3f} ({ms:.0f} ms){mark}{via}")
-        lines.append(f"| {victim} | {state} | " + (f"{defense} | " if many else "") + f"{n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([victim, state] + ([defense] if many else []) + [str(n), *cells])
+    return markdown(head, body)
 
 
 def main(argv: list[str] | None = None) -> int:

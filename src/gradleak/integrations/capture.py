@@ -31,6 +31,7 @@ from torch import nn
 
 from gradleak.errors import ConfigError, GradleakError, UpdateError
 from gradleak.labels import recover_labels
+from gradleak.reporting.tables import cell, write_csv, write_markdown
 from gradleak.threat import load_model_state, load_truth, load_update, local_schedule, save_model_state, save_truth
 from gradleak.threat.io import save_update
 from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
@@ -322,7 +323,6 @@ class AuditRecord:
 
 def write_index(out: str | Path, records: list[AuditRecord]) -> None:
     """``audits.md`` and ``audits.csv`` in ``out``: one row per audited client and round."""
-    import csv
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,22 +340,14 @@ def write_index(out: str | Path, records: list[AuditRecord]) -> None:
                      "label_strategy": s.get("label_strategy"), "label_accuracy": s.get("label_accuracy"),
                      "ssim_mean": s.get("ssim_mean"), "psnr_mean": s.get("psnr_mean"), "lpips_mean": s.get("lpips_mean"),
                      "seconds": s.get("seconds"), "folder": r.folder, "error": r.error})
-    with open(out / "audits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    def cell(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
+    write_csv(out / "audits.csv", cols, rows)
     head = ["round", "node", "status", "N", "protocol", "steps", "defense", "labels", "label acc.",
             "worst-case SSIM", "PSNR", "verdict", "folder"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for row in rows:
         path = Path(str(row["folder"]))
         folder = path.relative_to(out) if path.is_relative_to(out) else path
-        lines.append("| " + " | ".join(cell(row[k]) for k in ("round", "node_id", "status", "n", "protocol",
-                                                              "local_steps", "defense", "label_strategy",
-                                                              "label_accuracy", "ssim_mean", "psnr_mean", "verdict"))
-                     + f" | {folder} |")
-    (out / "audits.md").write_text("\n".join(lines) + "\n")
+        body.append([cell(row[k]) for k in ("round", "node_id", "status", "n", "protocol", "local_steps", "defense",
+                                            "label_strategy", "label_accuracy", "ssim_mean", "psnr_mean", "verdict")]
+                    + [str(folder)])
+    write_markdown(out / "audits.md", head, body)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gradleak.errors import ConfigError
+from gradleak.reporting.tables import write_csv, write_markdown
 from gradleak.reporting.verdicts import PARTIAL_SSIM, RECOGNISABLE_SSIM, load_runs, verdict, worst_case
 
 log = logging.getLogger(__name__)
@@ -196,29 +197,23 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
     Returns:
         The written files by name.
     """
-    import csv
-
     out = Path(out)
     if not rows:
         raise ConfigError("audit report: expected at least one finished cell, got none")
     head, body = table_rows(rows)
-    md = ([title, ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(c) + " |" for c in body]
-    files = {"audit.md": out / "audit.md", "audit.csv": out / "audit.csv"}
-    files["audit.md"].write_text("\n".join(md) + "\n")
-    with open(files["audit.csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            u = r.get("utility") or {}
-            attackers, ci = r.get("attackers") or {}, r.get("ssim_ci") or [None, None]
-            w.writerow({**r, **{k: r["protocol"][k] for k in ("protocol", "local_steps", "local_lr", "clients")},
-                        "ssim_ci_low": ci[0], "ssim_ci_high": ci[1],
-                        **{f"ssim_{a}": (attackers.get(a) or {}).get("ssim_mean") for a in ("unaware", "adaptive")},
-                        "seeds": " ".join(map(str, r.get("seeds", []))), "not_tried": "; ".join(r.get("not_tried", [])),
-                        "utility_steps": u.get("steps"), "utility_loss": u.get("loss"),
-                        "utility_accuracy": u.get("accuracy"), "utility_loss_cost": _loss_cost(r, rows),
-                        "verdict": verdict(r)})
+    files = {"audit.md": write_markdown(out / "audit.md", head, body, title=title)}
+    flat = []
+    for r in rows:
+        u = r.get("utility") or {}
+        attackers, ci = r.get("attackers") or {}, r.get("ssim_ci") or [None, None]
+        flat.append({**r, **{k: r["protocol"][k] for k in ("protocol", "local_steps", "local_lr", "clients")},
+                     "ssim_ci_low": ci[0], "ssim_ci_high": ci[1],
+                     **{f"ssim_{a}": (attackers.get(a) or {}).get("ssim_mean") for a in ("unaware", "adaptive")},
+                     "seeds": " ".join(map(str, r.get("seeds", []))), "not_tried": "; ".join(r.get("not_tried", [])),
+                     "utility_steps": u.get("steps"), "utility_loss": u.get("loss"),
+                     "utility_accuracy": u.get("accuracy"), "utility_loss_cost": _loss_cost(r, rows),
+                     "verdict": verdict(r)})
+    files["audit.csv"] = write_csv(out / "audit.csv", CSV_KEYS, flat)
     for name, metric, x, ylabel in (("ssim_vs_defense.png", "ssim", "defense", "worst-case SSIM (mean ± std)"),
                                     ("psnr_vs_defense.png", "psnr", "defense", "PSNR dB (mean ± std)"),
                                     ("ssim_vs_batch.png", "ssim", "batch", "worst-case SSIM (mean ± std)")):

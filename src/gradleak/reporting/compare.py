@@ -9,7 +9,6 @@ shows the ground truth over one row per attack.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from gradleak.attacks.base import resolve_config
 from gradleak.errors import ConfigError
 from gradleak.reporting.figures import subplots
 from gradleak.reporting.runner import run_attack
+from gradleak.reporting.tables import cell, write_csv, write_markdown
 from gradleak.types import ClientUpdate, ServerState
 
 COLUMNS = [("SSIM", "ssim", 3), ("FSIM", "fsim", 3), ("PSNR", "psnr", 2), ("LPIPS", "lpips", 3)]
@@ -68,26 +68,15 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
 
 def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
     """``table.md`` (Table 4 layout) and ``table.csv`` from per-attack summaries."""
-    out.mkdir(parents=True, exist_ok=True)
     head = ["attack"] + [c[0] for c in COLUMNS] + ["label acc.", "labels", "iterations", "seconds", "peak MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in rows:
-        acc = s.get("label_accuracy")
-        cells = [s["attack"]] + [_pm(s, key, d) for _, key, d in COLUMNS] + [
-            "n/a" if acc is None else f"{acc:.2f}", str(s.get("label_strategy")), str(s.get("iterations")),
-            f"{s['seconds']:.1f}", f"{s['peak_memory_mb']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    body = [[s["attack"]] + [_pm(s, key, d) for _, key, d in COLUMNS] + [
+        cell(s.get("label_accuracy"), 2), str(s.get("label_strategy")), str(s.get("iterations")),
+        f"{s['seconds']:.1f}", f"{s['peak_memory_mb']:.0f}"] for s in rows]
     note = next((s.get("lpips_note") for s in rows if s.get("lpips_note")), None)
-    if note:
-        lines += ["", f"LPIPS: {note}"]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_markdown(out / "table.md", head, body, notes=[f"LPIPS: {note}"] if note else ())
     keys = ["attack", "ssim_mean", "ssim_std", "fsim_mean", "fsim_std", "psnr_mean", "psnr_std", "lpips_mean",
             "lpips_std", "label_accuracy", "label_strategy", "iterations", "seconds", "peak_memory_mb"]
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for s in rows:
-            w.writerow(s)
+    write_csv(out / "table.csv", keys, rows)
 
 
 def _grid(path: Path, truth: torch.Tensor, recons: list[torch.Tensor], names: list[str]) -> None:

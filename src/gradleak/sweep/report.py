@@ -9,7 +9,6 @@ protocol and defense). ``sweep.json`` holds the resolved grid and the rows.
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradleak.reporting.audit import cell_finished, load_row, verdict
 from gradleak.reporting.runner import write_json
+from gradleak.reporting.tables import write_csv, write_markdown
 
 if TYPE_CHECKING:
     from gradleak.sweep.runner import SweepGrid, Trial
@@ -62,19 +62,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def write_table(out: Path, rows: Sequence[dict[str, Any]]) -> None:
     """``table.md`` and ``table.csv``: one row per trial."""
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TABLE_KEYS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "table.csv", TABLE_KEYS, rows)
     head = ["trial", "status", "attack", "protocol", "N", "defense", "seed", "data seed", "SSIM", "PSNR", "LPIPS",
             "label acc.", "ε", "seconds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["trial"], r["status"], r["attack"], r["protocol"], str(r["batch_size"]), r["defense"], str(r["seed"]),
-                 str(r["data_seed"]), _fmt(r.get("ssim_mean")), _fmt(r.get("psnr_mean"), 2), _fmt(r.get("lpips_mean")),
-                 _fmt(r.get("label_accuracy"), 2), _fmt(r.get("epsilon"), 3), _fmt(r.get("seconds"), 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    body = [[r["trial"], r["status"], r["attack"], r["protocol"], str(r["batch_size"]), r["defense"], str(r["seed"]),
+             str(r["data_seed"]), _fmt(r.get("ssim_mean")), _fmt(r.get("psnr_mean"), 2), _fmt(r.get("lpips_mean")),
+             _fmt(r.get("label_accuracy"), 2), _fmt(r.get("epsilon"), 3), _fmt(r.get("seconds"), 1)] for r in rows]
+    write_markdown(out / "table.md", head, body)
 
 
 def group_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
