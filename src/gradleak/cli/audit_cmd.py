@@ -63,28 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="R of the 'epsilon after R rounds' axis of ssim_vs_epsilon.png (DP-SGD cells; default 100)")
     add_attack(p)
     add_common(p)
-    p.set_defaults(_audit_parser=p)
     return p
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """An equivalent ``gradleak audit ...`` line: every option whose value differs from its default."""
-    parser: argparse.ArgumentParser = args._audit_parser
-    words = ["gradleak", "audit"]
-    for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "_audit_parser"):
-            continue
-        value, flag = getattr(args, action.dest, None), action.option_strings[-1]
-        if value == parser.get_default(action.dest):
-            continue
-        if isinstance(action, argparse._StoreTrueAction):
-            words.append(flag)
-        elif isinstance(value, list):
-            for item in value:
-                words += [flag, str(item)]
-        else:
-            words += [flag, str(value)]
-    return shlex.join(words)
+    """The ``gradleak audit ...`` line that was run (recorded by :func:`gradleak.cli.main.main`)."""
+    return shlex.join(["gradleak", *getattr(args, "argv", ["audit"])])
 
 
 def run(args: argparse.Namespace) -> int:
