@@ -115,6 +115,7 @@ def test_update_for_another_model_exits_2(client_files, tmp_path, capsys):
     assert rc == 2 and "does not fit the model" in _err(capsys)
 
 
+@pytest.mark.slow  # a subprocess killed with SIGKILL
 def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path, capsys):
     """A run killed with SIGKILL loses at most one checkpoint interval and then completes."""
     out = tmp_path / "run"

@@ -40,6 +40,8 @@ from gradleak.models import build_model
 from gradleak.threat import fedavg_update, fedsgd_update, local_schedule
 from gradleak.types import ModelSpec, ServerState
 
+pytestmark = pytest.mark.slow  # a real federation on Flower's simulation engine (Ray)
+
 SPEC = ModelSpec("lenet", activation="sigmoid")
 SSIM_THRESHOLD = 0.5  # lowest measured 0.65 (round 2, CI-Net 300 iterations)
 

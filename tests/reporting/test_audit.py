@@ -26,6 +26,8 @@ from gradleak.reporting.audit import (
 from gradleak.reporting.verdicts import Condition, bootstrap_ci, worst_case
 from gradleak.types import ModelSpec, ServerState
 
+pytestmark = pytest.mark.slow  # end-to-end audits: several attacks per test
+
 TINY = ["audit", "--model", "lenet", "--batch-sizes", "1,2", "--defenses", "none,noise:1e-1", "--attack", "cinet",
         "--iterations", "3", "--set", "channels=8", "--utility-steps", "3", "--no-progress"]
 CELLS = ["fedsgd_n1_none", "fedsgd_n1_noise-1e-1", "fedsgd_n2_none", "fedsgd_n2_noise-1e-1"]

@@ -6,7 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
+
+@pytest.mark.slow  # a fresh interpreter
 def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
     code = textwrap.dedent(f"""
         import sys

@@ -12,6 +12,8 @@ from gradleak.cli.main import main
 from gradleak.errors import ConfigError, UnknownNameError
 from gradleak.sweep.runner import SweepGrid, load_grid, run_sweep, trial_folder
 
+pytestmark = pytest.mark.slow  # process pools and a local Ray runtime
+
 GRID_YAML = """
 name: test sweep
 model: {name: lenet, activation: sigmoid}
