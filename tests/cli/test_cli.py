@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from gradleak.cli.main import main
 
@@ -153,6 +154,53 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path, cap
     its = metrics["history"]["iteration"]
     assert its[0] == 5 and its[-1] == reached + 5  # history from before the kill survived
     assert metrics["history"]["ssim_iteration"][0] == 5  # and the SSIM points too
+
+
+def _gradleak(*argv: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "gradleak", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every process: bit-identical
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.slow  # subprocesses stopped with SIGINT and SIGKILL
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_an_interrupted_run_resumes_to_the_bit_identical_reconstruction(client_files, tmp_path, sig):
+    """Stopped at a random moment (mid-step for SIGINT, between checkpoints for SIGKILL), resumed on the
+    same thread count: the reconstruction equals the uninterrupted run's, bit for bit."""
+    from safetensors.torch import load_file
+
+    files = ["--update", str(client_files / "update.safetensors"), "--model-state", str(client_files / "model.safetensors")]
+    common = ["--set", "channels=8", "--set", "checkpoint_every=7", "--set", "log_every=5", "--no-progress"]
+    out = tmp_path / "run"
+    proc = _gradleak("attack", *files, "--iterations", "100000", *common, "--out", str(out), wait=False)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ckpt = out / "checkpoint.json"
+            if ckpt.is_file() and json.loads(ckpt.read_text())["iteration"] >= 14:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint written within 120 s")
+        time.sleep(0.3)  # somewhere in a later step
+    finally:
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    reached = json.loads((out / "checkpoint.json").read_text())["iteration"]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130  # Ctrl-C: the state after the last completed step was saved
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["attack_config"]["iterations"] = reached + 6
+    (out / "config.json").write_text(json.dumps(cfg))
+    done = _gradleak("attack", "--resume", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    straight = tmp_path / "straight"
+    done = _gradleak("attack", *files, "--iterations", str(reached + 6), *common, "--out", str(straight))
+    assert done.returncode == 0, done.stderr
+    resumed = load_file(str(out / "reconstruction.safetensors"))["images"]
+    assert torch.equal(resumed, load_file(str(straight / "reconstruction.safetensors"))["images"])
 
 
 def test_simulate_a_batch_of_64_from_the_default_built_in_data(tmp_path, one_thread):
