@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradleak.config import split_preset
 from gradleak.defenses import declare_defense, parse_defense
 from gradleak.errors import ConfigError
 from gradleak.integrations.capture import (
@@ -136,8 +137,9 @@ class AuditStrategy(Strategy):
             (with ``input_shape`` and ``num_classes``). Its ``state_dict`` names (or order) must match
             the ArrayRecord the server sends.
         out: the audit folder; one sub-folder per round and client.
-        attack: registered attack name (``gradleak list attacks``).
-        attack_config: the attack's config (dataclass or dict; default: its defaults).
+        attack: registered attack name, or ``ATTACK:PRESET`` as ``gradleak list presets`` prints it.
+        attack_config: the attack's config (a dataclass), or overrides of its preset or defaults (a dict),
+            resolved by :func:`gradleak.attacks.base.resolve_config`.
         rounds: rounds to audit (default: all).
         node_ids: clients to audit (default: all).
         max_clients_per_round: audit at most this many clients per round (smallest node ids first).
@@ -178,9 +180,12 @@ class AuditStrategy(Strategy):
                  seed: int = 0, device: str = "cpu", time_budget: float | None = None,
                  seeds: Sequence[int] | None = None, defense: str | None = None,
                  fail_if: Sequence[str] = ()) -> None:
-        from gradleak.attacks import create
+        from gradleak.attacks.base import resolve_config
 
-        create(attack, attack_config)  # an unknown attack or config field fails before the federation starts
+        name, preset = split_preset(attack)  # "cinet" or "cinet:reference", as gradleak list presets prints it
+        if attack_config is None or isinstance(attack_config, Mapping):  # the one resolver; fails before the federation
+            attack_config = resolve_config(name, preset=preset, overrides=attack_config)
+        attack = name
         if defense:
             parse_defense(defense)
         self.conditions = [Condition.parse(c) for c in fail_if]
@@ -192,7 +197,7 @@ class AuditStrategy(Strategy):
             raise ConfigError(f"audit max_workers: expected a positive integer, got {max_workers}")
         self.strategy = strategy
         self.model, self.out, self.attack = model, Path(out), attack
-        self.attack_config = attack_config if attack_config is not None else {}
+        self.attack_config = attack_config
         self.rounds = None if rounds is None else {int(r) for r in rounds}
         self.node_ids = None if node_ids is None else {int(n) for n in node_ids}
         self.max_clients_per_round = max_clients_per_round
