@@ -117,6 +117,33 @@ RUN_FILES = ("config.json", "metrics.json", "checkpoint.json", "checkpoint.safet
 """The files a run folder holds (what :func:`check_out` looks for and ``force`` replaces)."""
 
 
+def _check_inputs(att: attack_api.Attack, server: ServerState, update: ClientUpdate,
+                  truth_images: torch.Tensor | None, truth_labels: torch.Tensor | None) -> None:
+    """Everything a run needs checked before it writes anything: the update against the model, the truth's size."""
+    att.check(server, update)
+    want = (update.num_samples, *server.input_shape)
+    if truth_images is not None and tuple(truth_images.shape) != want:
+        raise ConfigError(f"truth images: expected shape {want}, got {tuple(truth_images.shape)}")
+    if truth_labels is not None and truth_labels.numel() != update.num_samples:
+        raise ConfigError(f"truth labels: expected {update.num_samples} (the update's batch size), got "
+                          f"{truth_labels.numel()}")
+
+
+def _write_pictures(run_dir: Path, metrics: dict[str, Any], rec: Reconstruction, truth_images: torch.Tensor | None,
+                    truth_labels: torch.Tensor | None, pairs: list[int] | None, *, write_images: bool) -> None:
+    """grid.png (with ``write_images``), curves.png and report.html; pairs align truth and reconstruction."""
+    order = torch.tensor(pairs) if pairs is not None else None
+    paired = rec.images[order] if order is not None else None
+    truth = truth_images.cpu() if truth_images is not None and paired is not None else None
+    if write_images:
+        save_grid(run_dir / "grid.png", truth, paired if paired is not None else rec.images)
+    save_curves(run_dir / "curves.png", metrics["history"])
+    write_report(run_dir, config=json.loads((run_dir / "config.json").read_text()), metrics=metrics,
+                 truth=truth, recon=paired,
+                 truth_labels=truth_labels.tolist() if truth_labels is not None and paired is not None else None,
+                 recon_labels=rec.labels[order].tolist() if order is not None else None)
+
+
 def _checkpoint_iteration(run_dir: Path) -> int:
     try:
         value = json.loads((run_dir / "checkpoint.json").read_text()).get("iteration", 0)
@@ -212,13 +239,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     check_out(run_dir, resume=resume, force=force)
     dev = torch.device(device)
     att = attack_api.create(attack, config, device=dev, seed=seed)
-    att.check(server, update)
-    if truth_images is not None and tuple(truth_images.shape) != (update.num_samples, *server.input_shape):
-        raise ConfigError(f"truth images: expected shape {(update.num_samples, *server.input_shape)}, "
-                          f"got {tuple(truth_images.shape)}")
-    if truth_labels is not None and truth_labels.numel() != update.num_samples:
-        raise ConfigError(f"truth labels: expected {update.num_samples} (the update's batch size), got "
-                          f"{truth_labels.numel()}")
+    _check_inputs(att, server, update, truth_images, truth_labels)
     created = not run_dir.exists()
     if force and not resume:
         for name in RUN_FILES:
@@ -286,15 +307,6 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     metrics = {"summary": summary, "threat_model": threat, "per_image": per_image, "history": history,
                "info": {**rec.outcome(), **{k: v for k, v in rec.info.items() if k != "config"}}}
     write_json(run_dir / "metrics.json", metrics)
-    if write_images and truth_images is not None and pairs is not None:
-        save_grid(run_dir / "grid.png", truth_images.cpu(), rec.images[torch.tensor(pairs)])
-    elif write_images:
-        save_grid(run_dir / "grid.png", None, rec.images)
-    save_curves(run_dir / "curves.png", history)
-    paired = rec.images[torch.tensor(pairs)] if pairs is not None else None
-    write_report(run_dir, config=json.loads((run_dir / "config.json").read_text()), metrics=metrics,
-                 truth=truth_images.cpu() if truth_images is not None and paired is not None else None, recon=paired,
-                 truth_labels=truth_labels.tolist() if truth_labels is not None and paired is not None else None,
-                 recon_labels=rec.labels[torch.tensor(pairs)].tolist() if pairs is not None else None)
+    _write_pictures(run_dir, metrics, rec, truth_images, truth_labels, pairs, write_images=write_images)
     log.info("run folder: %s", run_dir)
     return AttackRun(run_dir=run_dir, reconstruction=rec, metrics=metrics)
