@@ -77,9 +77,9 @@ def verdict_line(summary: Mapping[str, Any], per_image: Sequence[Mapping[str, An
     acc = summary.get("label_accuracy")
     labels = ("labels not scored" if acc is None else "labels exact" if acc >= 1.0
               else f"labels {acc:.0%} right")
-    ssim = summary.get("ssim_mean")
+    ssim, psnr = summary.get("ssim_mean"), summary.get("psnr_mean")
     text = (f"{seen} of {n} private images recognisable (SSIM ≥ {RECOGNISABLE_SSIM}); {labels}; "
-            f"mean SSIM {_fmt(ssim)}, PSNR {_fmt(summary.get('psnr_mean'))} dB.")
+            f"mean SSIM {'n/a' if ssim is None else f'{ssim:.3f}'}, PSNR {'n/a' if psnr is None else f'{psnr:.2f}'} dB.")
     return text, bool(seen) or (acc is not None and acc >= 1.0)
 
 
