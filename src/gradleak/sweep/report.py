@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradleak.reporting.audit import cell_finished, load_row, verdict
 from gradleak.reporting.runner import write_json
-from gradleak.reporting.tables import write_csv, write_markdown
+from gradleak.reporting.tables import cell, write_csv, write_markdown
 
 if TYPE_CHECKING:
     from gradleak.sweep.runner import SweepGrid, Trial
@@ -52,12 +52,6 @@ def gather(out: Path, trials: Sequence[Trial], errors: dict[str, str]) -> list[d
     return rows
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def write_table(out: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -66,8 +60,8 @@ def write_table(out: Path, rows: Sequence[dict[str, Any]]) -> None:
     head = ["trial", "status", "attack", "protocol", "N", "defense", "seed", "data seed", "SSIM", "PSNR", "LPIPS",
             "label acc.", "ε", "seconds"]
     body = [[r["trial"], r["status"], r["attack"], r["protocol"], str(r["batch_size"]), r["defense"], str(r["seed"]),
-             str(r["data_seed"]), _fmt(r.get("ssim_mean")), _fmt(r.get("psnr_mean"), 2), _fmt(r.get("lpips_mean")),
-             _fmt(r.get("label_accuracy"), 2), _fmt(r.get("epsilon"), 3), _fmt(r.get("seconds"), 1)] for r in rows]
+             str(r["data_seed"]), cell(r.get("ssim_mean")), cell(r.get("psnr_mean"), 2), cell(r.get("lpips_mean")),
+             cell(r.get("label_accuracy"), 2), cell(r.get("epsilon"), 3), cell(r.get("seconds"), 1)] for r in rows]
     write_markdown(out / "table.md", head, body)
 
 
@@ -135,7 +129,7 @@ def write_sweep_report(out: Path, rows: Sequence[dict[str, Any]], *, grid: Sweep
         for g in groups:
             rng = "" if g["ssim_min"] is None else f" ({g['ssim_min']:.3f}–{g['ssim_max']:.3f})"
             lines.append(f"| {g['attack']} | {g['protocol']} | {g['batch_size']} | {g['defense']} | {g['trials']} | "
-                         f"{_fmt(g['ssim_mean'])}{rng} | {_fmt(g['psnr_mean'], 2)} | {_fmt(g['label_accuracy'], 2)} | "
+                         f"{cell(g['ssim_mean'])}{rng} | {cell(g['psnr_mean'], 2)} | {cell(g['label_accuracy'], 2)} | "
                          f"{g['verdict']} |")
         lines.append("")
     scored = [r for r in done if r.get("ssim_mean") is not None]
