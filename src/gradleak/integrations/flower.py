@@ -31,9 +31,10 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradleak.config import split_preset
+from gradleak.config import from_dict, split_preset
 from gradleak.defenses import declare_defense, parse_defense
 from gradleak.errors import ConfigError
 from gradleak.integrations.capture import (
@@ -128,23 +129,14 @@ def _arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
 
 
-class AuditStrategy(Strategy):
-    """Wrap a Flower strategy; audit what the selected clients send in the selected rounds.
+@dataclass(frozen=True)
+class FlowerAuditOptions:
+    """What :class:`AuditStrategy` audits, and how.
 
     Args:
-        strategy: the strategy to wrap; every call is delegated to it unchanged.
-        model: the global model's architecture: a registered ``ModelSpec`` or a template module
-            (with ``input_shape`` and ``num_classes``). Its ``state_dict`` names (or order) must match
-            the ArrayRecord the server sends.
-        out: the audit folder; one sub-folder per round and client.
-        attack: registered attack name, or ``ATTACK:PRESET`` as ``gradleak list presets`` prints it.
-        attack_config: the attack's config (a dataclass), or overrides of its preset or defaults (a dict),
-            resolved by :func:`gradleak.attacks.base.resolve_config`.
         rounds: rounds to audit (default: all).
         node_ids: clients to audit (default: all).
         max_clients_per_round: audit at most this many clients per round (smallest node ids first).
-        truth: for evaluation only: a folder written by :func:`save_client_truth`, or a
-            :data:`TruthFn`; ``None``: nothing is scored.
         label_strategy: label recovery strategy recorded in each ``labels.json``.
         executor: ``"process"`` (a spawn process pool; training goes on) or ``"inline"`` (after
             each round's aggregation, blocking the next round).
@@ -165,23 +157,66 @@ class AuditStrategy(Strategy):
             :meth:`leaks` lists the audits that exceed one.
         device: where the attacks run.
         time_budget: wall-clock seconds per attack.
+    """
+
+    rounds: tuple[int, ...] | None = None
+    node_ids: tuple[int, ...] | None = None
+    max_clients_per_round: int | None = None
+    label_strategy: str = "auto"
+    executor: str = "process"
+    max_workers: int = 1
+    threads: int | None = None
+    wait_at_end: bool = True
+    keys: AuditKeys = AuditKeys()
+    gradient_key: str = "gradients"
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    bn_mode: str = "train"
+    seed: int = 0
+    device: str = "cpu"
+    time_budget: float | None = None
+    seeds: tuple[int, ...] | None = None
+    defense: str | None = None
+    fail_if: tuple[str, ...] = ()
+
+
+class AuditStrategy(Strategy):
+    """Wrap a Flower strategy; audit what the selected clients send in the selected rounds.
+
+    Args:
+        strategy: the strategy to wrap; every call is delegated to it unchanged.
+        model: the global model's architecture: a registered ``ModelSpec`` or a template module
+            (with ``input_shape`` and ``num_classes``). Its ``state_dict`` names (or order) must match
+            the ArrayRecord the server sends.
+        out: the audit folder; one sub-folder per round and client.
+        attack: registered attack name, or ``ATTACK:PRESET`` as ``gradleak list presets`` prints it.
+        attack_config: the attack's config (a dataclass), or overrides of its preset or defaults (a dict),
+            resolved by :func:`gradleak.attacks.base.resolve_config`.
+        truth: for evaluation only: a folder written by :func:`save_client_truth`, or a
+            :data:`TruthFn`; ``None``: nothing is scored.
+        options: what is audited and how (:class:`FlowerAuditOptions`); ``settings`` are its fields
+            given as keywords (``executor="inline", threads=1``), applied on top.
 
     Raises:
         ConfigError: an unknown executor, attack or attack config field, or a non-positive worker count.
     """
 
     def __init__(self, strategy: Strategy, *, model: ModelSpec | nn.Module, out: str | Path, attack: str = "cinet",
-                 attack_config: Any = None, rounds: Iterable[int] | None = None,
-                 node_ids: Iterable[int] | None = None, max_clients_per_round: int | None = None,
-                 truth: str | Path | TruthFn | None = None, label_strategy: str = "auto",
-                 executor: str = "process", max_workers: int = 1, threads: int | None = None,
-                 wait_at_end: bool = True, keys: AuditKeys = AuditKeys(), gradient_key: str = "gradients",
-                 input_shape: Sequence[int] | None = None, num_classes: int | None = None, bn_mode: str = "train",
-                 seed: int = 0, device: str = "cpu", time_budget: float | None = None,
-                 seeds: Sequence[int] | None = None, defense: str | None = None,
-                 fail_if: Sequence[str] = ()) -> None:
+                 attack_config: Any = None, truth: str | Path | TruthFn | None = None,
+                 options: FlowerAuditOptions | None = None, **settings: Any) -> None:
         from gradleak.attacks.base import resolve_config
 
+        base = options or FlowerAuditOptions()
+        given = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        for key, value in settings.items():  # iterables (a range, a set) of the tuple fields, as lists
+            iterable = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+            given[key] = list(value) if iterable else value
+        o = from_dict(FlowerAuditOptions, given, what="audit options")
+        rounds, node_ids, max_clients_per_round, label_strategy = o.rounds, o.node_ids, o.max_clients_per_round, o.label_strategy
+        executor, max_workers, threads, wait_at_end = o.executor, o.max_workers, o.threads, o.wait_at_end
+        keys, gradient_key, input_shape, num_classes, bn_mode = o.keys, o.gradient_key, o.input_shape, o.num_classes, o.bn_mode
+        seed, device, time_budget, seeds, defense, fail_if = o.seed, o.device, o.time_budget, o.seeds, o.defense, o.fail_if
+        self.options = o
         name, preset = split_preset(attack)  # "cinet" or "cinet:reference", as gradleak list presets prints it
         if attack_config is None or isinstance(attack_config, Mapping):  # the one resolver; fails before the federation
             attack_config = resolve_config(name, preset=preset, overrides=attack_config)
