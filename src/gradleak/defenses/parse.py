@@ -146,6 +146,7 @@ def recorded_defense(update: ClientUpdate) -> Defense:
             parameter out of range.
 
     Example:
+        >>> import torch
         >>> from gradleak.defenses import parse_defense
         >>> u = ClientUpdate(tensors={"w": torch.ones(4)})
         >>> recorded_defense(parse_defense("clip:2+prune:0.5")(u, generator=torch.Generator())).spec()

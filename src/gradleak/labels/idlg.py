@@ -38,6 +38,7 @@ def idlg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
         UnsupportedModelError: no final ``nn.Linear``, or no bias and possibly negative features.
 
     Example:
+        >>> import torch
         >>> from gradleak.models import build_model
         >>> from gradleak.threat import fedsgd_update
         >>> from gradleak.types import ModelSpec
