@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradleak
@@ -61,6 +61,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.
 
 
 @pytest.mark.parametrize("name", ["cinet", "ig", "dlg", "idlg", "gias", "analytic"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # cold start on a slow day
 @given(data=st.dictionaries(st.sampled_from(["iterations", "lr", "loss", "channels", "spectral", "restarts", "tv",
                                              "latent_shape", "log_every", "typo"]), JSON, max_size=3))
 def test_any_json_gives_a_config_or_a_config_error(name, data):

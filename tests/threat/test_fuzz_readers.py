@@ -23,7 +23,8 @@ from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.errors import GradleakError
 from gradleak.threat import load_model_state, load_truth, load_update, save_model_state, save_truth, save_update
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=60, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**13, 10**13) | st.floats(allow_nan=True)
                     | st.text(max_size=6), lambda inner: st.lists(inner, max_size=3)
