@@ -52,7 +52,7 @@ def from_dict(cls: type[C], data: Any, *, what: str | None = None) -> C:
 def check_keys(data: Any, names: list[str] | set[str], what: str) -> None:
     """Refuse a ``data`` that is not a mapping or holds a key outside ``names`` (naming the valid ones)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{what}: expected a mapping of options, got {type(data).__name__} {_short(data)}")
+        raise ConfigError(f"{what}: expected a mapping of options, got {type(data).__name__} {short(data)}")
     unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
         raise ConfigError(f"{what}: unknown option(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(names))}")
@@ -62,7 +62,7 @@ def check_value(name: str, annotation: Any, value: Any) -> Any:
     """``value`` if it fits ``annotation`` (ints widen to float, lists become tuples), else ConfigError."""
     ok, out = _fits(annotation, value)
     if not ok:
-        raise ConfigError(f"{name}: expected {_describe(annotation)}, got {_short(value)}")
+        raise ConfigError(f"{name}: expected {_describe(annotation)}, got {short(value)}")
     return out
 
 
@@ -121,7 +121,8 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters (for error messages)."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

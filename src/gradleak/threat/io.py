@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from gradleak.config import check_value
+from gradleak.config import check_value, short
 from gradleak.errors import ConfigError, DataError, UpdateError
 from gradleak.types import Batch, ClientUpdate, ModelSpec
 
@@ -42,11 +42,6 @@ def _read(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[st
     if not isinstance(header, dict):
         raise UpdateError(f"{what} file '{path}': expected a JSON object as header, got {type(header).__name__}")
     return tensors, header
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def save_update(update: ClientUpdate, path: str | Path) -> None:
@@ -161,7 +156,7 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
         raise UpdateError(f"model-state file '{path}': expected header format 'gradleak-model/1', got {header.get('format')!r}")
     if not isinstance(header.get("spec"), dict):
         raise UpdateError(f"model-state file '{path}': expected the model spec as a JSON object in the header, "
-                          f"got {_short(header.get('spec'))}")
+                          f"got {short(header.get('spec'))}")
     try:
         spec = ModelSpec.from_dict(header["spec"])
     except ConfigError as e:
