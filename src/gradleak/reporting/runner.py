@@ -242,8 +242,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     _check_inputs(att, server, update, truth_images, truth_labels)
     created = not run_dir.exists()
     if force and not resume:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
+        _remove_written(run_dir, created=False)  # the run being replaced: its run files only
     run_dir.mkdir(parents=True, exist_ok=True)
     memory_scope = reset_peak_memory(dev)
     if time_budget is not None and hasattr(att.config, "log_every"):
