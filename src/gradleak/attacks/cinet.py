@@ -35,6 +35,7 @@ from gradleak.hardware import precision_warning
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 _UPDATES = ("sign-sgd", "sign-adam", "adam")
+_LOSSES = ("l2", "cosine", "cosine-naive", "cosine-layer")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -47,7 +48,10 @@ class CINetConfig(LoopConfig):
         lr: eta.
         update: ``"sign-sgd"`` (Alg. 1), ``"sign-adam"`` (published code) or ``"adam"`` (unsigned, for ablation).
         loss: ``"l2"`` (Alg. 1 line 8), ``"cosine"`` (published code's distance, computed without
-            float32 cancellation) or ``"cosine-naive"`` (the published code's formula, for ablation).
+            float32 cancellation), ``"cosine-naive"`` (the published code's formula, for ablation) or
+            ``"cosine-layer"`` (the mean of each parameter tensor's cosine distance, so the last
+            layer's large share of the update's norm does not drown the convolutions; measured no
+            faster on the demo case at batch 8 or 64, README, Performance).
         tv: weight of a total-variation prior on the images (0: none).
         lr_decay: ``"none"``, ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the run) or ``"cosine"``.
         channels: over-parameterization rule ``"auto"`` (measured default), ``"paper"``,
@@ -90,8 +94,8 @@ class CINetConfig(LoopConfig):
         super().__post_init__()
         if self.update not in _UPDATES:
             raise ConfigError(f"cinet update: expected one of {', '.join(_UPDATES)}, got {self.update!r}")
-        if self.loss not in ("l2", "cosine", "cosine-naive"):
-            raise ConfigError(f"cinet loss: expected 'l2', 'cosine' or 'cosine-naive', got {self.loss!r}")
+        if self.loss not in _LOSSES:
+            raise ConfigError(f"cinet loss: expected one of {', '.join(_LOSSES)}, got {self.loss!r}")
         if self.upsample not in ("nearest", "bilinear"):
             raise ConfigError(f"cinet upsample: expected 'nearest' or 'bilinear', got {self.upsample!r}")
         if self.norm not in ("batch", "instance", "none"):

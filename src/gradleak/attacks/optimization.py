@@ -41,7 +41,7 @@ from gradleak.types import ClientUpdate, Reconstruction, ServerState
 logger = logging.getLogger(__name__)
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "optimizer": ("lbfgs", "adam", "sgd"), "loss": ("l2", "cosine"), "lr_decay": ("none", "step"),
+    "optimizer": ("lbfgs", "adam", "sgd"), "loss": ("l2", "cosine", "cosine-layer"), "lr_decay": ("none", "step"),
     "init": ("randn", "rand", "zeros"), "line_search": (None, "strong_wolfe")}
 
 
@@ -54,7 +54,8 @@ class OptimizationConfig(LoopConfig):
             function evaluations, as in DLG's code).
         optimizer: ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
         lr: step size.
-        loss: gradient distance, ``"l2"`` (DLG) or ``"cosine"`` (IG).
+        loss: gradient distance, ``"l2"`` (DLG), ``"cosine"`` (IG) or ``"cosine-layer"`` (each
+            parameter tensor's cosine distance, averaged: every layer weighs the same).
         tv: weight of the total-variation prior (0: none).
         signed: feed the sign of the image gradient to the optimiser (IG); not with L-BFGS.
         boxed: clamp the images to [0, 1] after every step (IG).

@@ -61,6 +61,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # large batches: the width
     "256ch": dict(channels=256),
     "192ch": dict(channels=192),
+    "layer-cosine": dict(loss="cosine-layer"),
+    "reference-layer-cosine": dict(loss="cosine-layer", channels="reference"),
+    "lr3e-3": dict(lr=3e-3),
+    "lr5e-4": dict(lr=5e-4),
+    "instance-norm": dict(norm="instance"),
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
 

@@ -85,7 +85,29 @@ def cosine_distance_naive(grads: Sequence[torch.Tensor], target: Sequence[torch.
     return 1 - dot / (gg.sqrt() * tt.sqrt()).clamp_min(1e-30)
 
 
-_DISTANCES = {"l2": l2_distance, "cosine": cosine_distance, "cosine-naive": cosine_distance_naive}
+def layer_cosine_distance(grads: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean over parameter tensors of 1 - cos(g_l, t_l): every layer weighs the same.
+
+    The global cosine (:func:`cosine_distance`) weighs a layer by its share of the update's squared
+    norm; on the CIFAR ResNet-18-sigmoid demo victim at batch 64 the last linear layer holds 97%
+    of it, and that layer's 5,120 entries only constrain each image's pooled features through a
+    rank-10 product. Normalizing each layer gives the convolutions, which carry the pixels, their
+    say. A layer whose target is zero (a pruned or frozen tensor) is skipped. Each term is computed
+    as ||g/|g| - t/|t|||^2 / 2, like :func:`cosine_distance`, without float32 cancellation.
+    """
+    total = grads[0].new_zeros(())
+    layers = grads[0].new_zeros(())
+    for g, t in zip(grads, target):
+        tn = torch.linalg.vector_norm(t)
+        gn = torch.linalg.vector_norm(g).clamp_min(1e-30)
+        live = (tn > 0).to(total.dtype)  # no host sync: a zero target contributes 0 and is not counted
+        total = total + live * (g / gn - t / tn.clamp_min(1e-30)).pow(2).sum() / 2
+        layers = layers + live
+    return total / layers.clamp_min(1)
+
+
+_DISTANCES = {"l2": l2_distance, "cosine": cosine_distance, "cosine-naive": cosine_distance_naive,
+              "cosine-layer": layer_cosine_distance}
 
 
 def gradient_distance(
