@@ -51,6 +51,22 @@ def test_bench_quality_records_thresholds_in_iteration_order(tmp_path, capsys):
             first = next((i for i, v, *_ in r["curve"] if v >= t), None)
             assert (hit[0] if hit else None) == first
     assert "SSIM 0.95" in capsys.readouterr().out
+    # --from redraws the same table and a figure from the recorded results, running nothing
+    figure = tmp_path / "curves.png"
+    assert main(["bench", "quality", "--from", str(out), "--from", str(out), "--plot", str(figure)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 ")]
+    assert len(table) == 4 and f"{rows[1]['final_ssim']:.3f}"[:4] in table[1]
+    assert figure.stat().st_size > 10_000
+
+
+def test_bench_quality_from_refuses_a_file_it_did_not_write(tmp_path):
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"results": [{"batch": 8}]}))
+    with pytest.raises(SystemExit, match="expected {'results': \\[...\\]} with batch, variant"):
+        main(["bench", "quality", "--from", str(bad)])
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="expected a JSON file written by 'bench quality --json'"):
+        main(["bench", "quality", "--from", str(bad)])
 
 
 @pytest.mark.slow

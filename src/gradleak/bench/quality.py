@@ -3,6 +3,7 @@
     gradleak bench quality --batches 4,8,16 --iters 800 [--variant NAME ...] [--seeds 0,1]
     gradleak bench quality --batches 32,64 --iters 3000 --variant default --variant reference \
         --target 0.9 --minutes 60 --out bench-results/large --plot docs/img/large-batch.png
+    gradleak bench quality --from bench-results/large/b16-default.json --from ... --plot docs/img/large-batch.png
 
 SSIM and PSNR are measured every ``--every`` iterations in the progress callback, off the clock (the
 callback's own time is subtracted). Labels are recovered from the update, as in the demo.
@@ -14,7 +15,8 @@ Long runs: ``--out DIR`` gives each run its own folder with a checkpoint at ever
 command again resumes every unfinished run where it stopped (its curve and on-clock seconds kept),
 and skips finished ones; a larger ``--minutes`` or ``--iters`` continues them. ``--target`` stops a
 run once its SSIM reaches it, ``--minutes`` once its on-clock time passes the budget (both checked
-at each reading). ``--plot`` draws SSIM against iterations and against wall time.
+at each reading). ``--plot`` draws SSIM against iterations and against wall time; ``--from`` redraws
+the table and the plot from ``--json`` files of earlier runs (runs with different budgets in one figure).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "reference-layer-cosine": dict(loss="cosine-layer", channels="reference"),
     "lr3e-3": dict(lr=3e-3),
     "lr5e-4": dict(lr=5e-4),
+    "lr2.5e-4": dict(lr=2.5e-4),
     "instance-norm": dict(norm="instance"),
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
@@ -146,6 +149,24 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
     return final
 
 
+_RESULT_KEYS = ("batch", "variant", "channels", "seed", "s_per_it", "iterations", "final_ssim", "final_psnr",
+                "reached", "curve")
+
+
+def _recorded(path: Path) -> list[dict[str, Any]]:
+    """The results a ``--json`` file holds, checked for the fields the table and the plot read."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--from {path}: expected a JSON file written by 'bench quality --json', got: {e}") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and all(k in r for k in _RESULT_KEYS)
+                                                for r in results):
+        raise SystemExit(f"--from {path}: expected {{'results': [...]}} with {', '.join(_RESULT_KEYS)} in each "
+                         "result, as 'bench quality --json' writes")
+    return results
+
+
 def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     """SSIM against iterations and against on-clock wall time, one line per run."""
     from gradleak.reporting.figures import subplots
@@ -185,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32, help="image size (above 64 px: the ImageNet-stem ResNet-18)")
     p.add_argument("--data-root", default=None, help="a local CIFAR-10 copy to draw the batch from (default: built-in)")
     p.add_argument("--plot", default=None, help="write SSIM against iterations and wall time (PNG)")
+    p.add_argument("--from", dest="recorded", action="append", default=None, type=Path, metavar="JSON",
+                   help="run nothing: table (and --plot) from the results that earlier runs wrote with --json (repeatable)")
     args = p.parse_args(argv)
-    results = []
-    for b in (int(x) for x in args.batches.split(",")):
+    results: list[dict[str, Any]] = []
+    if args.recorded:
+        results = [r for path in args.recorded for r in _recorded(path)]
+        if args.plot:
+            plot(results, args.plot)
+    for b in (int(x) for x in args.batches.split(",")) if not args.recorded else ():
         for v, seed in ((v, int(s)) for v in args.variant or list(VARIANTS) for s in args.seeds.split(",")):
             r = run(b, v, args.iters, args.every, args.device, args.verbose, seed, args.out, args.target, args.minutes,
                   args.size, args.data_root)
