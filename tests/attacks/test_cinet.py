@@ -288,13 +288,13 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path, lenet_case):
 @pytest.mark.parametrize("attack", ["cinet", "ig"])
 def test_layer_cosine_matching_drives_the_update_closer(attack, lenet_case):
     """``loss=cosine-layer``: each layer's cosine distance, averaged, falls as the attack runs."""
-    from gradleak.functional import model_gradients
-    from gradleak.functional.gradients import layer_cosine_distance
+    from gradleak.functional import layer_cosine_distance, model_gradients
 
     server, update, images, labels = lenet_case
     cfg = {"iterations": 60, "log_every": 20, "loss": "cosine-layer"} | ({"channels": 16} if attack == "cinet" else {})
     rec = gradleak.attacks.create(attack, cfg, seed=0).reconstruct(server, update)
     assert rec.history["loss"][-1] < rec.history["loss"][0] / 2
+
     def distance(x: torch.Tensor) -> float:
         return float(layer_cosine_distance(model_gradients(server.model, x, rec.labels), update.gradients()))
 

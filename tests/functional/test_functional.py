@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradleak.errors import ConfigError
-from gradleak.functional import cosine_distance, gradient_distance, l2_distance, total_variation
+from gradleak.functional import (
+    cosine_distance,
+    gradient_distance,
+    l2_distance,
+    layer_cosine_distance,
+    total_variation,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -60,8 +66,6 @@ def test_naive_cosine_agrees_away_from_a_match():
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(1e-6, 1e3))
 def test_layer_cosine_is_the_mean_of_each_layers_cosine_distance(seed, scale):
-    from gradleak.functional.gradients import layer_cosine_distance
-
     g = torch.Generator().manual_seed(seed)
     a = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)]
     b = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)]
@@ -73,8 +77,6 @@ def test_layer_cosine_is_the_mean_of_each_layers_cosine_distance(seed, scale):
 
 
 def test_layer_cosine_skips_layers_whose_target_is_zero_and_weighs_layers_equally():
-    from gradleak.functional.gradients import layer_cosine_distance
-
     big, small = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1e-3])
     # the global cosine barely sees a mismatch in the small layer; the per-layer one gives it half
     target, guess = [1000 * big, small], [1000 * big, -small]

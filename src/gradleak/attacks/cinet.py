@@ -29,13 +29,12 @@ from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError
-from gradleak.functional import total_variation
+from gradleak.functional import GRADIENT_DISTANCES, total_variation
 from gradleak.generators.cinet import CINetGenerator, choose_channels, latent
 from gradleak.hardware import precision_warning
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 _UPDATES = ("sign-sgd", "sign-adam", "adam")
-_LOSSES = ("l2", "cosine", "cosine-naive", "cosine-layer")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -94,8 +93,8 @@ class CINetConfig(LoopConfig):
         super().__post_init__()
         if self.update not in _UPDATES:
             raise ConfigError(f"cinet update: expected one of {', '.join(_UPDATES)}, got {self.update!r}")
-        if self.loss not in _LOSSES:
-            raise ConfigError(f"cinet loss: expected one of {', '.join(_LOSSES)}, got {self.loss!r}")
+        if self.loss not in GRADIENT_DISTANCES:
+            raise ConfigError(f"cinet loss: expected one of {', '.join(GRADIENT_DISTANCES)}, got {self.loss!r}")
         if self.upsample not in ("nearest", "bilinear"):
             raise ConfigError(f"cinet upsample: expected 'nearest' or 'bilinear', got {self.upsample!r}")
         if self.norm not in ("batch", "instance", "none"):

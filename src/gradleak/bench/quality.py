@@ -190,6 +190,23 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (batch, variant, seed) run the arguments name; the JSON (and the plot) rewritten after each."""
+    results: list[dict[str, Any]] = []
+    for b in (int(x) for x in args.batches.split(",")):
+        for v, seed in ((v, int(s)) for v in args.variant or list(VARIANTS) for s in args.seeds.split(",")):
+            r = run(b, v, args.iters, args.every, args.device, args.verbose, seed, args.out, args.target, args.minutes,
+                  args.size, args.data_root)
+            results.append(r)
+            print(f"batch {b} {v} seed {seed}: final SSIM {r['final_ssim']:.3f}, PSNR {r['final_psnr']:.2f} dB, "
+                  f"{r['s_per_it']:.3f} s/it, reached {r['reached']}", flush=True)
+            write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                   "results": results})
+            if args.plot:
+                plot(results, args.plot)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="8")
@@ -209,22 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="recorded", action="append", default=None, type=Path, metavar="JSON",
                    help="run nothing: table (and --plot) from the results that earlier runs wrote with --json (repeatable)")
     args = p.parse_args(argv)
-    results: list[dict[str, Any]] = []
     if args.recorded:
         results = [r for path in args.recorded for r in _recorded(path)]
         if args.plot:
             plot(results, args.plot)
-    for b in (int(x) for x in args.batches.split(",")) if not args.recorded else ():
-        for v, seed in ((v, int(s)) for v in args.variant or list(VARIANTS) for s in args.seeds.split(",")):
-            r = run(b, v, args.iters, args.every, args.device, args.verbose, seed, args.out, args.target, args.minutes,
-                  args.size, args.data_root)
-            results.append(r)
-            print(f"batch {b} {v} seed {seed}: final SSIM {r['final_ssim']:.3f}, PSNR {r['final_psnr']:.2f} dB, "
-                  f"{r['s_per_it']:.3f} s/it, reached {r['reached']}", flush=True)
-            write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                   "results": results})
-            if args.plot:
-                plot(results, args.plot)
+    else:
+        results = _run_all(args)
 
     def cell(r: dict[str, Any], t: float) -> str:
         hit = r["reached"][str(t)]

@@ -108,12 +108,14 @@ def layer_cosine_distance(grads: Sequence[torch.Tensor], target: Sequence[torch.
 
 _DISTANCES = {"l2": l2_distance, "cosine": cosine_distance, "cosine-naive": cosine_distance_naive,
               "cosine-layer": layer_cosine_distance}
+GRADIENT_DISTANCES = tuple(_DISTANCES)
+"""The names :func:`gradient_distance` takes."""
 
 
 def gradient_distance(
     name: str, grads: Sequence[torch.Tensor], target: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """Gradient-matching distance by name: ``"l2"`` or ``"cosine"``."""
+    """Gradient-matching distance by name, one of :data:`GRADIENT_DISTANCES`."""
     try:
         fn = _DISTANCES[name]
     except KeyError:
