@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -246,32 +248,73 @@ def test_learned_latent_is_trained_and_resumes_exactly(tmp_path, lenet_case):
         CINetConfig(latent="noisy")
 
 
-def test_ctrl_c_in_mid_step_resumes_exactly(tmp_path, lenet_case, monkeypatch):
-    """A Ctrl-C after the generator's forward (which updates spectral-norm and BatchNorm buffers in
-    place) checkpoints the state after the last completed step: the resumed run is the straight one."""
+def _interrupt_forward(monkeypatch, at_call: int, interrupt) -> None:
+    """Make the generator's ``at_call``-th forward call ``interrupt()`` after it has run (inside a step)."""
     from gradleak.generators.cinet import CINetGenerator
 
-    server, update, *_ = lenet_case
-    cfg = {"iterations": 6, "channels": 8, "log_every": 1, "checkpoint_every": 0}
-    straight = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "a")
     forward, calls = CINetGenerator.forward, []
 
     def interrupted_forward(self, z):
         out = forward(self, z)
         calls.append(1)
-        if len(calls) == 4:  # inside step 4, after its forward
-            raise KeyboardInterrupt
+        if len(calls) == at_call:
+            interrupt()
         return out
 
     monkeypatch.setattr(CINetGenerator, "forward", interrupted_forward)
-    with pytest.raises(KeyboardInterrupt):
-        gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b")
-    monkeypatch.setattr(CINetGenerator, "forward", forward)
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 3
+
+
+def test_ctrl_c_in_mid_step_finishes_the_step_and_resumes_exactly(tmp_path, lenet_case, monkeypatch):
+    """A SIGINT after step 4's forward (which has moved spectral-norm and BatchNorm buffers) is held
+    until step 4 ends: the checkpoint is iteration 4, and the resumed run is the straight one."""
+    server, update, *_ = lenet_case
+    cfg = {"iterations": 6, "channels": 8, "log_every": 1, "checkpoint_every": 0}
+    straight = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "a")
+    with monkeypatch.context() as m:
+        _interrupt_forward(m, 4, lambda: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(KeyboardInterrupt):
+            gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 4
+    resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
+                                                                        resume=True)
+    assert resumed.resumed_from == 4
+    assert torch.equal(resumed.images, straight.images)
+    assert resumed.history == straight.history
+
+
+def test_an_interrupt_raised_inside_a_step_keeps_the_last_checkpoint(tmp_path, lenet_case, monkeypatch):
+    """A KeyboardInterrupt that is not a held Ctrl-C (a second Ctrl-C) stops at once, inside the step:
+    the half-updated state is not saved, the checkpoint of iteration 2 stands and resumes exactly."""
+    server, update, *_ = lenet_case
+    cfg = {"iterations": 6, "channels": 8, "log_every": 1, "checkpoint_every": 2}
+    straight = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "a")
+
+    def second_ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        _interrupt_forward(m, 4, second_ctrl_c)
+        with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="inside step 4.*last checkpoint"):
+            gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 2
     resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
                                                                         resume=True)
     assert torch.equal(resumed.images, straight.images)
-    assert resumed.history == straight.history
+
+
+def test_a_finished_run_extended_by_resume_equals_the_longer_straight_run(tmp_path, lenet_case):
+    """Resuming a finished 4-iteration run to 6 continues from the state after step 4 (the final
+    forward that renders the images does not leak into the checkpoint)."""
+    server, update, *_ = lenet_case
+    cfg = {"iterations": 4, "channels": 8, "log_every": 1, "checkpoint_every": 0}
+    gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "a")
+    longer = {**cfg, "iterations": 6}
+    extended = gradleak.attacks.create("cinet", longer, seed=3).reconstruct(server, update, run_dir=tmp_path / "a",
+                                                                            resume=True)
+    straight = gradleak.attacks.create("cinet", longer, seed=3).reconstruct(server, update)
+    assert extended.resumed_from == 4
+    assert torch.equal(extended.images, straight.images)
 
 
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path, lenet_case):

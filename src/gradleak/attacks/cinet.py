@@ -186,12 +186,11 @@ class CINetAttack(Attack):
                 self._restore(*restored, gen, opt, sched, z, rng)
         gen.train()
         step = _Stepper(cfg, gen, z, gparams, opt, sched, matcher, y)
-        loop.on_interrupt = step.interrupted
         loop.steps(step, start=loop.done + 1, stop=cfg.iterations)
+        if loop.done > loop.resumed_from:
+            loop.save()  # before the last forward, which moves the buffers: a longer resume continues exactly
         with torch.no_grad():
             images = gen(z)
-        if loop.done > loop.resumed_from:
-            loop.save()
         return loop.outcome(images, y, setup.labels.strategy, {
             "channel_choice": choice.to_dict(), "label_notes": setup.labels.warnings,
             "label_info": setup.labels.info, "precision_note": precision_note})
@@ -214,9 +213,10 @@ class CINetAttack(Attack):
 class _Stepper:
     """One CI-Net step (Alg. 1 lines 6-11): generate, simulate the update, match, signed update.
 
-    The generator's forward changes its buffers in place (spectral-norm power iterates, BatchNorm
-    running statistics); a Ctrl-C in mid-step puts them back, so the checkpoint written then is
-    the state after the last completed step and a resumed run repeats the interrupted one exactly.
+    The step changes the generator's buffers (spectral-norm power iterates, BatchNorm running
+    statistics), its parameters and the optimizer one after another; the loop holds a Ctrl-C until
+    the step has ended (:func:`~gradleak.attacks.loop.deferred_sigint`), so a checkpoint is always the
+    state after a whole step.
     """
 
     def __init__(self, cfg: CINetConfig, gen: torch.nn.Module, z: torch.Tensor, params: list[torch.Tensor],
@@ -224,12 +224,9 @@ class _Stepper:
         self.cfg, self.gen, self.z, self.params, self.opt, self.sched = cfg, gen, z, params, opt, sched
         self.matcher, self.y = matcher, y
         self.amp = _PRECISIONS[cfg.precision]
-        self.buffers = list(gen.buffers())
-        self.saved: list[torch.Tensor] = []
 
     def __call__(self, it: int) -> Step:
         cfg = self.cfg
-        self.saved = [b.clone() for b in self.buffers]
         autocast = (contextlib.nullcontext() if self.amp is None
                     else torch.autocast(self.z.device.type, dtype=self.amp))
         with autocast:
@@ -245,9 +242,3 @@ class _Stepper:
         self.opt.step()
         self.sched.step()
         return Step(loss=loss.detach(), images=x.detach().float())
-
-    def interrupted(self, in_step: bool) -> None:
-        if in_step and self.saved:
-            with torch.no_grad():
-                for b, s in zip(self.buffers, self.saved):
-                    b.copy_(s)

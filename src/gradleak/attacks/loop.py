@@ -7,8 +7,8 @@ An iterative attack (CI-Net, DLG/iDLG/IG, GIAS) does the same bookkeeping around
   defense where asked).
 * :class:`Loop`: run steps ``start..stop`` of a stage, log the loss every ``log_every`` steps and
   at the end, call the progress callback (which may stop the run), stop at the matcher's noise
-  floor, checkpoint every ``checkpoint_every`` steps, and on Ctrl-C save the state after the last
-  completed step before re-raising. It restores a checkpoint (refusing one written with other
+  floor, checkpoint every ``checkpoint_every`` steps, and on Ctrl-C finish the step in progress,
+  save the state after it and re-raise (:func:`deferred_sigint`). It restores a checkpoint (refusing one written with other
   settings) and keeps the history and the clock across resumes.
 * :meth:`Loop.outcome`: the :class:`~gradleak.types.Reconstruction` with the fields every attack
   reports (iterations, seconds, why it stopped early, where it resumed from, the matching).
@@ -24,6 +24,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -152,8 +155,6 @@ class Loop:
     run_dir: str | Path | None = None
     state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
     """The attack's checkpoint content: its tensors and its JSON (set before the first step)."""
-    on_interrupt: Callable[[bool], None] | None = None
-    """Called on Ctrl-C with whether a step was in progress, before the state is saved."""
     history: dict[str, list[float]] = field(default_factory=lambda: {"iteration": [], "loss": []})
     done: int = 0
     resumed_from: int = 0
@@ -239,36 +240,44 @@ class Loop:
         """
         in_step = False
         try:
-            for it in range(start, stop + 1):
-                in_step = True
-                out = step(it)
-                in_step = False
-                if out.diverged:
-                    return "diverged"
-                self.done = offset + it
-                floor = self.matcher.floor is not None and self.matcher.at_floor(
-                    float(out.loss if out.match is None else out.match))
-                if it % self.log_every == 0 or it == stop or floor:
-                    value = float(out.loss)
-                    self.history["iteration"].append(self.done)
-                    self.history["loss"].append(value)
-                    if self.callback is not None:
-                        images = out.images if out.images is not None else (preview() if preview else None)
-                        if images is None:
-                            raise RuntimeError(f"{self.attack.name}: a stage needs images for the progress callback")
-                        if self.callback(Progress(self.done, self.total, value, images)):
-                            self.stop_reason = STOPPED
-                if floor:
-                    self.stop_reason = FLOOR  # below the noise floor the images fit the noise
-                if self.ckpt is not None and self.ckpt.due(self.done):
-                    self.save()
-                if self.stopped:
-                    return str(self.stop_reason)
-            return "done"
+            with deferred_sigint() as pending:
+                for it in range(start, stop + 1):
+                    in_step = True
+                    out = step(it)
+                    in_step = False
+                    if out.diverged:
+                        return "diverged"
+                    self.done = offset + it
+                    floor = self.matcher.floor is not None and self.matcher.at_floor(
+                        float(out.loss if out.match is None else out.match))
+                    if it % self.log_every == 0 or it == stop or floor:
+                        value = float(out.loss)
+                        self.history["iteration"].append(self.done)
+                        self.history["loss"].append(value)
+                        if self.callback is not None:
+                            images = out.images if out.images is not None else (preview() if preview else None)
+                            if images is None:
+                                raise RuntimeError(f"{self.attack.name}: a stage needs images for the progress "
+                                                   "callback")
+                            if self.callback(Progress(self.done, self.total, value, images)):
+                                self.stop_reason = STOPPED
+                    if floor:
+                        self.stop_reason = FLOOR  # below the noise floor the images fit the noise
+                    if self.ckpt is not None and self.ckpt.due(self.done):
+                        self.save()
+                    if pending():
+                        raise KeyboardInterrupt  # the Ctrl-C held until this step ended
+                    if self.stopped:
+                        return str(self.stop_reason)
+                return "done"
         except KeyboardInterrupt:
-            if self.on_interrupt is not None:
-                self.on_interrupt(in_step)
-            if self.done > self.resumed_from:
+            if in_step:
+                # raised inside a step (a second Ctrl-C, or not a signal): the attack's state may be
+                # half-updated, so the last periodic checkpoint stands
+                if self.ckpt is not None:
+                    warnings.warn(f"{self.attack.name}: interrupted inside step {self.done + 1}; the run folder "
+                                  f"keeps its last checkpoint", RuntimeWarning, stacklevel=2)
+            elif self.done > self.resumed_from:
                 self.save()  # Ctrl-C loses nothing: the state after the last completed step
             raise
 
@@ -282,6 +291,37 @@ class Loop:
             resumed_from=self.resumed_from, matching=self.matcher.mode,
             info={"attack": self.attack.name, "config": dataclasses.asdict(cfg), "adaptive": self.matcher.adaptive,
                   "matching_loss": self.matcher.loss_name(cfg.loss), **info})
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """Hold a Ctrl-C (SIGINT) until the step in progress ends; yields ``pending()``, true once one came.
+
+    A step updates its optimizer, scheduler and buffers one after another; a KeyboardInterrupt in
+    between would leave a state that is no iteration's. So the first Ctrl-C is only recorded (and said
+    on stderr) and the loop raises at the end of the step, after which the state is whole. A second
+    Ctrl-C raises at once. Only where Python's own handler is installed in the main thread; elsewhere
+    (another thread, a handler someone else set) nothing changes and ``pending()`` stays false.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield lambda: False
+        return
+    held = False
+
+    def hold(signum: int, frame: Any) -> None:
+        nonlocal held
+        if held:
+            raise KeyboardInterrupt
+        held = True
+        with contextlib.suppress(OSError):  # os.write, not print: the handler may interrupt a write to stderr
+            os.write(2, b"Ctrl-C: finishing the current step to checkpoint it (Ctrl-C again to stop at once)\n")
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _jsonable(value: Any) -> Any:

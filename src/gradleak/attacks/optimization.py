@@ -190,11 +190,7 @@ class OptimizationAttack(Attack):
             run.good, run.iteration = run.x.detach().clone(), it
             return Step(loss=value, match=match)
 
-        def interrupted(_: bool) -> None:
-            with torch.no_grad():
-                run.x.copy_(run.good)  # the last completed iteration, not a half-done step
-
-        loop.state, loop.on_interrupt = state, interrupted
+        loop.state = state
         if resume:
             restored = loop.restore()
             with loop.restoring():

@@ -1,0 +1,77 @@
+"""The run loop's Ctrl-C handling: a SIGINT is held until the step in progress ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from test_baselines import _lenet_case
+
+import gradleak
+from gradleak.attacks.loop import deferred_sigint
+from gradleak.attacks.optimization import OptimizationAttack
+
+
+def test_a_first_sigint_is_held_and_a_second_raises_at_once():
+    with deferred_sigint() as pending:
+        assert not pending()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert pending()  # held: no KeyboardInterrupt yet
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_outside_the_main_thread_nothing_is_held():
+    seen: list[object] = []
+
+    def body() -> None:
+        with deferred_sigint() as pending:
+            seen.append(pending())
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [False, signal.default_int_handler]
+
+
+def test_a_handler_someone_else_installed_is_left_alone():
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda s, f: calls.append(s))
+    try:
+        with deferred_sigint() as pending:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not pending() and calls == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ig_ctrl_c_inside_a_step_checkpoints_that_step_and_resumes_exactly(tmp_path, monkeypatch, one_thread):
+    """A SIGINT as IG step 5 begins (before its objective, its gradient and Adam's update):
+    step 5 completes, is checkpointed, and the resumed run equals the straight one."""
+    server, _, update = _lenet_case(1)
+    cfg = {"iterations": 8, "log_every": 1, "checkpoint_every": 0}
+    whole = gradleak.attacks.create("ig", cfg, seed=5).reconstruct(server, update)
+    step, calls = OptimizationAttack._step, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(OptimizationAttack, "_step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            gradleak.attacks.create("ig", cfg, seed=5).reconstruct(server, update, run_dir=tmp_path)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 5
+    resumed = gradleak.attacks.create("ig", cfg, seed=5).reconstruct(server, update, run_dir=tmp_path, resume=True)
+    assert resumed.resumed_from == 5
+    assert torch.equal(resumed.images, whole.images)
+    assert resumed.history == whole.history
