@@ -1,4 +1,4 @@
-"""The run loop's Ctrl-C handling: a SIGINT is held until the step in progress ends."""
+"""The run loop's Ctrl-C handling (a SIGINT is held until the step in progress ends) and its checkpoints."""
 
 from __future__ import annotations
 
@@ -73,5 +73,35 @@ def test_ig_ctrl_c_inside_a_step_checkpoints_that_step_and_resumes_exactly(tmp_p
     assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 5
     resumed = gradleak.attacks.create("ig", cfg, seed=5).reconstruct(server, update, run_dir=tmp_path, resume=True)
     assert resumed.resumed_from == 5
+    assert torch.equal(resumed.images, whole.images)
+    assert resumed.history == whole.history
+
+
+def test_a_kill_between_the_checkpoint_files_resumes_from_the_new_checkpoint(tmp_path, monkeypatch, one_thread):
+    """Killed after the tensor file of iteration 4 was renamed into place and before its JSON copy
+    was: checkpoint.json still says 2, the resume reads the tensor file's header and continues from 4
+    to the straight run's images."""
+    import gradleak.attacks.checkpoint as checkpoint
+
+    server, _, update = _lenet_case(1)
+    cfg = {"iterations": 6, "channels": 8, "log_every": 1, "checkpoint_every": 2}
+    whole = gradleak.attacks.create("cinet", cfg, seed=2).reconstruct(server, update)
+    replace, calls = os.replace, []
+
+    def killed_between(src, dst):
+        calls.append(str(dst))
+        if len(calls) == 4:  # iteration 4's second rename (its JSON copy)
+            raise SystemExit("killed")
+        return replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.os, "replace", killed_between)
+        with pytest.raises(SystemExit):
+            gradleak.attacks.create("cinet", cfg, seed=2).reconstruct(server, update, run_dir=tmp_path)
+    assert calls[-1].endswith("checkpoint.json")
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 2  # one behind
+    assert checkpoint.Checkpointer(tmp_path, 0).iteration() == 4
+    resumed = gradleak.attacks.create("cinet", cfg, seed=2).reconstruct(server, update, run_dir=tmp_path, resume=True)
+    assert resumed.resumed_from == 4
     assert torch.equal(resumed.images, whole.images)
     assert resumed.history == whole.history

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import gradleak
 from conftest import make_case
@@ -123,15 +123,24 @@ def test_model_spec_of_any_json_gives_a_model_or_a_clear_error(files, tmp_path, 
 
 
 @FUZZ
-@given(meta=JSON, junk=st.binary(max_size=64), keep_tensors=st.booleans())
-def test_a_damaged_checkpoint_is_a_clear_error_on_resume(files, tmp_path_factory, meta, junk, keep_tensors):
+@given(meta=JSON, junk=st.binary(max_size=64), where=st.sampled_from(["header", "legacy-pair", "junk-tensors"]))
+def test_a_damaged_checkpoint_is_a_clear_error_on_resume(files, tmp_path_factory, meta, junk, where):
+    """Any JSON as the checkpoint's JSON part (in the tensor file's header, or in checkpoint.json of a
+    checkpoint written before the header held it), or junk as the tensor file: a clear error."""
+    from gradleak.attacks.checkpoint import HEADER_KEY
+
     folder, server = files
     update = load_update(folder / "update.safetensors", model=server.model)
     run = tmp_path_factory.mktemp("run")
     cfg = {"iterations": 2, "channels": 4, "checkpoint_every": 1}
     gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=run)
-    (run / "checkpoint.json").write_text(json.dumps(meta))
-    if not keep_tensors:
+    tensors = load_file(str(run / "checkpoint.safetensors"))
+    if where == "header":
+        save_file(tensors, str(run / "checkpoint.safetensors"), metadata={HEADER_KEY: json.dumps(meta)})
+    elif where == "legacy-pair":
+        save_file(tensors, str(run / "checkpoint.safetensors"))
+        (run / "checkpoint.json").write_text(json.dumps(meta))
+    else:
         (run / "checkpoint.safetensors").write_bytes(junk)
     with pytest.raises(GradleakError):
         gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=run, resume=True)

@@ -1,8 +1,12 @@
 """Checkpoints of iterative attacks: safetensors for tensors, JSON for the rest; never pickle.
 
-A checkpoint is two files in the run folder, written atomically (temporary file, then rename) so
-a kill during the write leaves the previous checkpoint intact:
-``checkpoint.safetensors`` (module, optimizer and RNG tensors) and ``checkpoint.json``.
+A checkpoint is ``checkpoint.safetensors`` in the run folder: the module, optimizer and RNG
+tensors, and in its header the JSON part (iteration, history, clock, settings). One file, written to
+a temporary name and renamed, so a kill at any moment leaves either the previous checkpoint or the
+new one, whole. ``checkpoint.json`` beside it is a copy of the JSON part for people and scripts
+(written after the rename; a kill in between leaves it one checkpoint behind, which ``load`` does not
+read). Checkpoints written before the header held the JSON are read from the pair, checked against
+the iteration stamp both hold.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gradleak.errors import CheckpointError
+
+HEADER_KEY = "gradleak.checkpoint"
+"""The safetensors header entry that holds a checkpoint's JSON part."""
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -73,23 +80,39 @@ class Checkpointer:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp_t = self.tensor_path.with_suffix(".safetensors.tmp")
         tmp_m = self.meta_path.with_suffix(".json.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp_t))
-        tmp_m.write_text(json.dumps(meta))
-        # tensors first: a kill between the renames leaves new tensors with old JSON, which
-        # load() detects through the iteration stamp stored in both.
-        os.replace(tmp_t, self.tensor_path)
-        os.replace(tmp_m, self.meta_path)
+        text = json.dumps(meta)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp_t),
+                  metadata={HEADER_KEY: text})
+        tmp_m.write_text(text)
+        os.replace(tmp_t, self.tensor_path)  # the commit: tensors and JSON in one file
+        os.replace(tmp_m, self.meta_path)  # the readable copy
+
+    def iteration(self) -> int | None:
+        """The saved iteration, read from the header alone (None: no readable checkpoint)."""
+        try:
+            meta = self._meta()
+        except (OSError, ValueError, RuntimeError, SafetensorError):
+            return None
+        value = meta.get("iteration") if isinstance(meta, dict) else None
+        return value if isinstance(value, int) else None
+
+    def _meta(self) -> Any:
+        """The JSON part: from the tensor file's header, or (a checkpoint written before the header
+        held it) from checkpoint.json."""
+        with safe_open(str(self.tensor_path), "pt") as f:
+            text = (f.metadata() or {}).get(HEADER_KEY)
+        return json.loads(self.meta_path.read_text() if text is None else text)
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if not self.exists():
             raise CheckpointError(f"resume: expected checkpoint.safetensors and checkpoint.json in '{self.folder}', not found")
         try:
-            meta = json.loads(self.meta_path.read_text())
+            meta = self._meta()
             tensors = load_file(str(self.tensor_path))
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise CheckpointError(f"resume: checkpoint in '{self.folder}' is unreadable ({str(e)[:120]})") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("iteration"), int):
-            raise CheckpointError(f"resume: checkpoint.json in '{self.folder}': expected a JSON object with the "
+            raise CheckpointError(f"resume: the checkpoint in '{self.folder}': expected a JSON object with the "
                                   "iteration, got something else")
         stamp = tensors.get("_iteration")
         if stamp is None or stamp.numel() != 1 or int(stamp.item()) != meta["iteration"]:

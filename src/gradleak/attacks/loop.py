@@ -197,7 +197,7 @@ class Loop:
         history = meta.get("history")
         if (not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values())
                 or not isinstance(meta.get("elapsed", 0.0), (int, float))):
-            raise CheckpointError(f"resume: checkpoint.json in '{self.ckpt.folder}': expected the run's history "
+            raise CheckpointError(f"resume: the checkpoint in '{self.ckpt.folder}': expected the run's history "
                                   "and clock, got something else")
         threads = meta.get("threads")
         if isinstance(threads, int) and threads != torch.get_num_threads():

@@ -31,6 +31,7 @@ import torch
 
 import gradleak
 from gradleak.attacks import CINetAttack
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.bench.common import demo_case, print_table, write_json
 from gradleak.generators import choose_channels
 from gradleak.metrics import pair_images, psnr, ssim
@@ -103,7 +104,7 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
     resume = folder is not None and (folder / "checkpoint.json").is_file()
     curve: list[list[float]] = []  # [iteration, SSIM, PSNR, on-clock seconds]
     if resume and previous is not None:  # the readings up to the checkpoint (a kill may have left one more)
-        done = int(json.loads((folder / "checkpoint.json").read_text())["iteration"])  # type: ignore[operator]
+        done = Checkpointer(folder, 0).iteration() or 0  # type: ignore[arg-type]
         curve = [c for c in previous["curve"] if c[0] <= done]
     before = curve[-1][3] if curve else 0.0
     off_clock = 0.0

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 import gradleak
 from gradleak import attacks as attack_api
 from gradleak.attacks.base import Progress
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.threat_model import run_threat_model
 from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
@@ -145,11 +146,8 @@ def _write_pictures(run_dir: Path, metrics: dict[str, Any], rec: Reconstruction,
 
 
 def _checkpoint_iteration(run_dir: Path) -> int:
-    try:
-        value = json.loads((run_dir / "checkpoint.json").read_text()).get("iteration", 0)
-    except (OSError, ValueError, AttributeError):
-        return 0  # the attack's own restore names the problem
-    return value if isinstance(value, int) else 0
+    value = Checkpointer(run_dir, 0).iteration()
+    return 0 if value is None else value  # unreadable: the attack's own restore names the problem
 
 
 def _progress_before(path: Path, iteration: int) -> tuple[list[int], list[float]]:
