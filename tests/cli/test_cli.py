@@ -156,6 +156,30 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path, cap
     assert metrics["history"]["ssim_iteration"][0] == 5  # and the SSIM points too
 
 
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(client_files, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C during step 12: exit 130, the step is finished and checkpointed, and stderr names
+    the checkpoint's iteration and the command that continues it."""
+    from gradleak.attacks.cinet import _Stepper
+
+    step, calls = _Stepper.__call__, []
+
+    def ctrl_c_at_12(self, it):
+        calls.append(it)
+        if it == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, it)
+
+    monkeypatch.setattr(_Stepper, "__call__", ctrl_c_at_12)
+    out = tmp_path / "run"
+    rc = main(["attack", "--update", str(client_files / "update.safetensors"), "--model-state",
+               str(client_files / "model.safetensors"), "--iterations", "50", "--set", "channels=8",
+               "--set", "checkpoint_every=5", "--out", str(out), "--no-progress"])
+    assert rc == 130 and calls[-1] == 12
+    err = capsys.readouterr().err
+    assert f"checkpoint of iteration 12 in {out}; continue with gradleak attack --resume {out}" in err
+    assert json.loads((out / "checkpoint.json").read_text())["iteration"] == 12
+
+
 def _gradleak(*argv: str, wait: bool = True):
     cmd = [sys.executable, "-m", "gradleak", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every process: bit-identical

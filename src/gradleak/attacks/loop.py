@@ -315,7 +315,7 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         held = True
         with contextlib.suppress(OSError):  # os.write, not print: the handler may interrupt a write to stderr
-            os.write(2, b"Ctrl-C: finishing the current step to checkpoint it (Ctrl-C again to stop at once)\n")
+            os.write(2, b"\nCtrl-C: finishing the current step to checkpoint it (Ctrl-C again to stop at once)\n")
 
     signal.signal(signal.SIGINT, hold)
     try:

@@ -8,10 +8,14 @@ an interrupted run from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.cli.common import add_attack, add_common, attack_config, check_device, default_out
 from gradleak.errors import CheckpointError, ConfigError
 from gradleak.reporting import AttackRun, run_attack
@@ -94,7 +98,26 @@ def print_summary(result: AttackRun) -> None:
     print(f"  run folder: {result.run_dir}  (report.html, grid.png, curves.png, metrics.json)")
 
 
+@contextlib.contextmanager
+def resume_hint(command: str, out: Path) -> Iterator[None]:
+    """On Ctrl-C, say where the checkpoint is and the command that continues it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        iteration = Checkpointer(out, 0).iteration()
+        if iteration is not None:
+            print(f"gradleak {command}: checkpoint of iteration {iteration} in {out}; continue with "
+                  f"gradleak {command} --resume {out}", file=sys.stderr)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
+    out = args.resume if args.resume is not None else (args.out or default_out("attack"))
+    with resume_hint("attack", out):
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
     if args.resume is not None:
         result = resume_run(args.resume, progress=not args.no_progress)
         print_summary(result)
@@ -106,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     files = {"update": str(args.update), "model_state": str(args.model_state),
              "truth": str(args.truth) if args.truth else None}
     config = attack_config(args)  # first: --preset ATTACK:PRESET may name the attack
-    result = attack_files(files, attack=args.attack, config=config, out=args.out or default_out("attack"),
+    result = attack_files(files, attack=args.attack, config=config, out=out,
                           give_labels=args.labels == "given", case={}, device=check_device(args.device),
                           seed=args.seed, resume=False, progress=not args.no_progress, pairing=args.pairing,
                           force=args.force)

@@ -9,8 +9,9 @@ takes 0.9 s (the summary prints this machine's step time).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from gradleak.cli.attack_cmd import attack_files, print_summary, resume_run
+from gradleak.cli.attack_cmd import attack_files, print_summary, resume_hint, resume_run
 from gradleak.cli.common import add_attack, add_case, add_common, add_threat, attack_config, check_device, default_out
 from gradleak.cli.simulate_cmd import simulate
 from gradleak.reporting.runner import check_out
@@ -28,14 +29,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resume:
-        from pathlib import Path
+    out = Path(args.resume) if args.resume else (args.out or default_out("demo"))
+    with resume_hint("demo", out):
+        return _run(args, out)
 
-        print_summary(resume_run(Path(args.resume), progress=not args.no_progress))
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    if args.resume:
+        print_summary(resume_run(out, progress=not args.no_progress))
         return 0
     device = check_device(args.device)
     config = attack_config(args)
-    out = args.out or default_out("demo")
     check_out(out, force=args.force)  # before the client's files are written
     case = simulate(args, out / "client")
     threat = case["protocol"] + (f", {case['local_steps']} local steps" if case["protocol"] == "fedavg" else "") + (
