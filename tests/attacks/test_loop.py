@@ -26,6 +26,13 @@ def test_a_first_sigint_is_held_and_a_second_raises_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_sigint_held_past_the_last_check_is_raised_on_leaving():
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            os.kill(os.getpid(), signal.SIGINT)  # after the loop's last pending() check
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_outside_the_main_thread_nothing_is_held():
     seen: list[object] = []
 

@@ -300,8 +300,9 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
     A step updates its optimizer, scheduler and buffers one after another; a KeyboardInterrupt in
     between would leave a state that is no iteration's. So the first Ctrl-C is only recorded (and said
     on stderr) and the loop raises at the end of the step, after which the state is whole. A second
-    Ctrl-C raises at once. Only where Python's own handler is installed in the main thread; elsewhere
-    (another thread, a handler someone else set) nothing changes and ``pending()`` stays false.
+    Ctrl-C raises at once, and one held past the loop's last check is raised on leaving. Only where
+    Python's own handler is installed in the main thread; elsewhere (another thread, a handler
+    someone else set) nothing changes and ``pending()`` stays false.
     """
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
@@ -312,6 +313,7 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
     def hold(signum: int, frame: Any) -> None:
         nonlocal held
         if held:
+            held = False  # delivered now
             raise KeyboardInterrupt
         held = True
         with contextlib.suppress(OSError):  # os.write, not print: the handler may interrupt a write to stderr
@@ -322,6 +324,8 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
         yield lambda: held
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:  # came after the last step's check: raise it now rather than lose it
+        raise KeyboardInterrupt
 
 
 def _jsonable(value: Any) -> Any:
