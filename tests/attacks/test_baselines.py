@@ -189,6 +189,30 @@ def test_interrupted_run_resumes_to_the_same_result(name: str, config: dict, sto
     assert resumed.info["restart_scores"] == pytest.approx(whole.info["restart_scores"])
 
 
+@pytest.mark.parametrize("stop_at", [4, 9, 14])  # restart 1, restart 2, the generator stage
+def test_gias_interrupted_in_any_stage_resumes_to_the_same_result(stop_at: int, tmp_path: Path):
+    server, _, update = _lenet_case(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        gen = _tiny_generator(size=SIZE)
+    cfg = {"latent_iterations": 6, "generator_iterations": 4, "restarts": 2, "log_every": 1,
+           "checkpoint_every": 3}
+    whole = GIASAttack(cfg, generator=gen, seed=5).reconstruct(server, update)
+
+    def stop(progress: Progress) -> None:
+        if progress.iteration == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GIASAttack(cfg, generator=gen, seed=5).reconstruct(server, update, callback=stop, run_dir=tmp_path)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == stop_at
+    resumed = GIASAttack(cfg, generator=gen, seed=5).reconstruct(server, update, run_dir=tmp_path, resume=True)
+    assert resumed.resumed_from == stop_at
+    torch.testing.assert_close(resumed.images, whole.images, rtol=0, atol=1e-6)
+    assert resumed.history == whole.history
+    assert resumed.info["restart_scores"] == pytest.approx(whole.info["restart_scores"])
+
+
 def _fitted_generator(images: torch.Tensor, latent: int = 8, steps: int = 500) -> tuple[nn.Module, torch.Tensor]:
     """A tiny generator fitted to ``images`` (GLO-style: fixed latents, regression in [-1, 1])."""
     with torch.random.fork_rng(devices=[]):
