@@ -125,6 +125,20 @@ def test_a_wall_clock_budget_stops_an_attack_within_one_iteration(name: str, tmp
     assert json.loads((tmp_path / name / "config.json").read_text())["attack_config"]["log_every"] == 1
 
 
+def test_a_resumed_wall_clock_budget_gets_only_what_the_checkpoint_had_left(tmp_path: Path):
+    """compare --seconds / audit: a budget is the whole run's. A run that spent its budget before
+    the checkpoint stops one iteration after it on resume, instead of starting the clock again."""
+    server, batch, update = _lenet_case(2)
+    config = {**_tiny_config("cinet", tmp_path), "iterations": 100000, "checkpoint_every": 1}
+    kw = {"truth_images": batch.images, "truth_labels": batch.labels, "progress": False, "time_budget": 0.5}
+    first = run_attack(server, update, attack="cinet", config=config, out=tmp_path / "r", **kw)
+    done = first.reconstruction.iterations
+    assert first.reconstruction.seconds >= 0.5 and done > 1
+    resumed = run_attack(server, update, attack="cinet", config=config, out=tmp_path / "r", resume=True, **kw)
+    assert resumed.reconstruction.resumed_from == done
+    assert resumed.reconstruction.iterations == done + 1
+
+
 @pytest.mark.parametrize("name", ["dlg", "idlg", "ig", "analytic", "gias"])
 def test_presets_are_valid_configs(name: str):
     cls = ATTACKS.get(name)

@@ -87,13 +87,18 @@ class Checkpointer:
         os.replace(tmp_t, self.tensor_path)  # the commit: tensors and JSON in one file
         os.replace(tmp_m, self.meta_path)  # the readable copy
 
-    def iteration(self) -> int | None:
-        """The saved iteration, read from the header alone (None: no readable checkpoint)."""
+    def meta(self) -> dict[str, Any] | None:
+        """The JSON part (iteration, history, clock, ...), without loading the tensors; None: no
+        readable checkpoint (``load`` names the problem)."""
         try:
             meta = self._meta()
         except (OSError, ValueError, RuntimeError, SafetensorError):
             return None
-        value = meta.get("iteration") if isinstance(meta, dict) else None
+        return meta if isinstance(meta, dict) else None
+
+    def iteration(self) -> int | None:
+        """The saved iteration (None: no readable checkpoint)."""
+        value = (self.meta() or {}).get("iteration")
         return value if isinstance(value, int) else None
 
     def _meta(self) -> Any:

@@ -255,6 +255,11 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     }
     write_json(run_dir / "config.json", config_doc)
 
+    if resume and time_budget is not None:
+        # a wall-clock budget is the whole run's: the resumed part gets what the checkpoint had left
+        before = (Checkpointer(run_dir, 0).meta() or {}).get("elapsed", 0.0)
+        if isinstance(before, (int, float)):
+            time_budget = max(0.0, time_budget - float(before))
     total = int(getattr(att.config, "iterations", 0))
     bar = _ProgressBar(total, 0, truth_images.cpu() if truth_images is not None else None, progress, time_budget,
                        record=run_dir / "progress.json")
