@@ -180,6 +180,51 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(client_files, t
     assert json.loads((out / "checkpoint.json").read_text())["iteration"] == 12
 
 
+def test_compare_tabulates_and_an_interrupted_comparison_resumes(tmp_path, capsys, monkeypatch, one_thread):
+    """compare writes the table, the grid and a run folder per attack; interrupted in CI-Net (after
+    IG finished) it resumes with --resume: IG is read back untouched, CI-Net continues from its
+    checkpoint to the uninterrupted comparison's reconstruction, bit for bit."""
+    from safetensors.torch import load_file
+
+    from gradleak.attacks.cinet import _Stepper
+
+    argv = ["compare", *SMALL, "--attacks", "ig,cinet", "--iterations", "6", "--set", "cinet.channels=8",
+            "--set", "cinet.checkpoint_every=2", "--no-progress"]
+    straight = tmp_path / "straight"
+    assert main([*argv, "--out", str(straight)]) == 0
+    table = (straight / "table.md").read_text()
+    assert "| ig " in table and "| cinet " in table and "SSIM" in table
+    assert (straight / "grid.png").is_file() and (straight / "table.csv").read_text().count("\n") == 3
+    assert main([*argv, "--out", str(straight)]) == 2  # a finished comparison is not run over
+    assert "holds a run" in _err(capsys)
+
+    step = _Stepper.__call__
+
+    def ctrl_c_at_3(self, it):
+        if it == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, it)
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(_Stepper, "__call__", ctrl_c_at_3)
+        assert main([*argv, "--out", str(out)]) == 130
+    kept = f"ig finished; cinet: checkpoint of iteration 3 in {out / 'cinet'}"
+    assert f"gradleak compare: {kept}; continue with gradleak compare --resume {out}" in capsys.readouterr().err
+    assert not (out / "table.md").exists() and json.loads((out / "cinet" / "checkpoint.json").read_text())[
+        "iteration"] == 3
+    ig_files = {p.name: p.read_bytes() for p in (out / "ig").iterdir()}
+    assert main(["compare", "--resume", str(out), "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in (out / "ig").iterdir()} == ig_files  # read back, not rerun
+    assert json.loads((out / "cinet" / "metrics.json").read_text())["info"]["resumed_from"] == 3
+    for name in ("ig", "cinet"):
+        assert torch.equal(load_file(str(out / name / "reconstruction.safetensors"))["images"],
+                           load_file(str(straight / name / "reconstruction.safetensors"))["images"]), name
+    assert "| cinet " in (out / "table.md").read_text()
+    assert main(["compare", "--resume", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "expected a comparison folder with compare.json" in _err(capsys)
+
+
 def _gradleak(*argv: str, wait: bool = True):
     cmd = [sys.executable, "-m", "gradleak", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every process: bit-identical

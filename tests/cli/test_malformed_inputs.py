@@ -123,6 +123,12 @@ def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "notjson" / "config.json").write_text("{not json")
     (tmp / "listcfg").mkdir()
     (tmp / "listcfg" / "config.json").write_text("[1]")
+    (tmp / "cmp-notjson").mkdir()
+    (tmp / "cmp-notjson" / "compare.json").write_text("{not json")
+    (tmp / "cmp-nofiles").mkdir()
+    (tmp / "cmp-nofiles" / "compare.json").write_text(json.dumps(
+        {"attacks": ["cinet"], "iterations": 2, "seconds": None, "presets": {}, "overrides": {}, "labels": "recovered",
+         "device": "cpu", "seed": 0, "case": {}}))
     (tmp / "afile").write_text("x")
     base = ["attack", "--update", u, "--model-state", m, "--no-progress"]
     out = ["--out", str(tmp / "out")]
@@ -167,6 +173,8 @@ def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["sweep", str(tmp / "grid.json"), "--out", str(tmp / "sw1")], "expected integers, got '1'"),
         (["sweep", str(tmp / "grid2.json"), "--out", str(tmp / "sw2")], "lr: expected a number, got 'x'"),
         (["compare", *SMALL, "--attacks", "cinet,nope", "--out", str(tmp / "c1")], "unknown attack 'nope'"),
+        (["compare", "--resume", str(tmp / "cmp-notjson")], "is not readable JSON"),
+        (["compare", "--resume", str(tmp / "cmp-nofiles")], "expected a comparison's settings"),
         (["labels", "--update", str(int_update), "--model-state", m], "expected floating-point values"),
     ]
 

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +98,21 @@ def print_summary(result: AttackRun) -> None:
     print(f"  run folder: {result.run_dir}  (report.html, grid.png, curves.png, metrics.json)")
 
 
+def checkpoint_note(out: Path) -> str | None:
+    """``checkpoint of iteration N in OUT``, or None where ``out`` holds no readable checkpoint."""
+    iteration = Checkpointer(out, 0).iteration()
+    return None if iteration is None else f"checkpoint of iteration {iteration} in {out}"
+
+
 @contextlib.contextmanager
-def resume_hint(command: str, out: Path) -> Iterator[None]:
-    """On Ctrl-C, say where the checkpoint is and the command that continues it."""
+def resume_hint(command: str, out: Path, note: Callable[[Path], str | None] = checkpoint_note) -> Iterator[None]:
+    """On Ctrl-C, say what was kept (``note(out)``; nothing: no hint) and the command that continues it."""
     try:
         yield
     except KeyboardInterrupt:
-        iteration = Checkpointer(out, 0).iteration()
-        if iteration is not None:
-            print(f"gradleak {command}: checkpoint of iteration {iteration} in {out}; continue with "
-                  f"gradleak {command} --resume {out}", file=sys.stderr)
+        kept = note(out)
+        if kept is not None:
+            print(f"gradleak {command}: {kept}; continue with gradleak {command} --resume {out}", file=sys.stderr)
         raise
 
 

@@ -3,21 +3,30 @@
 Simulates the client once (same case flags as ``simulate``/``demo``), then runs each attack with
 the same iteration budget (``--iterations``) or wall-clock budget (``--seconds``) and writes
 ``table.md``, ``table.csv``, ``grid.png`` and one run folder per attack into ``--out``.
+``--resume OUT`` continues an interrupted comparison with the settings ``OUT/compare.json``
+recorded: finished attacks are read back, an interrupted one resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
 
 from gradleak.attacks.base import resolve_config
+from gradleak.cli.attack_cmd import checkpoint_note, resume_hint
 from gradleak.cli.common import add_case, add_common, add_threat, check_device, default_out, parse_overrides
 from gradleak.cli.simulate_cmd import simulate
 from gradleak.config import split_preset
-from gradleak.errors import ConfigError
+from gradleak.errors import CheckpointError, ConfigError
 from gradleak.reporting.compare import compare_attacks
-from gradleak.reporting.runner import check_out
+from gradleak.reporting.runner import check_out, write_json
 from gradleak.threat import load_model_state, load_truth, load_update
 from gradleak.types import ServerState
+
+RECORD = "compare.json"
+"""The comparison's settings, recorded in its folder for ``--resume``."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,10 +45,44 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="override one field of one attack, e.g. --set cinet.upsample=bilinear (repeatable)")
     p.add_argument("--labels", default="recovered", choices=["recovered", "given"])
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", type=Path, default=None, metavar="OUT", help="continue an interrupted comparison")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    out = args.resume if args.resume is not None else (args.out or default_out("compare"))
+    with resume_hint("compare", out, _kept):
+        settings = _recorded(out) if args.resume is not None else _start(args, out)
+        files = settings["case"]["files"]
+        model, spec = load_model_state(files["model_state"])
+        update = load_update(files["update"], model=model)
+        truth = load_truth(files["truth"])
+        rows = compare_attacks(ServerState.from_spec(model, spec), update, attacks=settings["attacks"], out=out,
+                               truth_images=truth.images, truth_labels=truth.labels,
+                               iterations=settings["iterations"], seconds=settings["seconds"],
+                               presets=settings["presets"], overrides=settings["overrides"],
+                               give_labels=settings["labels"] == "given", case=settings["case"],
+                               device=settings["device"], seed=settings["seed"], progress=not args.no_progress,
+                               force=args.force, resume=args.resume is not None)
+    print((out / "table.md").read_text())
+    print(f"{len(rows)} attacks compared; run folders, table.md, table.csv and grid.png in {out}")
+    return 0
+
+
+def _kept(out: Path) -> str | None:
+    """What an interrupted comparison keeps: its finished attacks and the checkpoint of the one it was in."""
+    try:
+        attacks = _recorded(out)["attacks"]
+    except (CheckpointError, ConfigError):
+        return None  # stopped before the client was simulated: nothing to continue
+    done = [a for a in attacks if (out / a / "metrics.json").is_file()]
+    notes = [f"{', '.join(done) if done else 'no attack'} finished"]
+    notes += [f"{a}: {n}" for a in attacks if a not in done for n in [checkpoint_note(out / a)] if n is not None]
+    return "; ".join(notes)
+
+
+def _start(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Validate the flags, simulate the client into ``out/client`` and record the settings."""
     device = check_device(args.device)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     presets: dict[str, str] = {}
@@ -54,20 +97,34 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--set: expected ATTACK.KEY=VALUE, got {key!r}")
         a, k = key.split(".", 1)
         overrides.setdefault(a, {})[k] = value
-    iterations = 2 if args.dry_run else args.iterations
-    out = args.out or default_out("compare")
     for name in attacks:  # unknown attacks, presets or fields, and occupied folders, fail before the client runs
         resolve_config(name, preset=presets.get(name), overrides=overrides.get(name))
         check_out(out / name, force=args.force)
+    if (out / RECORD).is_file() and not args.force:
+        raise ConfigError(f"output folder '{out}' holds a comparison ({RECORD}); expected a new folder, or "
+                          f"continue it (--resume {out}) or replace it (--force)")
     case = simulate(args, out / "client")
-    model, spec = load_model_state(case["files"]["model_state"])
-    update = load_update(case["files"]["update"], model=model)
-    truth = load_truth(case["files"]["truth"])
-    images, labels = truth.images, truth.labels
-    rows = compare_attacks(ServerState.from_spec(model, spec), update, attacks=attacks, out=out,
-                           truth_images=images, truth_labels=labels, iterations=iterations, seconds=args.seconds,
-                           presets=presets, overrides=overrides, give_labels=args.labels == "given", case=case,
-                           device=device, seed=args.seed, progress=not args.no_progress, force=args.force)
-    print((out / "table.md").read_text())
-    print(f"{len(rows)} attacks compared; run folders, table.md, table.csv and grid.png in {out}")
-    return 0
+    settings = {"attacks": attacks, "iterations": 2 if args.dry_run else args.iterations, "seconds": args.seconds,
+                "presets": presets, "overrides": overrides, "labels": args.labels, "device": device,
+                "seed": args.seed, "case": case}
+    write_json(out / RECORD, settings)
+    return settings
+
+
+def _recorded(out: Path) -> dict[str, Any]:
+    """The settings a comparison recorded in ``out/compare.json``, checked."""
+    path = out / RECORD
+    if not path.is_file():
+        raise CheckpointError(f"resume: expected a comparison folder with {RECORD}, got '{out}'")
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"resume: '{path}' is not readable JSON ({str(e)[:80]})") from None
+    expected: dict[str, type | tuple[type, ...]] = {"attacks": list, "iterations": (int, type(None)), "seconds": (int, float, type(None)),
+                "presets": dict, "overrides": dict, "labels": str, "device": str, "seed": int, "case": dict}
+    wrong = [k for k, t in expected.items() if not isinstance(settings, dict) or not isinstance(settings.get(k), t)]
+    if wrong or not isinstance(settings["case"].get("files"), dict):
+        raise CheckpointError(f"resume: '{path}': expected a comparison's settings ({', '.join(expected)}, "
+                              f"with case.files), got something else{f' (in {wrong[0]})' if wrong else ''}")
+    check_device(settings["device"])  # recorded on another machine, perhaps
+    return settings

@@ -5,17 +5,24 @@ iteration budget (``iterations``) or the same wall-clock budget (``seconds``: ea
 end of its first iteration past the budget). The table (Markdown and CSV) has one row per attack:
 mean +- std of SSIM, FSIM, PSNR and LPIPS, label accuracy, seconds and peak memory; ``grid.png``
 shows the ground truth over one row per attack.
+
+With ``resume=True`` the comparison continues in ``out``: an attack whose run folder holds its
+``metrics.json`` is read back, one with a checkpoint resumes from it (a wall-clock budget gets what
+the checkpoint had left), and one that had not started runs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from gradleak.attacks import ATTACKS
 from gradleak.attacks.base import resolve_config
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.errors import ConfigError
 from gradleak.reporting.figures import subplots
 from gradleak.reporting.runner import run_attack
@@ -37,7 +44,7 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
                     seconds: float | None = None, presets: dict[str, str] | None = None,
                     overrides: dict[str, dict[str, Any]] | None = None, give_labels: bool = False,
                     case: dict[str, Any] | None = None, device: str = "cpu", seed: int = 0,
-                    progress: bool = True, force: bool = False) -> list[dict[str, Any]]:
+                    progress: bool = True, force: bool = False, resume: bool = False) -> list[dict[str, Any]]:
     """Run every attack in ``attacks`` on ``update`` and write ``table.md``, ``table.csv``, ``grid.png``.
 
     Returns:
@@ -54,13 +61,22 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
         budget = iterations if iterations is not None and cls.budget(1, cls.Config()) else None  # analytic has none
         cfg = resolve_config(name, iterations=budget, preset=(presets or {}).get(name),
                              overrides=(overrides or {}).get(name))
-        result = run_attack(server, update, attack=name, config=cfg, out=out / name, truth_images=truth_images,
-                            truth_labels=truth_labels, give_labels=give_labels,
-                            case={**(case or {}), "compare": attacks, "budget": {"iterations": iterations, "seconds": seconds}},
-                            device=device, seed=seed, progress=progress, time_budget=seconds, force=force)
-        rows.append(result.metrics["summary"])
-        pairs = torch.tensor([p["reconstruction"] for p in result.metrics["per_image"]])
-        recons.append(result.reconstruction.images[pairs])
+        run_dir = out / name
+        if resume and (run_dir / "metrics.json").is_file() and (run_dir / "reconstruction.safetensors").is_file():
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            images = load_file(str(run_dir / "reconstruction.safetensors"))["images"]
+        else:
+            result = run_attack(server, update, attack=name, config=cfg, out=run_dir, truth_images=truth_images,
+                                truth_labels=truth_labels, give_labels=give_labels,
+                                case={**(case or {}), "compare": attacks,
+                                      "budget": {"iterations": iterations, "seconds": seconds}},
+                                device=device, seed=seed, progress=progress, time_budget=seconds,
+                                resume=resume and Checkpointer(run_dir, 0).iteration() is not None,
+                                force=force or resume)  # resume: the comparison's own folder
+            metrics, images = result.metrics, result.reconstruction.images
+        rows.append(metrics["summary"])
+        pairs = torch.tensor([p["reconstruction"] for p in metrics["per_image"]])
+        recons.append(images[pairs])
     write_table(out, rows)
     _grid(out / "grid.png", truth_images, recons, attacks)
     return rows
