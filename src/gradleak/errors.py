@@ -37,3 +37,9 @@ class DataError(GradleakError, ValueError):
 
 class CheckpointError(GradleakError, ValueError):
     """A checkpoint or run folder cannot be resumed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a job scheduler's or ``kill``'s stop) during an attack's steps, raised once the step
+    in progress has ended and been checkpointed, where a Ctrl-C raises KeyboardInterrupt. Not a
+    :class:`GradleakError`: like KeyboardInterrupt, it is a stop, not a failure."""

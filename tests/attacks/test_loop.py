@@ -1,4 +1,4 @@
-"""The run loop's Ctrl-C handling (a SIGINT is held until the step in progress ends) and its checkpoints."""
+"""The run loop's Ctrl-C and SIGTERM handling (held until the step in progress ends) and its checkpoints."""
 
 from __future__ import annotations
 
@@ -12,23 +12,27 @@ import torch
 from test_baselines import _lenet_case
 
 import gradleak
-from gradleak.attacks.loop import deferred_sigint
+from gradleak.attacks.loop import deferred_stop
 from gradleak.attacks.optimization import OptimizationAttack
+from gradleak.errors import Terminated
 
 
-def test_a_first_sigint_is_held_and_a_second_raises_at_once():
-    with deferred_sigint() as pending:
-        assert not pending()
-        os.kill(os.getpid(), signal.SIGINT)
-        assert pending()  # held: no KeyboardInterrupt yet
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+@pytest.mark.parametrize("sig,error", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_first_stop_signal_is_held_and_a_second_raises_at_once(sig, error):
+    with deferred_stop() as pending:
+        assert pending() is None
+        os.kill(os.getpid(), sig)
+        assert pending() is error  # held: nothing raised yet
+        with pytest.raises(error):
+            os.kill(os.getpid(), sig)
+        assert pending() is None  # that one was delivered
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_sigint_held_past_the_last_check_is_raised_on_leaving():
     with pytest.raises(KeyboardInterrupt):
-        with deferred_sigint():
+        with deferred_stop():
             os.kill(os.getpid(), signal.SIGINT)  # after the loop's last pending() check
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -37,23 +41,23 @@ def test_outside_the_main_thread_nothing_is_held():
     seen: list[object] = []
 
     def body() -> None:
-        with deferred_sigint() as pending:
+        with deferred_stop() as pending:
             seen.append(pending())
             seen.append(signal.getsignal(signal.SIGINT))
 
     t = threading.Thread(target=body)
     t.start()
     t.join()
-    assert seen == [False, signal.default_int_handler]
+    assert seen == [None, signal.default_int_handler]
 
 
 def test_a_handler_someone_else_installed_is_left_alone():
     calls: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda s, f: calls.append(s))
     try:
-        with deferred_sigint() as pending:
+        with deferred_stop() as pending:
             os.kill(os.getpid(), signal.SIGINT)
-            assert not pending() and calls == [signal.SIGINT]
+            assert pending() is None and calls == [signal.SIGINT]
         assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)

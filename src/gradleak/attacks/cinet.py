@@ -215,7 +215,7 @@ class _Stepper:
 
     The step changes the generator's buffers (spectral-norm power iterates, BatchNorm running
     statistics), its parameters and the optimizer one after another; the loop holds a Ctrl-C until
-    the step has ended (:func:`~gradleak.attacks.loop.deferred_sigint`), so a checkpoint is always the
+    the step has ended (:func:`~gradleak.attacks.loop.deferred_stop`), so a checkpoint is always the
     state after a whole step.
     """
 

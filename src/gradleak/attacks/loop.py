@@ -7,9 +7,10 @@ An iterative attack (CI-Net, DLG/iDLG/IG, GIAS) does the same bookkeeping around
   defense where asked).
 * :class:`Loop`: run steps ``start..stop`` of a stage, log the loss every ``log_every`` steps and
   at the end, call the progress callback (which may stop the run), stop at the matcher's noise
-  floor, checkpoint every ``checkpoint_every`` steps, and on Ctrl-C finish the step in progress,
-  save the state after it and re-raise (:func:`deferred_sigint`). It restores a checkpoint (refusing one written with other
-  settings) and keeps the history and the clock across resumes.
+  floor, checkpoint every ``checkpoint_every`` steps, and on Ctrl-C (or SIGTERM) finish the step
+  in progress, save the state after it and re-raise (:func:`deferred_stop`). It restores a
+  checkpoint (refusing one written with other settings) and keeps the history and the clock across
+  resumes.
 * :meth:`Loop.outcome`: the :class:`~gradleak.types.Reconstruction` with the fields every attack
   reports (iterations, seconds, why it stopped early, where it resumed from, the matching).
 
@@ -42,7 +43,7 @@ from gradleak.attacks.base import Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.matching import Matcher, build_matcher
 from gradleak.config import check_ranges
-from gradleak.errors import CheckpointError, UpdateError
+from gradleak.errors import CheckpointError, Terminated, UpdateError
 from gradleak.hardware import memory_bytes
 from gradleak.labels import LabelResult
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
@@ -240,7 +241,7 @@ class Loop:
         """
         in_step = False
         try:
-            with deferred_sigint() as pending:
+            with deferred_stop() as pending:
                 for it in range(start, stop + 1):
                     in_step = True
                     out = step(it)
@@ -265,8 +266,9 @@ class Loop:
                         self.stop_reason = FLOOR  # below the noise floor the images fit the noise
                     if self.ckpt is not None and self.ckpt.due(self.done):
                         self.save()
-                    if pending():
-                        raise KeyboardInterrupt  # the Ctrl-C held until this step ended
+                    stop_now = pending()
+                    if stop_now is not None:
+                        raise stop_now  # the Ctrl-C or SIGTERM held until this step ended
                     if self.stopped:
                         return str(self.stop_reason)
                 return "done"
@@ -293,39 +295,47 @@ class Loop:
                   "matching_loss": self.matcher.loss_name(cfg.loss), **info})
 
 
-@contextlib.contextmanager
-def deferred_sigint() -> Iterator[Callable[[], bool]]:
-    """Hold a Ctrl-C (SIGINT) until the step in progress ends; yields ``pending()``, true once one came.
+_STOPS = {signal.SIGINT: (KeyboardInterrupt, b"Ctrl-C", b"Ctrl-C again"),
+          signal.SIGTERM: (Terminated, b"SIGTERM", b"a second SIGTERM")}
 
-    A step updates its optimizer, scheduler and buffers one after another; a KeyboardInterrupt in
-    between would leave a state that is no iteration's. So the first Ctrl-C is only recorded (and said
-    on stderr) and the loop raises at the end of the step, after which the state is whole. A second
-    Ctrl-C raises at once, and one held past the loop's last check is raised on leaving. Only where
-    Python's own handler is installed in the main thread; elsewhere (another thread, a handler
-    someone else set) nothing changes and ``pending()`` stays false.
+
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[Callable[[], type[KeyboardInterrupt] | None]]:
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM until the step in progress ends; yields ``pending()``:
+    the exception to raise once one came (KeyboardInterrupt, or :class:`Terminated`), else None.
+
+    A step updates its optimizer, scheduler and buffers one after another; an exception in between
+    would leave a state that is no iteration's. So the first signal is only recorded (and said on
+    stderr) and the loop raises at the end of the step, after which the state is whole and is
+    checkpointed. A second one raises at once, and one held past the loop's last check is raised on
+    leaving. SIGTERM is what a job scheduler sends before it kills a job, so a cluster run that is
+    stopped also keeps its last step. Only in the main thread, and only for a signal whose handler
+    is Python's default (SIGINT: ``default_int_handler``; SIGTERM: ``SIG_DFL``); a handler someone
+    else installed is left alone.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield lambda: False
-        return
-    held = False
+    mine = ([] if threading.current_thread() is not threading.main_thread() else
+            [sig for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+             if signal.getsignal(sig) is default])
+    held: list[type[KeyboardInterrupt]] = []
 
     def hold(signum: int, frame: Any) -> None:
-        nonlocal held
+        error, name, again = _STOPS[signal.Signals(signum)]
         if held:
-            held = False  # delivered now
-            raise KeyboardInterrupt
-        held = True
+            held.clear()  # delivered now
+            raise error
+        held.append(error)
         with contextlib.suppress(OSError):  # os.write, not print: the handler may interrupt a write to stderr
-            os.write(2, b"\nCtrl-C: finishing the current step to checkpoint it (Ctrl-C again to stop at once)\n")
+            os.write(2, b"\n" + name + b": finishing the current step to checkpoint it (" + again
+                     + b" to stop at once)\n")
 
-    signal.signal(signal.SIGINT, hold)
+    previous = {sig: signal.signal(sig, hold) for sig in mine}
     try:
-        yield lambda: held
+        yield lambda: held[0] if held else None
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if held:  # came after the last step's check: raise it now rather than lose it
-        raise KeyboardInterrupt
+        raise held[0]
 
 
 def _jsonable(value: Any) -> Any:

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gradleak.errors import GradleakError
+from gradleak.errors import GradleakError, Terminated
 
 SUBCOMMANDS = ("demo", "simulate", "attack", "compare", "audit", "labels", "sweep", "bench", "list")
 
@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"gradleak {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"gradleak {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"gradleak {args.command}: interrupted", file=sys.stderr)
         return 130
