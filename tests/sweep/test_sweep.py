@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,6 +111,25 @@ def ray_runtime():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def test_an_interrupted_sweep_says_what_was_kept_and_how_to_continue(tmp_path: Path, capsys, monkeypatch):
+    """A Ctrl-C after the first trial (the second never started): exit 130, and stderr counts the
+    finished trials and names the command that continues (the same one, with its --out)."""
+    import gradleak.sweep.runner as runner
+
+    grid_file, out = tmp_path / "grid.yaml", tmp_path / "out"
+    grid_file.write_text(GRID_YAML)
+    real = runner.run_sweep
+
+    def first_then_ctrl_c(grid: SweepGrid, **kw):
+        real(dataclasses.replace(grid, defenses=grid.defenses[:1]), **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_sweep", first_then_ctrl_c)
+    assert main(["sweep", str(grid_file), "--backend", "local", "--workers", "1", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"gradleak sweep: 1 finished trial kept in {out}; continue with the same command and --out {out}" in err
 
 
 def test_ray_backend_on_a_local_runtime(tmp_path: Path, ray_runtime):

@@ -105,14 +105,17 @@ def checkpoint_note(out: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def resume_hint(command: str, out: Path, note: Callable[[Path], str | None] = checkpoint_note) -> Iterator[None]:
-    """On Ctrl-C, say what was kept (``note(out)``; nothing: no hint) and the command that continues it."""
+def resume_hint(command: str, out: Path, note: Callable[[Path], str | None] = checkpoint_note,
+                how: str | None = None) -> Iterator[None]:
+    """On Ctrl-C or SIGTERM, say what was kept (``note(out)``; None: no hint) and how to continue
+    (default: ``gradleak COMMAND --resume OUT``)."""
     try:
         yield
     except KeyboardInterrupt:
         kept = note(out)
         if kept is not None:
-            print(f"gradleak {command}: {kept}; continue with gradleak {command} --resume {out}", file=sys.stderr)
+            print(f"gradleak {command}: {kept}; continue with {how or f'gradleak {command} --resume {out}'}",
+                  file=sys.stderr)
         raise
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
+from gradleak.cli.attack_cmd import resume_hint
 from gradleak.cli.common import (
     add_attack,
     add_case,
@@ -31,7 +33,14 @@ from gradleak.cli.common import (
 )
 from gradleak.defenses import split_defenses
 from gradleak.errors import ConfigError
-from gradleak.reporting.audit import AuditOptions, audit_grid, parse_int_list, run_audit, write_audit_report
+from gradleak.reporting.audit import (
+    AuditOptions,
+    audit_grid,
+    cell_finished,
+    parse_int_list,
+    run_audit,
+    write_audit_report,
+)
 from gradleak.reporting.verdicts import Condition, failing, verdict
 from gradleak.types import ModelSpec
 
@@ -71,6 +80,13 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(["gradleak", *getattr(args, "argv", ["audit"])])
 
 
+def _finished_cells(out: Path) -> str | None:
+    """How many cells an interrupted audit keeps (None: it wrote none)."""
+    cells = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    done = sum(cell_finished(p) for p in cells)
+    return f"{done} finished cell{'s' if done != 1 else ''} kept in {out}" if cells else None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         raise ConfigError(f"--batch-size: the audit takes a list, expected --batch-sizes, got --batch-size {args.batch_size}")
@@ -99,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
                            give_labels=args.labels == "given", device=device, seed=args.seed, seeds=seeds,
                            pairing=args.pairing, time_budget=args.seconds, progress=not args.no_progress,
                            write_images=not args.no_images)
-    rows = run_audit(spec=spec, cells=cells, attack=args.attack, attack_config=config, out=out, options=options,
-                     on_event=on_event)
+    with resume_hint("audit", out, _finished_cells, how=f"the same command and --out {out}"):
+        rows = run_audit(spec=spec, cells=cells, attack=args.attack, attack_config=config, out=out, options=options,
+                         on_event=on_event)
     protos = ", ".join(dict.fromkeys(c.protocol.tag() for c in cells))
     title = (f"{args.model} ({args.activation}, BatchNorm {args.bn_mode}), {protos}, data {args.data}; attack "
              f"{args.attack}{f' preset {args.preset}' if args.preset else ''}, "

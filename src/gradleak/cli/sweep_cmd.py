@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from gradleak.cli.attack_cmd import resume_hint
     from gradleak.reporting.audit import cell_finished
     from gradleak.sweep.runner import load_grid, run_sweep, trial_folder
 
@@ -52,8 +53,13 @@ def run(args: argparse.Namespace) -> int:
         if status != "submitted":
             print(f"{status:>8}  {trial_id}", flush=True)
 
-    rows = run_sweep(grid, out=out, backend=args.backend, address=args.address, workers=args.workers,
-                     dry_run=args.dry_run, on_event=on_event)
+    def kept(folder: Path) -> str:
+        done = sum(cell_finished(trial_folder(folder, t)) for t in grid.trials())
+        return f"{done} finished trial{'s' if done != 1 else ''} kept in {folder}"
+
+    with resume_hint("sweep", out, kept, how=f"the same command and --out {out}"):
+        rows = run_sweep(grid, out=out, backend=args.backend, address=args.address, workers=args.workers,
+                         dry_run=args.dry_run, on_event=on_event)
     print((out / "table.md").read_text())
     failed = sum(r["status"] != "done" for r in rows)
     print(f"{len(rows)} trials, {failed} not done; table.md, table.csv and report.md in {out}")
