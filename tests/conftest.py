@@ -7,6 +7,7 @@ to a benchmark running beside the tests.
 from __future__ import annotations
 
 import os
+import signal
 
 # Before anything imports Flower or Ray: no telemetry, no network calls.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -61,3 +62,21 @@ def one_thread():
 @pytest.fixture
 def lenet_case():
     return make_case("lenet", 2)
+
+
+def signal_in_cinet_step(monkeypatch: pytest.MonkeyPatch, when, sig: int = signal.SIGINT) -> list[int]:
+    """Send ``sig`` to this process as a CI-Net step begins, where ``when(iteration, runs)`` is true
+    (``runs``: how many runs have started a first step so far). Returns the iterations stepped."""
+    from gradleak.attacks.cinet import _Stepper
+
+    step, seen, runs = _Stepper.__call__, [], [0]
+
+    def signalled(self, it):
+        runs[0] += it == 1
+        seen.append(it)
+        if when(it, runs[0]):
+            os.kill(os.getpid(), sig)
+        return step(self, it)
+
+    monkeypatch.setattr(_Stepper, "__call__", signalled)
+    return seen

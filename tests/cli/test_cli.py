@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from conftest import signal_in_cinet_step
 from gradleak.cli.main import main
 
 SMALL = ["--model", "lenet", "--batch-size", "2"]
@@ -159,17 +160,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path, cap
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(client_files, tmp_path, capsys, monkeypatch):
     """A Ctrl-C during step 12: exit 130, the step is finished and checkpointed, and stderr names
     the checkpoint's iteration and the command that continues it."""
-    from gradleak.attacks.cinet import _Stepper
-
-    step, calls = _Stepper.__call__, []
-
-    def ctrl_c_at_12(self, it):
-        calls.append(it)
-        if it == 12:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, it)
-
-    monkeypatch.setattr(_Stepper, "__call__", ctrl_c_at_12)
+    calls = signal_in_cinet_step(monkeypatch, lambda it, _: it == 12)
     out = tmp_path / "run"
     rc = main(["attack", "--update", str(client_files / "update.safetensors"), "--model-state",
                str(client_files / "model.safetensors"), "--iterations", "50", "--set", "channels=8",
@@ -186,8 +177,6 @@ def test_compare_tabulates_and_an_interrupted_comparison_resumes(tmp_path, capsy
     checkpoint to the uninterrupted comparison's reconstruction, bit for bit."""
     from safetensors.torch import load_file
 
-    from gradleak.attacks.cinet import _Stepper
-
     argv = ["compare", *SMALL, "--attacks", "ig,cinet", "--iterations", "6", "--set", "cinet.channels=8",
             "--set", "cinet.checkpoint_every=2", "--no-progress"]
     straight = tmp_path / "straight"
@@ -198,16 +187,9 @@ def test_compare_tabulates_and_an_interrupted_comparison_resumes(tmp_path, capsy
     assert main([*argv, "--out", str(straight)]) == 2  # a finished comparison is not run over
     assert "holds a run" in _err(capsys)
 
-    step = _Stepper.__call__
-
-    def ctrl_c_at_3(self, it):
-        if it == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, it)
-
     out = tmp_path / "cut"
     with monkeypatch.context() as m:
-        m.setattr(_Stepper, "__call__", ctrl_c_at_3)
+        signal_in_cinet_step(m, lambda it, _: it == 3)
         assert main([*argv, "--out", str(out)]) == 130
     kept = f"ig finished; cinet: checkpoint of iteration 3 in {out / 'cinet'}"
     assert f"gradleak compare: {kept}; continue with gradleak compare --resume {out}" in capsys.readouterr().err

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import signal_in_cinet_step
 from gradleak.cli.main import main
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
@@ -106,20 +105,9 @@ def test_rerun_skips_finished_cells_and_resumes_the_rest(tiny_audit, tmp_path, c
 def test_ctrl_c_in_an_audit_says_what_was_kept_and_the_rerun_continues(tmp_path, capsys, monkeypatch):
     """A Ctrl-C inside the third attack run: exit 130, stderr names the finished cells kept and the
     command that continues (the same one, with its --out); that rerun finishes every cell."""
-    from gradleak.attacks.cinet import _Stepper
-
-    step, starts = _Stepper.__call__, []
-
-    def ctrl_c_in_third_run(self, it):
-        if it == 1:
-            starts.append(1)
-        if it == 2 and len(starts) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, it)
-
     out = tmp_path / "cut"
     with monkeypatch.context() as m:
-        m.setattr(_Stepper, "__call__", ctrl_c_in_third_run)
+        signal_in_cinet_step(m, lambda it, runs: it == 2 and runs == 3)
         assert main([*TINY, "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert re.search(rf"gradleak audit: [12] finished cells? kept in {re.escape(str(out))}; continue with the "

@@ -58,15 +58,20 @@ def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, 
                       resume=resume, progress=progress, pairing=pairing, force=force)
 
 
+def read_record(path: Path, folder: str) -> Any:
+    """The JSON a run recorded for ``--resume`` (``folder``: what the folder should be, for the error)."""
+    if not path.is_file():
+        raise CheckpointError(f"resume: expected {folder} with {path.name}, got '{path.parent}'")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"resume: '{path}' is not readable JSON ({str(e)[:80]})") from None
+
+
 def resume_run(run_dir: Path, *, progress: bool) -> AttackRun:
     """Continue the run in ``run_dir`` with the settings its ``config.json`` recorded."""
     cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"resume: expected a run folder with config.json, got '{run_dir}'")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"resume: '{cfg_path}' is not readable JSON ({str(e)[:80]})") from None
+    cfg = read_record(cfg_path, "a run folder")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("attack"), str) or "attack_config" not in cfg:
         raise CheckpointError(f"resume: '{cfg_path}': expected a run's config (attack, attack_config, case), "
                               "got something else")

@@ -10,12 +10,11 @@ recorded: finished attacks are read back, an interrupted one resumes from its ch
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from gradleak.attacks.base import resolve_config
-from gradleak.cli.attack_cmd import checkpoint_note, resume_hint
+from gradleak.cli.attack_cmd import checkpoint_note, read_record, resume_hint
 from gradleak.cli.common import add_case, add_common, add_threat, check_device, default_out, parse_overrides
 from gradleak.cli.simulate_cmd import simulate
 from gradleak.config import split_preset
@@ -114,14 +113,10 @@ def _start(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def _recorded(out: Path) -> dict[str, Any]:
     """The settings a comparison recorded in ``out/compare.json``, checked."""
     path = out / RECORD
-    if not path.is_file():
-        raise CheckpointError(f"resume: expected a comparison folder with {RECORD}, got '{out}'")
-    try:
-        settings = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"resume: '{path}' is not readable JSON ({str(e)[:80]})") from None
-    expected: dict[str, type | tuple[type, ...]] = {"attacks": list, "iterations": (int, type(None)), "seconds": (int, float, type(None)),
-                "presets": dict, "overrides": dict, "labels": str, "device": str, "seed": int, "case": dict}
+    settings = read_record(path, "a comparison folder")
+    expected: dict[str, type | tuple[type, ...]] = {
+        "attacks": list, "iterations": (int, type(None)), "seconds": (int, float, type(None)), "presets": dict,
+        "overrides": dict, "labels": str, "device": str, "seed": int, "case": dict}
     wrong = [k for k, t in expected.items() if not isinstance(settings, dict) or not isinstance(settings.get(k), t)]
     if wrong or not isinstance(settings["case"].get("files"), dict):
         raise CheckpointError(f"resume: '{path}': expected a comparison's settings ({', '.join(expected)}, "
