@@ -145,11 +145,6 @@ def _write_pictures(run_dir: Path, metrics: dict[str, Any], rec: Reconstruction,
                  recon_labels=rec.labels[order].tolist() if order is not None else None)
 
 
-def _checkpoint_iteration(run_dir: Path) -> int:
-    value = Checkpointer(run_dir, 0).iteration()
-    return 0 if value is None else value  # unreadable: the attack's own restore names the problem
-
-
 def _progress_before(path: Path, iteration: int) -> tuple[list[int], list[float]]:
     """The SSIM points recorded up to the checkpoint's ``iteration`` (a resumed run keeps its curve)."""
     try:
@@ -255,16 +250,18 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     }
     write_json(run_dir / "config.json", config_doc)
 
-    if resume and time_budget is not None:
+    saved = Checkpointer(run_dir, 0).meta() if resume else None  # None: unreadable, the attack's restore says why
+    if saved is not None and time_budget is not None:
         # a wall-clock budget is the whole run's: the resumed part gets what the checkpoint had left
-        before = (Checkpointer(run_dir, 0).meta() or {}).get("elapsed", 0.0)
+        before = saved.get("elapsed", 0.0)
         if isinstance(before, (int, float)):
             time_budget = max(0.0, time_budget - float(before))
     total = int(getattr(att.config, "iterations", 0))
     bar = _ProgressBar(total, 0, truth_images.cpu() if truth_images is not None else None, progress, time_budget,
                        record=run_dir / "progress.json")
-    if resume and (run_dir / "checkpoint.json").is_file():
-        bar.last = _checkpoint_iteration(run_dir)
+    if saved is not None:
+        start = saved.get("iteration")
+        bar.last = start if isinstance(start, int) else 0
         bar.ssim_iteration, bar.ssim = _progress_before(run_dir / "progress.json", bar.last)
     t0 = time.perf_counter()
     try:
