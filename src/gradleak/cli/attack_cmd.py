@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,15 @@ def checkpoint_note(out: Path) -> str | None:
     """``checkpoint of iteration N in OUT``, or None where ``out`` holds no readable checkpoint."""
     iteration = Checkpointer(out, 0).iteration()
     return None if iteration is None else f"checkpoint of iteration {iteration} in {out}"
+
+
+def finished_note(out: Path, folders: Iterable[Path], noun: str) -> str:
+    """``N finished NOUNs kept in OUT``: how many of a grid's cell folders (audit cells, sweep trials)
+    hold every run they ask for."""
+    from gradleak.reporting.audit import cell_finished
+
+    done = sum(cell_finished(f) for f in folders)
+    return f"{done} finished {noun}{'s' if done != 1 else ''} kept in {out}"
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from gradleak.cli.attack_cmd import resume_hint
+from gradleak.cli.attack_cmd import finished_note, resume_hint
 from gradleak.cli.common import (
     add_attack,
     add_case,
@@ -36,7 +36,6 @@ from gradleak.errors import ConfigError
 from gradleak.reporting.audit import (
     AuditOptions,
     audit_grid,
-    cell_finished,
     parse_int_list,
     run_audit,
     write_audit_report,
@@ -80,13 +79,6 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(["gradleak", *getattr(args, "argv", ["audit"])])
 
 
-def _finished_cells(out: Path) -> str | None:
-    """How many cells an interrupted audit keeps (None: it wrote none)."""
-    cells = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
-    done = sum(cell_finished(p) for p in cells)
-    return f"{done} finished cell{'s' if done != 1 else ''} kept in {out}" if cells else None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         raise ConfigError(f"--batch-size: the audit takes a list, expected --batch-sizes, got --batch-size {args.batch_size}")
@@ -115,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
                            give_labels=args.labels == "given", device=device, seed=args.seed, seeds=seeds,
                            pairing=args.pairing, time_budget=args.seconds, progress=not args.no_progress,
                            write_images=not args.no_images)
-    with resume_hint("audit", out, _finished_cells, how=f"the same command and --out {out}"):
+    def kept(folder: Path) -> str | None:
+        cell_dirs = [folder / c.name for c in cells]
+        return finished_note(folder, cell_dirs, "cell") if any(d.is_dir() for d in cell_dirs) else None
+
+    with resume_hint("audit", out, kept, how=f"the same command and --out {out}"):
         rows = run_audit(spec=spec, cells=cells, attack=args.attack, attack_config=config, out=out, options=options,
                          on_event=on_event)
     protos = ", ".join(dict.fromkeys(c.protocol.tag() for c in cells))

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from gradleak.cli.attack_cmd import resume_hint
+    from gradleak.cli.attack_cmd import finished_note, resume_hint
     from gradleak.reporting.audit import cell_finished
     from gradleak.sweep.runner import load_grid, run_sweep, trial_folder
 
@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{status:>8}  {trial_id}", flush=True)
 
     def kept(folder: Path) -> str:
-        done = sum(cell_finished(trial_folder(folder, t)) for t in grid.trials())
-        return f"{done} finished trial{'s' if done != 1 else ''} kept in {folder}"
+        return finished_note(folder, [trial_folder(folder, t) for t in grid.trials()], "trial")
 
     with resume_hint("sweep", out, kept, how=f"the same command and --out {out}"):
         rows = run_sweep(grid, out=out, backend=args.backend, address=args.address, workers=args.workers,
