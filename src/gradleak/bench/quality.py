@@ -103,8 +103,9 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
     attack = gradleak.attacks.create("cinet", cfg, device=device, seed=seed)
     resume = folder is not None and (folder / "checkpoint.json").is_file()
     curve: list[list[float]] = []  # [iteration, SSIM, PSNR, on-clock seconds]
-    if resume and previous is not None:  # the readings up to the checkpoint (a kill may have left one more)
-        done = Checkpointer(folder, 0).iteration() or 0  # type: ignore[arg-type]
+    if folder is not None and resume and previous is not None:
+        # the readings up to the checkpoint (a kill may have left one more)
+        done = Checkpointer(folder, 0).iteration() or 0
         curve = [c for c in previous["curve"] if c[0] <= done]
     before = curve[-1][3] if curve else 0.0
     off_clock = 0.0
