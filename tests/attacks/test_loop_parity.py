@@ -8,7 +8,7 @@ The tolerances come from a measured spread, not from one machine's rounding. The
 were rerun against the file on 1 and 2 threads, with oneDNN on and off (``torch.backends.mkldnn``);
 the largest image difference per case was: cinet 4.5e-4, cinet-sgd-decay-learned 7.5e-7, ig 0,
 dlg 1.2e-7, idlg 5.8e-3 (its L-BFGS steps amplify rounding), gias 6e-8; the largest relative loss
-difference 2.0e-3 (idlg), else below 7e-6. Each tolerance is about 5-10x its case's spread, and
+difference (losses and restart scores) 2.0e-3 (idlg), else below 7e-6. Each tolerance is about 5-10x its case's spread, and
 far below what a real change moves: the same cases with seed 2 moved the images by 0.84-1.0, and
 a learning rate 10% higher by 0.04 (idlg) to 0.22 (cinet).
 """
@@ -44,4 +44,4 @@ def test_same_seed_same_reconstruction_as_before_the_shared_loop(key: str):
     assert got["history_iterations"] == want["history_iterations"]
     assert got["labels"] == want["labels"]
     if "restart_scores" in want:
-        assert got["restart_scores"] == pytest.approx(want["restart_scores"], rel=1e-3)
+        assert got["restart_scores"] == pytest.approx(want["restart_scores"], rel=LOSS_RTOL.get(key, 1e-4))
