@@ -181,12 +181,12 @@ def test_audited_federation_is_unchanged_and_leaks(tmp_path: Path):
         assert r.status == "done", r.error
         assert folder.parent.name == f"round-{r.round:03d}" and folder.name == f"node-{r.node_id}"
         for name in ("update.safetensors", "model.safetensors", "truth.safetensors", "capture.json", "labels.json",
-                     "adaptive-s0/config.json", "adaptive-s0/metrics.json", "adaptive-s0/grid.png",
-                     "adaptive-s0/report.html"):
+                     "cinet_labels-recovered-s0/config.json", "cinet_labels-recovered-s0/metrics.json", "cinet_labels-recovered-s0/grid.png",
+                     "cinet_labels-recovered-s0/report.html"):
             assert (folder / name).is_file(), f"{folder.name}: {name} missing"
         capture = json.loads((folder / "capture.json").read_text())
         assert capture["update"]["kind"] == "delta" and capture["update"]["local_lr"] == 0.1
-        summary = json.loads((folder / "adaptive-s0" / "metrics.json").read_text())["summary"]
+        summary = json.loads((folder / "cinet_labels-recovered-s0" / "metrics.json").read_text())["summary"]
         assert summary["label_accuracy"] == 1.0
         assert summary["ssim_mean"] > SSIM_THRESHOLD, (r.round, summary["ssim_mean"])
         assert r.summary["ssim_mean"] == pytest.approx(summary["ssim_mean"], abs=1e-6) and r.summary["verdict"].startswith(("leaks", "partial"))

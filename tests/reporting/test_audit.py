@@ -12,26 +12,21 @@ import pytest
 import torch
 
 from conftest import signal_in_cinet_step
+from gradleak.audit import AuditCell, ProtocolSetting, audit_grid, cell_update, parse_int_list, utility, verdict
+from gradleak.audit.verdicts import Condition, bootstrap_ci, worst_case
 from gradleak.cli.main import main
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
 from gradleak.models import build_model
-from gradleak.reporting.audit import (
-    AuditCell,
-    ProtocolSetting,
-    audit_grid,
-    cell_update,
-    parse_int_list,
-    utility,
-    verdict,
-)
-from gradleak.reporting.verdicts import Condition, bootstrap_ci, worst_case
 from gradleak.types import ModelSpec, ServerState
 
 pytestmark = pytest.mark.slow  # end-to-end audits: several attacks per test
 
 TINY = ["audit", "--model", "lenet", "--batch-sizes", "1,2", "--defenses", "none,noise:1e-1", "--attack", "cinet",
         "--iterations", "3", "--set", "channels=8", "--utility-steps", "3", "--no-progress"]
+DEFENDED = ["cinet_unaware_labels-recovered", "cinet_aware_labels-recovered", "cinet_unaware_labels-known",
+            "cinet_aware_labels-known"]
+UNDEFENDED = ["cinet_labels-recovered", "cinet_labels-known"]
 CELLS = ["fedsgd_n1_none", "fedsgd_n1_noise-1e-1", "fedsgd_n2_none", "fedsgd_n2_noise-1e-1"]
 OUTPUTS = ["audit.md", "audit.csv", "ssim_vs_defense.png", "psnr_vs_defense.png", "ssim_vs_batch.png",
            "examples.png", "report.html"]
@@ -65,25 +60,27 @@ def test_tiny_audit_writes_one_row_per_cell_plots_and_report(tiny_audit):
     assert "loss after 3" in md[2] and "baseline" in md[4]
     page = (tiny_audit / "report.html").read_text()
     assert page.count('href="fedsgd_n') == 4 and "data:image/png;base64" in page and "gradleak audit" in page
-    for cell in CELLS:  # a cell folder, then a full run folder per attacker: undefended cells run once
+    for cell in CELLS:  # a cell folder, then a full run folder per attacker: undefended cells once per label assumption
         assert (tiny_audit / cell / "cell.json").is_file() and (tiny_audit / cell / "truth.safetensors").is_file()
-        attackers = ["unaware", "adaptive"] if "noise" in cell else ["adaptive"]
+        attackers = DEFENDED if "noise" in cell else UNDEFENDED
         assert sorted(p.name for p in (tiny_audit / cell).iterdir() if p.is_dir()) == sorted(f"{a}-s0" for a in attackers)
         for a in attackers:
             for name in ("config.json", "metrics.json", "grid.png", "report.html", "reconstruction.safetensors"):
                 assert (tiny_audit / cell / f"{a}-s0" / name).is_file(), (cell, a, name)
     info = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / "cell.json").read_text())
     assert info["defense_spec"] == "noise:sigma=0.1" and info["utility"]["steps"] == 3
-    for attacker, mode in (("unaware", "off"), ("adaptive", "auto")):
+    for attacker, mode in (("cinet_unaware_labels-recovered", "off"), ("cinet_aware_labels-known", "auto")):
         config = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / f"{attacker}-s0" / "config.json").read_text())
         assert config["update"]["defenses"] == ["noise"] and config["attack_config"]["channels"] == 8
         assert config["attack_config"]["adaptive"] == mode
+        assert config["labels"] == ("given" if attacker.endswith("known") else "recovered")
+        assert config["case"]["attacker_id"] == attacker
         metrics = json.loads((tiny_audit / "fedsgd_n2_noise-1e-1" / f"{attacker}-s0" / "metrics.json").read_text())
         assert metrics["info"]["matching_loss"] == ("cosine" if mode == "off" else "likelihood-l2")
     doc = json.loads((tiny_audit / "audit.json").read_text())
     assert [c["cell"] for c in doc["cells"]] == CELLS and doc["recognisable_ssim"] == 0.5
     noisy = doc["cells"][3]
-    assert set(noisy["attackers"]) == {"unaware", "adaptive"} and noisy["verdict"]
+    assert set(noisy["attackers"]) == set(DEFENDED) and noisy["verdict"]
     worst = max(noisy["attackers"].values(), key=lambda a: a["ssim_mean"])
     assert noisy["ssim_mean"] == worst["ssim_mean"] and noisy["ssim_ci"][0] <= noisy["ssim_mean"] <= noisy["ssim_ci"][1]
     assert noisy["ssim_worst_image"] >= noisy["ssim_mean"] - 1e-9
@@ -92,7 +89,7 @@ def test_tiny_audit_writes_one_row_per_cell_plots_and_report(tiny_audit):
 def test_rerun_skips_finished_cells_and_resumes_the_rest(tiny_audit, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(tiny_audit, out)
-    (out / "fedsgd_n2_none" / "adaptive-s0" / "metrics.json").unlink()
+    (out / "fedsgd_n2_none" / "cinet_labels-known-s0" / "metrics.json").unlink()
     before = {c: (out / c / "cell.json").stat().st_mtime_ns for c in CELLS if c != "fedsgd_n2_none"}
     capsys.readouterr()
     assert main([*TINY, "--out", str(out)]) == 0
@@ -129,15 +126,14 @@ def test_fail_if_gates_on_the_worst_case_and_no_images_writes_numbers_only(tmp_p
     assert main([*argv, "--fail-if", "ssim~0.5"]) == 2
     assert "METRIC OP NUMBER" in capsys.readouterr().err
     runs = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/metrics.json"))
-    assert runs == ["fedsgd_n1_none/adaptive-s0/metrics.json", "fedsgd_n1_none/adaptive-s1/metrics.json",
-                    "fedsgd_n1_prune-0.9/adaptive-s0/metrics.json", "fedsgd_n1_prune-0.9/adaptive-s1/metrics.json",
-                    "fedsgd_n1_prune-0.9/unaware-s0/metrics.json", "fedsgd_n1_prune-0.9/unaware-s1/metrics.json"]
+    assert runs == sorted([f"fedsgd_n1_none/{a}-s{s}/metrics.json" for a in UNDEFENDED for s in (0, 1)]
+                          + [f"fedsgd_n1_prune-0.9/{a}-s{s}/metrics.json" for a in DEFENDED for s in (0, 1)])
     for pattern in ("**/*.png", "**/reconstruction.safetensors", "**/truth.safetensors", "**/checkpoint.*"):
         # plots of numbers (curves, metric against defense) stay; pictures of the data do not
         assert not [p for p in out.glob(pattern) if p.name != "curves.png" and "_vs_" not in p.name], pattern
     assert "data:image/png" in (out / "report.html").read_text()  # the plots of numbers only
     cell = json.loads((out / "audit.json").read_text())["cells"][1]
-    assert cell["seeds"] == [0, 1] and cell["attackers"]["adaptive"]["runs"] == 2
+    assert cell["seeds"] == [0, 1] and cell["attackers"]["cinet_aware_labels-recovered"]["runs"] == 2
 
 
 def test_rerun_with_other_settings_is_refused(tiny_audit, capsys):
@@ -157,7 +153,7 @@ def test_strong_noise_leaks_less_than_none(tmp_path):
     assert float(rows["noise:1.0"]["ssim_mean"]) < 0.3
     assert rows["none"]["verdict"].startswith("leaks: 100% of images recognisable")
     # analytic has no adaptive mode: the defended cells say so instead of reading as protected
-    assert "not tried: adaptive (analytic has no adaptive mode)" in rows["noise:1.0"]["verdict"]
+    assert "not tried: analytic defense-aware (no adaptive mode)" in rows["noise:1.0"]["verdict"]
     assert rows["none"]["not_tried"] == ""
     assert float(rows["dpsgd:1.0"]["epsilon"]) > 0 and rows["none"]["epsilon"] == ""
     assert "loss after" not in (out / "audit.md").read_text()

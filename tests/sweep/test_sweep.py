@@ -84,10 +84,11 @@ def test_local_backend_runs_gathers_and_resumes(tmp_path: Path, capsys):
     # Resume: nothing finished is re-run; a trial with a run missing its metrics.json is.
     grid = load_grid(grid_file)
     first, second = (trial_folder(out, t) for t in grid.trials())
-    assert sorted(p.name for p in second.iterdir() if p.is_dir()) == ["adaptive-s0", "unaware-s0"]
-    first = first / "adaptive-s0"
+    assert sorted(p.name for p in second.iterdir() if p.is_dir()) == ["cinet_aware_labels-recovered-s0",
+                                                                      "cinet_unaware_labels-recovered-s0"]
+    first = first / "cinet_labels-recovered-s0"
     stamp = (first / "metrics.json").stat().st_mtime_ns
-    (second / "adaptive-s0" / "metrics.json").unlink()
+    (second / "cinet_aware_labels-recovered-s0" / "metrics.json").unlink()
     events: list[tuple[str, str]] = []
     run_sweep(grid, out=out, backend="local", workers=1, on_event=lambda t, s: events.append((t, s)))
     assert ("cinet-s0-d0/fedsgd_n1_none", "skipped") in events

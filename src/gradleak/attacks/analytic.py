@@ -243,12 +243,24 @@ class AnalyticAttack(Attack):
     name = "analytic"
     Config = AnalyticConfig
     knowledge = Knowledge(sok="B")
+    iterative = False
+    resumable = False
     presets = {
         # Proposition 1 as stated: alternate P_hat and x = N grad_W pinv(P_hat) only.
         "paper": {"alternations": 200, "refine_steps": 0},
         # Alternation followed by Levenberg-Marquardt on the same equations (default).
         "refined": {},  # the defaults: 20 alternations, then 300 Levenberg-Marquardt steps
     }
+
+    @classmethod
+    def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
+        if local_steps > 1:
+            return f"needs a gradient or a one-step delta, not {local_steps} local steps"
+        try:
+            single_linear(server)
+        except UnsupportedModelError:
+            return "needs a one-layer softmax victim (Flatten + one nn.Linear with bias)"
+        return None
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
                     callback: ProgressCallback | None = None, run_dir: str | Path | None = None,

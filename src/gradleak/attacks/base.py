@@ -55,6 +55,28 @@ class Attack(ABC):
     knowledge: ClassVar[Knowledge] = Knowledge()
     """What the attacker holds (:mod:`gradleak.attacks.threat_model`), in ``gradleak list attacks``."""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    adaptive: ClassVar[bool] = False
+    """It can simulate the defense an update records (its config has ``adaptive``)."""
+    iterative: ClassVar[bool] = True
+    """It runs steps under an iteration budget (:meth:`budget`) and reports progress."""
+    resumable: ClassVar[bool] = True
+    """An interrupted run continues from its checkpoint (``resume=True``)."""
+    needs_generator: ClassVar[bool] = False
+    """It needs a pretrained generator (the attacker's surrogate data)."""
+
+    @classmethod
+    def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
+        """Why this attack cannot attack ``server``'s model with ``config``, or ``None`` when it can.
+
+        Args:
+            server: the victim the update comes from.
+            config: the attack's resolved config.
+            local_steps: the client's local steps (1: FedSGD, or a one-step delta).
+
+        ``--attacks auto`` runs every attack whose answer is ``None``; an attack asked for by name
+        whose answer is not is refused with the reason.
+        """
+        return None
 
     def __init__(self, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> None:
         if config is None:
@@ -159,8 +181,8 @@ def available() -> list[str]:
 
 
 def supports_adaptive(name: str) -> bool:
-    """Whether the registered attack ``name`` can simulate a recorded defense (its config has ``adaptive``)."""
-    return "adaptive" in {f.name for f in dataclasses.fields(ATTACKS.get(name).Config)}
+    """Whether the registered attack ``name`` can simulate a recorded defense (:attr:`Attack.adaptive`)."""
+    return ATTACKS.get(name).adaptive
 
 
 def target_gradients(update: ClientUpdate) -> list[torch.Tensor]:

@@ -128,6 +128,7 @@ class CINetAttack(Attack):
     name = "cinet"
     Config = CINetConfig
     knowledge = Knowledge(sok="B")
+    adaptive = True
     presets = {
         # Algorithm 1 as written: L2 matching, plain signed SGD, P(G) > P(F).
         "paper": {"loss": "l2", "update": "sign-sgd", "channels": "paper"},

@@ -224,6 +224,8 @@ class GIASAttack(Attack):
     name = "gias"
     Config = GIASConfig
     knowledge = Knowledge(surrogate_data=True, sok="D")
+    adaptive = True
+    needs_generator = True
     presets = {
         # The published CIFAR-10 DCGAN script.
         "cifar10-dcgan": {},  # the defaults
@@ -231,6 +233,12 @@ class GIASAttack(Attack):
         "imagenet32-stylegan2": {"lr": 3e-2, "generator_lr": 1e-3, "latent_iterations": 500,
                                  "generator_iterations": 5000, "signed": False, "restarts": 3},
     }
+
+    @classmethod
+    def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
+        if getattr(config, "generator_path", None) or getattr(config, "generator_factory", None):
+            return None
+        return "needs a pretrained generator (--set generator_path=FILE or generator_factory=NAME)"
 
     def __init__(self, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0,
                  generator: nn.Module | None = None) -> None:

@@ -153,6 +153,7 @@ class OptimizationAttack(Attack):
     """The loop behind ``dlg``, ``idlg`` and ``ig``; the subclasses only set defaults and presets."""
 
     name = "optimization"
+    adaptive = True
     Config = OptimizationConfig
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,

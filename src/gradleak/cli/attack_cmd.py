@@ -112,7 +112,7 @@ def checkpoint_note(out: Path) -> str | None:
 def finished_note(out: Path, folders: Iterable[Path], noun: str) -> str:
     """``N finished NOUNs kept in OUT``: how many of a grid's cell folders (audit cells, sweep trials)
     hold every run they ask for."""
-    from gradleak.reporting.audit import cell_finished
+    from gradleak.audit.engine import cell_finished
 
     done = sum(cell_finished(f) for f in folders)
     return f"{done} finished {noun}{'s' if done != 1 else ''} kept in {out}"

@@ -1,13 +1,16 @@
 """``gradleak audit``: what leaks from MY model, batch size, protocol and defense?
 
 Expands the grid batch size x defense (x protocol settings), simulates each client update on the
-case's data (built-in photos by default), applies the defense on the client, runs the attack into
-``--out/<cell>/`` (a full run folder each) and writes ``audit.md``, ``audit.csv``,
-``ssim_vs_defense.png``, ``psnr_vs_defense.png``, ``ssim_vs_batch.png``, ``examples.png`` and
-``report.html``. Every defended cell is attacked by the unaware and the adaptive attacker (which
-simulates the defense), with every ``--seeds`` seed; the verdict is the worst case. A finished cell
-is skipped, so an interrupted audit resumes by running the same command again; ``--fail-if``
-makes it exit 1 when a cell leaks beyond a limit (a CI gate). Example:
+case's data (built-in photos by default), applies the defense on the client, and attacks it with
+every attack that applies to the victim (``--attacks auto``), each under every assumption about
+what the attacker knows (``--knowledge``: labels recovered or known, defense ignored or simulated)
+and with every ``--seeds`` seed, each a full run folder under ``--out/<cell>/``. The verdict is the
+worst case, names the attacker that broke the cell, and reads "inconclusive" where a run was still
+improving at the end of its budget. It writes ``audit.md``, ``audit.csv``, ``ssim_vs_defense.png``,
+``psnr_vs_defense.png``, ``ssim_vs_batch.png``, ``examples.png`` and ``report.html``. Runs go in
+this process, a process pool (``--workers``) or on Ray (``--backend ray``). A finished run is
+kept, so an interrupted audit resumes by running the same command again; ``--fail-if`` makes it
+exit 1 when a cell leaks beyond a limit or is inconclusive (a CI gate). Example:
 
     gradleak audit --model lenet --batch-sizes 1,4,8 \\
         --defenses none,noise:1e-3,noise:1e-2,prune:0.9,dpsgd:1.0 --iterations 300 --out runs/audit
@@ -19,29 +22,28 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
+from gradleak.audit import AuditOptions, KnowledgeAxes, audit_grid, parse_int_list, plan_attacks, run_audit
+from gradleak.audit.execute import BACKENDS
+from gradleak.audit.verdicts import Condition, failing, verdict
 from gradleak.cli.attack_cmd import finished_note, resume_hint
 from gradleak.cli.common import (
     add_attack,
     add_case,
     add_common,
     add_threat,
-    attack_config,
     check_device,
     default_out,
+    parse_overrides,
     protocol_settings,
 )
+from gradleak.config import split_preset
 from gradleak.defenses import split_defenses
 from gradleak.errors import ConfigError
-from gradleak.reporting.audit import (
-    AuditOptions,
-    audit_grid,
-    parse_int_list,
-    run_audit,
-    write_audit_report,
-)
-from gradleak.reporting.verdicts import Condition, failing, verdict
-from gradleak.types import ModelSpec
+from gradleak.models import build_model
+from gradleak.reporting.audit_report import write_audit_report
+from gradleak.types import ModelSpec, ServerState
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,7 +71,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="write numbers only: no reconstructions, grids, truth copies or checkpoints on disk")
     p.add_argument("--epsilon-rounds", type=int, default=100,
                    help="R of the 'epsilon after R rounds' axis of ssim_vs_epsilon.png (DP-SGD cells; default 100)")
+    p.add_argument("--attacks", default=None,
+                   help="auto (default): every attack that applies to the victim (gradleak list attacks); or "
+                        "comma-separated names. An attack named that cannot apply is refused")
+    p.add_argument("--knowledge", default=None,
+                   help="the attacker assumptions to try: all (default) or some of labels-recovered, labels-known, "
+                        "defense-unaware, defense-aware; an axis not named keeps all its values")
+    p.add_argument("--backend", default="local", choices=list(BACKENDS),
+                   help="local: this process (--workers 1, default) or a process pool; ray: one Ray task per run")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local processes (default 1: in this process), or the CPUs of a new local Ray runtime")
+    p.add_argument("--address", default=None, help="a Ray cluster's address (default: a local Ray runtime)")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per run: Ray's request, torch threads in a worker")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per run on Ray (fractions share a GPU)")
+    p.add_argument("--allow-inconclusive", action="store_true",
+                   help="--fail-if does not fail a cell that is inconclusive (still improving when its budget ended)")
     add_attack(p)
+    p.set_defaults(attack=None, labels=None)  # the audit takes --attacks and --knowledge; these stay for old commands
     add_common(p)
     return p
 
@@ -90,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
     seeds = parse_int_list(args.seeds, what="--seeds", low=0) if args.seeds is not None else [args.seed]
     if args.epsilon_rounds < 1:
         raise ConfigError(f"--epsilon-rounds: expected a positive integer, got {args.epsilon_rounds}")
-    config = attack_config(args)
+    knowledge = _knowledge(args)
     spec = ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
                      activation=args.activation, bn_mode=args.bn_mode, width=args.width)
+    plan = _plan(args, spec, cells)
     out = args.out or default_out("audit")
     print(f"audit: {len(cells)} cells into {out}")
 
@@ -104,25 +123,63 @@ def run(args: argparse.Namespace) -> int:
 
     options = AuditOptions(model_seed=args.model_seed, data=args.data, data_root=args.data_root,
                            data_seed=args.data_seed, utility_steps=args.utility_steps, utility_lr=args.utility_lr,
-                           give_labels=args.labels == "given", device=device, seed=args.seed, seeds=seeds,
+                           knowledge=knowledge, device=device, seed=args.seed, seeds=seeds,
                            pairing=args.pairing, time_budget=args.seconds, progress=not args.no_progress,
-                           write_images=not args.no_images)
+                           write_images=not args.no_images, backend=args.backend, workers=args.workers,
+                           address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     def kept(folder: Path) -> str | None:
         cell_dirs = [folder / c.name for c in cells]
         return finished_note(folder, cell_dirs, "cell") if any(d.is_dir() for d in cell_dirs) else None
 
     with resume_hint("audit", out, kept, how=f"the same command and --out {out}"):
-        rows = run_audit(spec=spec, cells=cells, attack=args.attack, attack_config=config, out=out, options=options,
-                         on_event=on_event)
+        rows = run_audit(spec=spec, cells=cells, plan=plan, out=out, options=options, on_event=on_event)
     protos = ", ".join(dict.fromkeys(c.protocol.tag() for c in cells))
-    title = (f"{args.model} ({args.activation}, BatchNorm {args.bn_mode}), {protos}, data {args.data}; attack "
-             f"{args.attack}{f' preset {args.preset}' if args.preset else ''}, "
-             f"{getattr(config, 'iterations', 'n/a')} iterations, labels {args.labels}")
+    budgets = ", ".join(f"{n} {getattr(c, 'iterations', None) or 'closed-form'}" for n, c in plan.configs.items())
+    title = (f"{args.model} ({args.activation}, BatchNorm {args.bn_mode}), {protos}, data {args.data}; attacks "
+             f"{budgets}{f' (preset {args.preset})' if args.preset else ''}; knowledge {', '.join(knowledge.tokens())}"
+             + (f"; {args.seconds:g} s per run" if args.seconds else ""))
     files = write_audit_report(out, rows, title=title, command=command_line(args), images=not args.no_images,
                                epsilon_rounds=args.epsilon_rounds)
     print((out / "audit.md").read_text())
     print(f"{len(rows)} cells; {', '.join(files)} in {out}")
-    failed = failing(rows, conditions)
+    failed = failing(rows, conditions, inconclusive_fails=not args.allow_inconclusive)
     for row, condition in failed:
-        print(f"audit: cell {row['cell']} leaks beyond --fail-if {condition} ({verdict(row)})", file=sys.stderr)
+        why = f"leaks beyond --fail-if {condition}" if condition else "is inconclusive (--allow-inconclusive to pass it)"
+        print(f"audit: cell {row['cell']} {why} ({verdict(row)})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _knowledge(args: argparse.Namespace) -> KnowledgeAxes:
+    """--knowledge, with the older --labels given (labels known) and --adaptive off (defense-unaware) folded in."""
+    if args.knowledge is not None and (args.labels is not None or args.adaptive is not None):
+        raise ConfigError("--knowledge: expected it alone, got it with --labels or --adaptive (name the assumptions "
+                          "in --knowledge, e.g. labels-known,defense-aware)")
+    knowledge = KnowledgeAxes.parse(args.knowledge)
+    if args.labels is not None:
+        knowledge = KnowledgeAxes(labels=("known",) if args.labels == "given" else ("recovered",),
+                                  defense=knowledge.defense)
+    if args.adaptive == "off":
+        knowledge = KnowledgeAxes(labels=knowledge.labels, defense=("unaware",))
+    return knowledge
+
+
+def _plan(args: argparse.Namespace, spec: ModelSpec, cells: list) -> Any:
+    """The attacks from --attacks (or --attack), --preset ATTACK:PRESET, --set, --label-strategy, --iterations, --dry-run."""
+    if args.attacks is not None and args.attack is not None:
+        raise ConfigError(f"--attacks: expected it or --attack, got both ({args.attacks!r} and {args.attack!r})")
+    names = args.attacks if args.attacks is not None else (args.attack or "auto")
+    presets = {}
+    if args.preset:
+        name, preset = split_preset(args.preset) if ":" in args.preset else (args.attack, args.preset)
+        if name is None or preset is None:
+            raise ConfigError(f"--preset {args.preset}: expected ATTACK:PRESET in an audit (gradleak list presets)")
+        presets[name] = preset
+    overrides = parse_overrides(args.set)
+    if args.label_strategy is not None:
+        overrides["label_strategy"] = args.label_strategy
+    if args.dry_run:
+        overrides["log_every"] = 1
+    server = ServerState.from_spec(build_model(spec, seed=args.model_seed), spec)
+    steps = sorted({c.protocol.local_steps for c in cells})
+    return plan_attacks(names, server, local_steps=steps, presets=presets, overrides=overrides,
+                        iterations=2 if args.dry_run else args.iterations)

@@ -13,10 +13,10 @@ import torch
 from gradleak.attacks import ATTACKS, supports_adaptive
 from gradleak.attacks.adaptive import ADAPTIVE_MODES
 from gradleak.attacks.base import resolve_config
+from gradleak.audit.plan import AuditCell, ProtocolSetting, parse_int_list
 from gradleak.config import split_preset
 from gradleak.defenses import parse_defense
 from gradleak.errors import ConfigError
-from gradleak.reporting.audit import AuditCell, ProtocolSetting, parse_int_list
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

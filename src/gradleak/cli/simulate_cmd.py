@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
+from gradleak.audit.cell import cell_update, check_victim
 from gradleak.cli.common import add_case, add_threat, default_out, threat_cell
 from gradleak.data import load_batch
 from gradleak.models import build_model
-from gradleak.reporting.audit import cell_update, check_victim
 from gradleak.threat import save_model_state, save_truth, save_update
 from gradleak.types import ModelSpec, ServerState
 

@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from gradleak.audit.engine import cell_finished
     from gradleak.cli.attack_cmd import finished_note, resume_hint
-    from gradleak.reporting.audit import cell_finished
     from gradleak.sweep.runner import load_grid, run_sweep, trial_folder
 
     # Ray's anonymous usage statistics would go over the network: off unless the user set it.

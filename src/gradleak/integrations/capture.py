@@ -263,17 +263,18 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
 
     Writes ``labels.json`` (the recovered labels, the strategy, its warnings and, with a truth file,
     the label accuracy) and one run folder of :func:`gradleak.reporting.run_attack` per attacker and
-    seed (``<attacker>-s<seed>/``): the unaware and the adaptive attacker when the update records a
+    seed (``<attacker id>-s<seed>/``): the unaware and the defense-aware attacker when the update records a
     defense, as in ``gradleak audit``. A truth file in the folder is used for scoring only; it
     never reaches the attack.
 
     Returns:
-        The worst case over attackers and seeds (:func:`gradleak.reporting.verdicts.worst_case`),
+        The worst case over attackers and seeds (:func:`gradleak.audit.verdicts.worst_case`),
         its ``verdict`` text, and the update's protocol facts.
     """
+    from gradleak.audit.engine import run_attackers
+    from gradleak.audit.plan import KnowledgeAxes, attackers_for
+    from gradleak.audit.verdicts import load_runs, verdict, worst_case
     from gradleak.labels import label_accuracy
-    from gradleak.reporting.audit import attackers_for, run_attackers
-    from gradleak.reporting.verdicts import load_runs, verdict, worst_case
 
     if job.threads:
         torch.set_num_threads(int(job.threads))
@@ -293,9 +294,10 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
     (folder / "labels.json").write_text(json.dumps(labels_doc, indent=2))
     capture = json.loads((folder / "capture.json").read_text())
     defended = bool(update.defenses)
-    attackers, not_tried = attackers_for(job.attack, job.attack_config, defended=defended)
-    run_attackers(server, update, attack=job.attack, attack_config=job.attack_config, folder=folder,
-                  attackers=attackers, seeds=job.seeds,
+    attackers, not_tried = attackers_for(job.attack, defended=defended, attack_config=job.attack_config,
+                                         knowledge=KnowledgeAxes(labels=("recovered",)))
+    not_tried.append("labels known (a live client's labels are not the auditor's to hand over)")
+    run_attackers(server, update, attack_config=job.attack_config, folder=folder, attackers=attackers, seeds=job.seeds,
                   case={"source": "flower", **{k: v for k, v in capture.items() if k != "truth"}},
                   truth_images=None if truth is None else truth.images, truth_labels=None if truth is None else truth.labels,
                   device=job.device, progress=False, time_budget=job.time_budget)

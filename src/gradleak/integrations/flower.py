@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradleak.audit.verdicts import Condition
 from gradleak.config import from_dict, split_preset
 from gradleak.defenses import declare_defense, parse_defense
 from gradleak.errors import ConfigError
@@ -58,7 +59,6 @@ from gradleak.integrations.capture import (
     write_capture,
     write_index,
 )
-from gradleak.reporting.verdicts import Condition
 from gradleak.threat import load_truth, save_truth
 from gradleak.types import Batch, ModelSpec
 

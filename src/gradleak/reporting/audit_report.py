@@ -1,7 +1,7 @@
 """The audit's report: table rows, verdicts, plots, example grids and ``report.html``.
 
-:func:`write_audit_report` turns the rows of :func:`gradleak.reporting.audit.run_audit` (one per
-cell, read back with :func:`load_row`) into ``audit.md``, ``audit.csv``, ``ssim_vs_defense.png``,
+:func:`write_audit_report` turns the rows of :func:`gradleak.audit.run_audit` (one per
+cell, read back with :func:`gradleak.audit.verdicts.load_row`) into ``audit.md``, ``audit.csv``, ``ssim_vs_defense.png``,
 ``psnr_vs_defense.png``, ``ssim_vs_batch.png``, ``examples.png`` and ``report.html``.
 """
 
@@ -15,26 +15,11 @@ from typing import Any
 
 import torch
 
+from gradleak.audit.verdicts import PARTIAL_SSIM, RECOGNISABLE_SSIM, describe_attacker, verdict
 from gradleak.errors import ConfigError
 from gradleak.reporting.tables import write_csv, write_markdown
-from gradleak.reporting.verdicts import PARTIAL_SSIM, RECOGNISABLE_SSIM, load_runs, verdict, worst_case
 
 log = logging.getLogger(__name__)
-
-
-def load_row(folder: Path) -> dict[str, Any]:
-    """One audit row from a finished cell folder: ``cell.json`` and every attacker's runs, worst case first.
-
-    The row holds the cell's settings, ``epsilon``/``delta``/``dp``, and the worst case over
-    attackers and seeds (:func:`gradleak.reporting.verdicts.worst_case`): ``ssim_mean`` etc. are the
-    worst-case attacker's, ``attackers`` holds each one's.
-    """
-    info = json.loads((folder / "cell.json").read_text())
-    privacy = info.get("privacy") or {}
-    row = worst_case(load_runs(folder), defended=info.get("defense_spec", "none") != "none",
-                     not_tried=info.get("not_tried", []))
-    return {**row, **{k: v for k, v in info.items() if k not in ("settings", "not_tried")},
-            "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"), "dp": bool(privacy)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,12 +44,17 @@ def _eps(row: dict[str, Any]) -> str:
     return "inf" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"
 
 
-def _attacker_ssim(row: dict[str, Any], name: str) -> str:
-    attackers = row.get("attackers") or {}
-    if name in attackers and attackers[name].get("ssim_mean") is not None:
-        return f"{attackers[name]['ssim_mean']:.3f}"
-    if name == "unaware" and not row.get("defended") and "adaptive" in attackers:
-        return "same"  # no defense: the two attackers are one attack
+KNOWLEDGE_COLUMNS = (("labels-recovered", "SSIM labels recovered"), ("labels-known", "SSIM labels known"),
+                     ("defense-unaware", "SSIM defense-unaware"), ("defense-aware", "SSIM defense-aware"))
+"""The best mean SSIM under each assumption (``row["by_knowledge"]``), one column each."""
+
+
+def _knowledge_ssim(row: dict[str, Any], key: str) -> str:
+    value = (row.get("by_knowledge") or {}).get(key)
+    if value is not None:
+        return f"{value:.3f}"
+    if key.startswith("defense") and not row.get("defended"):
+        return "no defense"
     return "not tried"
 
 
@@ -80,7 +70,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
     steps = next((r["utility"]["steps"] for r in rows if r.get("utility")), None)
     many = len({r["protocol_tag"] for r in rows}) > 1
     head = (["protocol"] if many else []) + [
-        "batch", "defense", "ε", "SSIM unaware", "SSIM adaptive", "worst-case SSIM [95% CI]", "best image",
+        "batch", "defense", "ε", *(title for _, title in KNOWLEDGE_COLUMNS), "worst case by",
+        "worst-case SSIM [95% CI]", "best image",
         f"recognisable (≥{RECOGNISABLE_SSIM})", "PSNR", "label acc."]
     if steps is not None:
         head += [f"loss after {steps}", f"acc. after {steps}", "loss cost"]
@@ -89,8 +80,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
     for r in rows:
         acc, frac, best = r.get("label_accuracy"), r.get("recognisable_fraction"), r.get("ssim_worst_image")
         cells = ([r["protocol_tag"]] if many else []) + [
-            str(r["batch_size"]), r["defense"], _eps(r), _attacker_ssim(r, "unaware"), _attacker_ssim(r, "adaptive"),
-            _ci(r), "n/a" if best is None else f"{best:.3f}", "n/a" if frac is None else f"{frac:.2f}",
+            str(r["batch_size"]), r["defense"], _eps(r), *(_knowledge_ssim(r, key) for key, _ in KNOWLEDGE_COLUMNS),
+            describe_attacker(r["verdict_attacker"]) if r.get("verdict_attacker") else "n/a", _ci(r), "n/a" if best is None else f"{best:.3f}", "n/a" if frac is None else f"{frac:.2f}",
             _pm(r, "psnr", 2), "n/a" if acc is None else f"{acc:.2f}"]
         if steps is not None:
             u, cost = r.get("utility"), _loss_cost(r, rows)
@@ -103,7 +94,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
 
 CSV_KEYS = ["cell", "protocol", "local_steps", "local_lr", "clients", "batch_size", "defense", "defense_spec",
             "epsilon", "delta", "ssim_mean", "ssim_std", "ssim_ci_low", "ssim_ci_high", "ssim_worst_image",
-            "recognisable_fraction", "verdict_attacker", "ssim_unaware", "ssim_adaptive", "fsim_mean", "fsim_std",
+            "recognisable_fraction", "verdict_attacker", "ssim_labels_recovered", "ssim_labels_known",
+            "ssim_defense_unaware", "ssim_defense_aware", "inconclusive", "still_improving_per_100", "fsim_mean", "fsim_std",
             "psnr_mean", "psnr_std", "lpips_mean", "lpips_std", "label_accuracy", "label_strategy", "seeds",
             "utility_steps", "utility_loss", "utility_accuracy", "utility_loss_cost", "iterations", "seconds",
             "not_tried", "verdict"]
@@ -205,10 +197,11 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
     flat = []
     for r in rows:
         u = r.get("utility") or {}
-        attackers, ci = r.get("attackers") or {}, r.get("ssim_ci") or [None, None]
+        ci = r.get("ssim_ci") or [None, None]
         flat.append({**r, **{k: r["protocol"][k] for k in ("protocol", "local_steps", "local_lr", "clients")},
                      "ssim_ci_low": ci[0], "ssim_ci_high": ci[1],
-                     **{f"ssim_{a}": (attackers.get(a) or {}).get("ssim_mean") for a in ("unaware", "adaptive")},
+                     **{f"ssim_{k.replace('-', '_')}": (r.get("by_knowledge") or {}).get(k) for k, _ in KNOWLEDGE_COLUMNS},
+                     "still_improving_per_100": max((t["per_100"] for t in r.get("still_improving") or []), default=None),
                      "seeds": " ".join(map(str, r.get("seeds", []))), "not_tried": "; ".join(r.get("not_tried", [])),
                      "utility_steps": u.get("steps"), "utility_loss": u.get("loss"),
                      "utility_accuracy": u.get("accuracy"), "utility_loss_cost": _loss_cost(r, rows),
@@ -237,8 +230,8 @@ def audit_document(rows: Sequence[dict[str, Any]], *, title: str = "", command: 
     """``audit.json``: the verdict per cell, with the numbers behind it and what was not tried."""
     keep = ("cell", "protocol_tag", "batch_size", "defense", "defense_spec", "epsilon", "delta", "ssim_mean",
             "ssim_std", "ssim_ci", "ssim_worst_image", "recognisable_fraction", "psnr_mean", "fsim_mean", "lpips_mean",
-            "label_accuracy", "label_strategy", "verdict_attacker", "verdict_run", "seeds", "not_tried", "utility",
-            "seconds")
+            "label_accuracy", "label_strategy", "verdict_attacker", "verdict_run", "by_knowledge", "inconclusive",
+            "still_improving", "seeds", "not_tried", "utility", "seconds")
     cells = []
     for r in rows:
         cell = {k: r.get(k) for k in keep}
@@ -299,7 +292,7 @@ def _html(out: Path, head: list[str], body: list[list[str]], rows: Sequence[dict
 
     def colour(r: dict[str, Any]) -> str:
         s = r.get("ssim_mean")
-        return ("#f8d0d0" if r.get("recognisable_fraction") else
+        return ("#f8d0d0" if r.get("recognisable_fraction") else "#e0e0f8" if r.get("inconclusive") else
                 "#fbe7c6" if s is not None and s >= PARTIAL_SSIM else "#d8f0d8")
 
     esc = html.escape
@@ -324,9 +317,13 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head
 <p>{esc(title)}</p>
 <h2>Bottom line, per defense (its worst cell)</h2><ul>{summary}</ul>
 <h2>Every cell</h2><table><tr>{th}</tr>{trs}</table>
-<p>How to read it. Every defended cell is attacked twice: by the <em>unaware</em> attacker, which matches the
-raw update, and by the <em>adaptive</em> one, which knows the defense (its name and parameters are public metadata
-of the update) and simulates it; the cell's verdict is the worse of the two, over every attack seed. SSIM
+<p>How to read it. Every cell is attacked by every attack that applies to the victim, each under every
+assumption tried about what the attacker knows: the labels <em>recovered</em> from the update or <em>known</em>
+(an attacker who knows which classes the client holds), and, for a defended cell, the defense ignored
+(<em>defense-unaware</em>) or simulated (<em>defense-aware</em>: its name and parameters are public metadata of the
+update). The cell's verdict is the worst of them over every attack seed, and names the attacker; the SSIM columns
+give the best under each assumption. A cell where some run was still improving when its budget ended reads
+<em>inconclusive</em> (blue): a longer run may break it. SSIM
 compares each reconstruction with its private image (1 = identical); an image counts as recognisable from SSIM
 {RECOGNISABLE_SSIM} on (red), from a mean of {PARTIAL_SSIM} coarse shapes and colours show (orange); the bracket is a
 bootstrap 95% interval of the mean over images and seeds, "best image" the best reconstruction of any one image.

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gradleak.reporting.verdicts import RECOGNISABLE_SSIM
+from gradleak.metrics.recognisable import RECOGNISABLE_SSIM
 
 _STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
 table{border-collapse:collapse;margin:.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 9px;text-align:left}

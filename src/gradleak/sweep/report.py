@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradleak.reporting.audit import cell_finished, load_row, verdict
+from gradleak.audit.engine import cell_finished
+from gradleak.audit.verdicts import load_row, verdict
 from gradleak.reporting.runner import write_json
 from gradleak.reporting.tables import cell, write_csv, write_markdown
 

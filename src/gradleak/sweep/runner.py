@@ -1,13 +1,15 @@
 """Sweeps: a grid of attacks x protocols x batch sizes x defenses x seeds, one trial each, on Ray or a process pool.
 
-A grid file (YAML or JSON, :func:`load_grid`) names the victim case and the axes. :meth:`SweepGrid.trials`
-expands it; every trial is one :func:`gradleak.reporting.audit.run_audit` cell, written to
+The same engine as ``gradleak audit`` (:mod:`gradleak.audit`), without verdicts across attacks: a
+grid file (YAML or JSON, :func:`load_grid`) names the victim case and the axes, and each trial is
+one attack on one cell, so that attacks are tabulated side by side. :meth:`SweepGrid.trials`
+expands it; every trial is one :func:`gradleak.audit.run_audit` cell of one attack, written to
 ``<out>/trials/<attack>-s<seed>-d<data_seed>/<cell>/`` (``cell.json`` and one full run folder per
 attacker: ``adaptive-s<seed>/`` and, for a defended cell, ``unaware-s<seed>/``; the trial's row is
 their worst case). :func:`run_sweep` runs the trials not finished yet
 (resumable; a trial folder made with other settings is refused), as Ray tasks with the
 grid's ``num_cpus``/``num_gpus`` requests (``backend="ray"``) or in a spawn process pool
-(``backend="local"``), then gathers every finished trial into ``table.md``, ``table.csv`` and
+(``backend="local"``; :func:`gradleak.audit.execute.execute`), then gathers every finished trial into ``table.md``, ``table.csv`` and
 ``report.md`` (:mod:`gradleak.sweep.report`).
 
 References:
@@ -18,20 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gradleak.audit.engine import cell_finished
+from gradleak.audit.execute import check_backend, execute
+from gradleak.audit.plan import AuditCell, ProtocolSetting, audit_grid
 from gradleak.config import check_keys, from_dict
 from gradleak.errors import ConfigError
-from gradleak.reporting.audit import AuditCell, ProtocolSetting, audit_grid, cell_finished
 from gradleak.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class SweepGrid:
                 raise ConfigError(f"sweep {what}: expected distinct values, got {list(values)}")
 
     def cells(self) -> list[AuditCell]:
-        """The audit cells (validated by :func:`gradleak.reporting.audit.audit_grid`)."""
+        """The audit cells (validated by :func:`gradleak.audit.plan.audit_grid`)."""
         return audit_grid(batch_sizes=self.batch_sizes, defenses=self.defenses, protocols=self.protocols)
 
     def trials(self) -> list[Trial]:
@@ -252,18 +253,19 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
     import torch
 
     from gradleak.attacks.base import resolve_config
-    from gradleak.reporting.audit import AuditOptions, run_audit
+    from gradleak.audit import AttackPlan, AuditOptions, KnowledgeAxes, run_audit
 
     torch.set_num_threads(max(1, int(grid.num_cpus)))
     iterations = 2 if dry_run else grid.iterations
     config = resolve_config(trial.attack.name, iterations=iterations, preset=trial.attack.preset,
                            overrides=trial.attack.overrides)
     folder = trial_folder(out, trial)
+    knowledge = KnowledgeAxes(labels=("known",) if grid.labels == "given" else ("recovered",))
     options = AuditOptions(model_seed=grid.model_seed, data=grid.data, data_root=grid.data_root,
                            data_seed=trial.data_seed, utility_steps=grid.utility_steps, utility_lr=grid.utility_lr,
-                           give_labels=grid.labels == "given", device=grid.device, seed=trial.seed,
+                           knowledge=knowledge, device=grid.device, seed=trial.seed,
                            pairing=grid.pairing, time_budget=grid.time_budget, progress=False)
-    run_audit(spec=grid.model, cells=[trial.cell], attack=trial.attack.name, attack_config=config,
+    run_audit(spec=grid.model, cells=[trial.cell], plan=AttackPlan({trial.attack.name: config}),
               out=folder.parent, options=options)
     from gradleak.sweep.report import trial_row
 
@@ -273,8 +275,8 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
 def _check(grid: SweepGrid, trials: list[Trial], out: Path, dry_run: bool) -> list[Trial]:
     """Refuse folders made with other settings; return the trials still to run (writing their trial.json)."""
     from gradleak.attacks.base import resolve_config
+    from gradleak.audit.cell import check_victim
     from gradleak.models import build_model
-    from gradleak.reporting.audit import check_victim
     from gradleak.types import ServerState
 
     for a in grid.attacks:  # unknown presets or fields fail before anything runs
@@ -317,10 +319,7 @@ def run_sweep(grid: SweepGrid, *, out: str | Path, backend: str = "local", addre
     Raises:
         ConfigError: an unknown backend, or a trial folder made with other settings.
     """
-    if backend not in ("local", "ray"):
-        raise ConfigError(f"sweep backend: expected 'local' or 'ray', got {backend!r}")
-    if workers is not None and workers < 1:
-        raise ConfigError(f"sweep workers: expected a positive integer, got {workers}")
+    check_backend(backend, workers)
     out = Path(out)
     trials = grid.trials()
     created = not out.exists()
@@ -338,8 +337,9 @@ def run_sweep(grid: SweepGrid, *, out: str | Path, backend: str = "local", addre
     started = time.perf_counter()
     errors: dict[str, str] = {}
     if todo:
-        runner = _run_ray if backend == "ray" else _run_local
-        errors = runner(grid, todo, str(out), dry_run=dry_run, address=address, workers=workers, tell=tell)
+        errors = execute(_trial_job, [(t.id, (grid, t, str(out), dry_run)) for t in todo], backend=backend,
+                         workers=workers, address=address, num_cpus=grid.num_cpus,
+                         num_gpus=grid.num_gpus, tell=tell)
     from gradleak.sweep.report import gather, write_sweep_report
 
     rows = gather(out, trials, errors)
@@ -347,56 +347,5 @@ def run_sweep(grid: SweepGrid, *, out: str | Path, backend: str = "local", addre
     return rows
 
 
-def _run_local(grid: SweepGrid, todo: list[Trial], out: str, *, dry_run: bool, address: str | None,
-               workers: int | None, tell: EventFn) -> dict[str, str]:
-    n = workers or max(1, int((os.cpu_count() or 1) // max(1, grid.num_cpus)))
-    errors: dict[str, str] = {}
-    with ProcessPoolExecutor(max_workers=min(n, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_trial, grid, t, out, dry_run): t for t in todo}
-        for t in todo:
-            tell(t.id, "submitted")
-        for future in as_completed(futures):
-            t = futures[future]
-            try:
-                future.result()
-                tell(t.id, "done")
-            except Exception as e:  # noqa: BLE001 - one failed trial must not lose the others
-                errors[t.id] = f"{type(e).__name__}: {e}"
-                log.error("sweep trial %s failed: %s", t.id, errors[t.id])
-                tell(t.id, "failed")
-    return errors
-
-
-def _run_ray(grid: SweepGrid, todo: list[Trial], out: str, *, dry_run: bool, address: str | None,
-             workers: int | None, tell: EventFn) -> dict[str, str]:
-    try:
-        import ray
-    except ImportError as e:
-        raise ImportError("the ray backend needs Ray: pip install 'gradleak[fl]'") from e
-    own = not ray.is_initialized()
-    if own:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False)
-    errors: dict[str, str] = {}
-    try:
-        task = ray.remote(num_cpus=grid.num_cpus, num_gpus=grid.num_gpus, max_retries=0)(run_trial)
-        refs = {task.remote(grid, t, out, dry_run): t for t in todo}
-        for t in todo:
-            tell(t.id, "submitted")
-        waiting = list(refs)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            t = refs[done[0]]
-            try:
-                ray.get(done[0])
-                tell(t.id, "done")
-            except Exception as e:  # noqa: BLE001 - RayTaskError wraps the trial's own error
-                errors[t.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
-                log.error("sweep trial %s failed: %s", t.id, errors[t.id])
-                tell(t.id, "failed")
-    finally:
-        if own:
-            ray.shutdown()
-    return errors
+def _trial_job(arg: tuple[SweepGrid, Trial, str, bool]) -> dict[str, Any]:
+    return run_trial(*arg)

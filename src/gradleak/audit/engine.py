@@ -1,0 +1,348 @@
+"""The audit engine: plan, simulate each cell's client, run every attacker x seed, read back the verdicts.
+
+:func:`run_audit` takes the grid (:func:`gradleak.audit.plan.audit_grid`), the attacks
+(:func:`gradleak.audit.plan.plan_attacks`) and the attacker knowledge to try. For every cell it
+writes ``cell.json`` (settings, privacy accounting, utility) and the truth, then runs one
+:func:`gradleak.reporting.run_attack` per attacker and seed into
+``<out>/<cell>/<attacker id>-s<seed>/`` (a full run folder), on the backend asked for
+(:func:`gradleak.audit.execute.execute`: in this process, a process pool, or Ray tasks). Every
+worker simulates the cell's update itself from the same seeds, so no update travels. A run whose
+``metrics.json`` exists is not run again, and an interrupted one resumes from its checkpoint: an
+interrupted audit continues when the same call is made again.
+
+The rows it returns are the worst case per cell (:func:`gradleak.audit.verdicts.load_row`);
+:func:`gradleak.reporting.audit_report.write_audit_report` turns them into the page a person reads.
+
+References:
+    Zhang et al., "Generative Gradient Inversion via Over-Parameterized Networks in Federated
+    Learning", ICCV 2023 (CI-Net; appendix C.3 on aggregates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradleak.audit.cell import cell_seed, cell_update, check_victim, utility
+from gradleak.audit.execute import check_backend, execute
+from gradleak.audit.plan import Attacker, AttackPlan, AuditCell, KnowledgeAxes, attackers_for, untried_knowledge
+from gradleak.audit.verdicts import load_row
+from gradleak.data import load_batch
+from gradleak.errors import ConfigError, GradleakError
+from gradleak.models import build_model
+from gradleak.reporting.runner import run_attack, write_json
+from gradleak.threat import save_truth
+from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
+
+log = logging.getLogger(__name__)
+
+EventFn = Callable[[str, str], None]
+"""``on_event(name, status)``: a cell (``"skipped"``, ``"running"``, ``"done"``) or a run
+(``"<cell>/<run>"``: ``"submitted"``, ``"done"``, ``"failed"``)."""
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj,
+                                 default=str))
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How an audit runs, beside its grid and its attacks (:func:`run_audit`).
+
+    Args:
+        model_seed: victim initialisation seed.
+        data: data source of :func:`gradleak.data.load_batch` (default: the built-in images).
+        data_root: folder of a local dataset copy, for sources that need one.
+        data_seed: which images to draw.
+        utility_steps: T rounds of the utility measurement (0: none).
+        utility_lr: server learning rate applied to FedSGD gradients in the utility rounds.
+        knowledge: the attacker assumptions tried (:class:`gradleak.audit.plan.KnowledgeAxes`; default all).
+        device: where the attacks run (clients and utility run on the CPU).
+        seed: seed of the defense's noise (per cell), and of the attack when ``seeds`` is not given.
+        seeds: the attack seeds every attacker runs with (default ``[seed]``).
+        pairing: ``"hungarian"`` or ``"greedy"``.
+        time_budget: wall-clock seconds per attack run (``None``: its iteration budget only).
+        progress: show the attack's progress bar (in-process runs).
+        write_images: ``False``: numbers only (no reconstructions, grids, truth files or checkpoints
+            left on disk); reconstructions of real client data are themselves sensitive.
+        backend: ``"local"`` or ``"ray"`` (:func:`gradleak.audit.execute.execute`).
+        workers: local processes (1: in this process), or CPUs of a new local Ray runtime.
+        address: a Ray cluster's address.
+        num_cpus: CPUs per run (Ray's request, and torch threads in a worker).
+        num_gpus: GPUs per run (Ray).
+    """
+
+    model_seed: int = 42
+    data: str = "builtin"
+    data_root: str | Path | None = None
+    data_seed: int = 0
+    utility_steps: int = 20
+    utility_lr: float = 0.1
+    knowledge: KnowledgeAxes = field(default_factory=KnowledgeAxes)
+    device: str = "cpu"
+    seed: int = 0
+    seeds: Sequence[int] | None = None
+    pairing: str = "hungarian"
+    time_budget: float | None = None
+    progress: bool = True
+    write_images: bool = True
+    backend: str = "local"
+    workers: int | None = 1
+    address: str | None = None
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+    def __post_init__(self) -> None:
+        steps = self.utility_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"audit utility steps: expected a non-negative integer, got {steps!r}")
+        if not self.utility_lr > 0:
+            raise ConfigError(f"audit utility learning rate: expected a positive number, got {self.utility_lr!r}")
+        check_backend(self.backend, self.workers)
+        if not self.num_cpus > 0 or self.num_gpus < 0:
+            raise ConfigError(f"audit resources: expected num_cpus > 0 and num_gpus >= 0, got {self.num_cpus}, "
+                              f"{self.num_gpus}")
+        if self.device.startswith("cuda") and self.backend == "ray" and self.num_gpus <= 0:
+            raise ConfigError("audit device cuda on Ray: expected num_gpus > 0 per run (--num-gpus), got 0")
+
+    def attack_seeds(self) -> list[int]:
+        seeds = list(dict.fromkeys(int(s) for s in (self.seeds if self.seeds is not None else [self.seed])))
+        if not seeds:
+            raise ConfigError("audit seeds: expected at least one attack seed, got none")
+        return seeds
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """One attacker x seed on one cell: everything a worker needs, picklable (no tensors)."""
+
+    spec: ModelSpec
+    cell: AuditCell
+    attacker: Attacker
+    attack_config: Any
+    seed: int
+    folder: str
+    case: dict[str, Any]
+    model_seed: int
+    data: str
+    data_root: str | None
+    data_seed: int
+    defense_seed: int
+    device: str
+    pairing: str
+    time_budget: float | None
+    write_images: bool
+    progress: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.cell.name}/{Path(self.folder).name}"
+
+
+_CASES: dict[tuple[Any, ...], tuple[ServerState, Batch, ClientUpdate]] = {}
+
+
+def _case(job: RunJob) -> tuple[ServerState, Batch, ClientUpdate]:
+    """The victim, the cell's private batch and its defended update (cached per process: a cell's runs share them)."""
+    key = (json.dumps(job.spec.to_dict(), sort_keys=True), job.model_seed, job.data, job.data_root, job.data_seed,
+           job.cell, job.defense_seed)
+    if key not in _CASES:
+        _CASES.clear()  # one cell at a time: the cache holds no more than one batch and update
+        server = ServerState.from_spec(build_model(job.spec, seed=job.model_seed), job.spec)
+        n = job.cell.batch_size * job.cell.protocol.clients
+        batch = load_batch(job.data, n, size=job.spec.image_size, num_classes=job.spec.num_classes,
+                           seed=job.data_seed, root=job.data_root)
+        update = cell_update(server, batch.images, batch.labels, cell=job.cell,
+                             generator=torch.Generator().manual_seed(job.defense_seed))
+        _CASES[key] = (server, batch, update)
+    return _CASES[key]
+
+
+def run_job(job: RunJob) -> str:
+    """Run one attacker x seed into its folder (in whichever process or Ray worker calls it); return the folder."""
+    folder = Path(job.folder)
+    if (folder / "metrics.json").is_file():
+        return str(folder)
+    server, batch, update = _case(job)
+    run_attack(server, update, attack=job.attacker.attack, config=job.attacker.config(job.attack_config), out=folder,
+               seed=job.seed, case={**job.case, "attacker": asdict(job.attacker), "attacker_id": job.attacker.id},
+               truth_images=batch.images, truth_labels=batch.labels, give_labels=job.attacker.labels == "known",
+               device=job.device, progress=job.progress, pairing=job.pairing, time_budget=job.time_budget,
+               write_images=job.write_images, resume=(folder / "checkpoint.json").is_file(), force=True)
+    return str(folder)
+
+
+def run_attackers(server: ServerState, update: ClientUpdate, *, attackers: Sequence[Attacker], attack_config: Any,
+                  folder: Path, seeds: Sequence[int], case: dict[str, Any], **run: Any) -> None:
+    """Every attacker x seed on an update already at hand, into ``folder/<attacker id>-s<seed>/``, in this process.
+
+    ``run`` holds :func:`gradleak.reporting.run_attack`'s other keywords (truth_images,
+    truth_labels, device, time_budget, ...). Finished runs are kept; an interrupted one resumes.
+    """
+    for attacker in attackers:
+        for seed in seeds:
+            run_dir = folder / f"{attacker.id}-s{seed}"
+            if (run_dir / "metrics.json").is_file():
+                continue
+            run_attack(server, update, attack=attacker.attack, config=attacker.config(attack_config), out=run_dir,
+                       seed=seed, case={**case, "attacker": asdict(attacker), "attacker_id": attacker.id},
+                       give_labels=attacker.labels == "known", resume=(run_dir / "checkpoint.json").is_file(),
+                       force=True, **run)
+
+
+def cell_finished(folder: str | Path) -> bool:
+    """Whether a cell folder holds every run its ``cell.json`` asks for (each attacker x seed)."""
+    info_path = Path(folder) / "cell.json"
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    seeds = (info.get("settings") or {}).get("seeds") or []
+    return bool(seeds) and all((Path(folder) / f"{a}-s{s}" / "metrics.json").is_file()
+                               for a in info.get("attacker_names", []) for s in seeds)
+
+
+def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, Any]:
+    """What a cell's results depend on (recorded in every ``cell.json``; a rerun with others is refused)."""
+    return _plain({"model": spec.to_dict(), "model_seed": o.model_seed, "data": o.data, "data_seed": o.data_seed,
+                   "data_root": str(o.data_root) if o.data_root else None, "attacks": plan.names,
+                   "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},
+                   "knowledge": o.knowledge.tokens(), "seed": o.seed, "seeds": o.attack_seeds(),
+                   "pairing": o.pairing, "time_budget": o.time_budget, "images": o.write_images,
+                   "utility": {"steps": o.utility_steps, "lr": o.utility_lr}})
+
+
+def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Path, plan: AttackPlan,
+                  settings: dict[str, Any], o: AuditOptions) -> dict[str, Any]:
+    """Write ``cell.json`` (and the truth): the cell's attackers, what is not tried, privacy and utility."""
+    info_path = folder / "cell.json"
+    attackers: list[Attacker] = []
+    not_tried = [f"{n} ({why})" for n, why in plan.left_out.items()]
+    for name, config in plan.configs.items():
+        mine, missing = attackers_for(name, defended=cell.defended, knowledge=o.knowledge, attack_config=config)
+        attackers += mine
+        not_tried += missing
+    not_tried += untried_knowledge(o.knowledge, defended=cell.defended)
+    seed = cell_seed(o.seed, cell)
+    update = cell_update(server, batch.images, batch.labels, cell=cell, generator=torch.Generator().manual_seed(seed))
+    info: dict[str, Any] = {
+        "cell": cell.name, "batch_size": cell.batch_size, "defense": cell.defense,
+        "defense_spec": cell.parsed().spec(), "protocol": asdict(cell.protocol), "protocol_tag": cell.protocol.tag(),
+        "privacy": update.metadata.get("privacy"), "attacker_names": [a.id for a in attackers],
+        "not_tried": not_tried, "defense_seed": seed, "settings": settings}
+    if info_path.is_file():  # an interrupted cell: keep the utility already measured
+        info["utility"] = json.loads(info_path.read_text()).get("utility")
+    else:
+        info["utility"] = None if o.utility_steps == 0 else utility(
+            server, batch.images, batch.labels, cell=cell, steps=o.utility_steps, lr=o.utility_lr,
+            generator=torch.Generator().manual_seed(seed + 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    if o.write_images:
+        save_truth(batch.images, batch.labels, folder / "truth.safetensors", names=batch.names)
+    write_json(info_path, info)
+    return info
+
+
+def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out: str | Path,
+              options: AuditOptions | None = None, on_event: EventFn | None = None) -> list[RunJob]:
+    """Prepare every unfinished cell (``cell.json``, truth, utility) and return the runs still to do.
+
+    Raises:
+        ConfigError: a cell folder in ``out`` made with other settings, or a bad value.
+        UnsupportedModelError: DP-SGD on a victim with train-mode BatchNorm.
+    """
+    o = options or AuditOptions()
+    if not cells:
+        raise ConfigError("audit grid: expected at least one cell, got none")
+    out = Path(out)
+    server = ServerState.from_spec(build_model(spec, seed=o.model_seed), spec)
+    check_victim(server, cells)
+    settings = _settings(spec, plan, o)
+    batches: dict[int, Batch] = {}
+
+    def batch_of(total: int) -> Batch:
+        if total not in batches:
+            batches[total] = load_batch(o.data, total, size=spec.image_size, num_classes=spec.num_classes,
+                                        seed=o.data_seed, root=o.data_root)
+        return batches[total]
+
+    batch_of(max(c.batch_size * c.protocol.clients for c in cells))  # too few images fails before any cell runs
+    for cell in cells:  # every folder is checked before anything is written
+        info_path = out / cell.name / "cell.json"
+        if info_path.is_file() and json.loads(info_path.read_text()).get("settings") != settings:
+            raise ConfigError(f"audit cell '{cell.name}': expected results made with the same settings, got a "
+                              f"folder made with others ({info_path}); use a new output folder (--out)")
+    tell = on_event or (lambda name, status: None)
+    jobs: list[RunJob] = []
+    for cell in cells:
+        folder = out / cell.name
+        if cell_finished(folder):
+            tell(cell.name, "skipped")
+            continue
+        batch = batch_of(cell.batch_size * cell.protocol.clients)
+        info = _prepare_cell(server, cell, batch, folder, plan, settings, o)
+        case = {**{k: v for k, v in settings.items() if k != "attack_configs"},
+                "audit_cell": {k: v for k, v in info.items() if k != "settings"}, "images": batch.names}
+        for attacker_id in info["attacker_names"]:
+            attacker = Attacker.parse(attacker_id)
+            for s in settings["seeds"]:
+                run_dir = folder / f"{attacker_id}-s{s}"
+                if (run_dir / "metrics.json").is_file():
+                    continue
+                jobs.append(RunJob(
+                    spec=spec, cell=cell, attacker=attacker, attack_config=plan.configs[attacker.attack], seed=s,
+                    folder=str(run_dir), case=case, model_seed=o.model_seed, data=o.data,
+                    data_root=str(o.data_root) if o.data_root else None, data_seed=o.data_seed,
+                    defense_seed=info["defense_seed"], device=o.device, pairing=o.pairing,
+                    time_budget=o.time_budget, write_images=o.write_images,
+                    progress=o.progress and o.backend == "local" and o.workers == 1))
+        tell(cell.name, "running")
+    return jobs
+
+
+def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out: str | Path,
+              options: AuditOptions | None = None, on_event: EventFn | None = None) -> list[dict[str, Any]]:
+    """Run every attacker x seed of every cell into ``<out>/<cell.name>/<attacker id>-s<seed>/``; one row per cell.
+
+    Each cell is attacked by every attack of ``plan`` under every assumption of
+    ``options.knowledge`` (:func:`gradleak.audit.plan.attackers_for`), each with every seed; the
+    row is the worst case over them (:func:`gradleak.audit.verdicts.worst_case`), and it reads
+    "inconclusive" when a run was still improving at the end of its budget.
+
+    Args:
+        spec: the victim architecture; its weights come from ``build_model(spec, seed=model_seed)``.
+        cells: the grid (:func:`gradleak.audit.plan.audit_grid`).
+        plan: the attacks and their configs (:func:`gradleak.audit.plan.plan_attacks`).
+        out: the audit folder.
+        options: how it runs (:class:`AuditOptions`; default: its defaults).
+        on_event: told ``(cell_name, "skipped" | "running" | "done")`` and each run's progress.
+
+    Returns:
+        One dict per cell: the cell's settings, ``epsilon``, ``utility`` and the worst case.
+
+    Raises:
+        ConfigError: a finished cell in ``out`` was made with other settings, or a bad value.
+        UnsupportedModelError: DP-SGD on a victim with train-mode BatchNorm.
+        GradleakError: runs failed in workers (each named).
+    """
+    o = options or AuditOptions()
+    jobs = plan_runs(spec, cells, plan, out, o, on_event)
+    errors = execute(run_job, [(j.id, j) for j in jobs], backend=o.backend, workers=o.workers, address=o.address,
+                     num_cpus=o.num_cpus, num_gpus=o.num_gpus, tell=on_event, fail_fast=True)
+    if errors:
+        first = next(iter(errors))
+        raise GradleakError(f"audit: {len(errors)} of {len(jobs)} runs failed, {first}: {errors[first]} "
+                            "(finished runs are kept; the same call continues)")
+    tell = on_event or (lambda name, status: None)
+    for cell in {j.cell.name: j.cell for j in jobs}:
+        tell(cell, "done")
+    return [load_row(Path(out) / cell.name) for cell in cells]
+
+
+__all__ = ["AuditOptions", "RunJob", "cell_finished", "plan_runs", "run_attackers", "run_audit", "run_job"]

@@ -1,0 +1,391 @@
+"""The audit's plan: cells (protocol x batch size x defense) x attacks x attacker knowledge x seeds.
+
+A cell is what the client does (:class:`AuditCell`). An attacker is one attack with one assumption
+about what its user knows (:class:`Attacker`): the defense (simulated by the adaptive attacker, or
+ignored) and the labels (recovered from the update, or known: the client's true label multiset,
+as an attacker who knows which classes a client holds has them). Each attacker runs with every
+seed; a cell's verdict is the worst case over all of them (:mod:`gradleak.audit.verdicts`).
+
+``--attacks auto`` selects every registered attack that applies to the victim
+(:meth:`gradleak.attacks.Attack.applicability`): ``analytic`` only on a one-layer victim, ``gias``
+only with a pretrained generator; an attack that lands in the registry joins the audit.
+
+References:
+    Carlini et al., "On Evaluating Adversarial Robustness", 2019 (the worst case over attacks and
+    what was not tried).
+    Carletti et al., "SoK: Gradient Inversion Attacks in Federated Learning", USENIX Security 2025
+    (threat models by what the attacker knows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradleak.attacks import ATTACKS
+from gradleak.attacks.base import resolve_config
+from gradleak.defenses import Defense, parse_defense
+from gradleak.errors import ConfigError
+from gradleak.threat import fedavg_update
+from gradleak.types import ClientUpdate, ServerState
+
+
+@dataclass(frozen=True)
+class ProtocolSetting:
+    """How a client computes its update in one audit cell.
+
+    Args:
+        protocol: ``"fedsgd"`` or ``"fedavg"``.
+        local_steps: S, local SGD steps (FedAvg only; 1 for FedSGD).
+        local_lr: local learning rate (FedAvg only).
+        local_batch_size: local mini-batch size (FedAvg; ``None``: each client's whole batch).
+        clients: K clients, each with its own batch; the server sees their average.
+    """
+
+    protocol: str = "fedsgd"
+    local_steps: int = 1
+    local_lr: float | None = None
+    local_batch_size: int | None = None
+    clients: int = 1
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("fedsgd", "fedavg"):
+            raise ConfigError(f"audit protocol: expected 'fedsgd' or 'fedavg', got {self.protocol!r}")
+        for what, v in (("local steps", self.local_steps), ("clients", self.clients)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"audit {what}: expected a positive integer, got {v!r}")
+        if self.protocol == "fedavg" and (self.local_lr is None or not self.local_lr > 0):
+            raise ConfigError(f"audit protocol fedavg: expected a positive local learning rate, got {self.local_lr!r}")
+        if self.local_batch_size is not None and self.local_batch_size < 1:
+            raise ConfigError(f"audit local batch size: expected a positive integer, got {self.local_batch_size!r}")
+
+    def tag(self) -> str:
+        """Short, file-name-safe name, e.g. ``fedsgd``, ``fedavg-s5-lr0.1-k4``."""
+        text = "fedsgd"
+        if self.protocol == "fedavg":
+            text = f"fedavg-s{self.local_steps}-lr{self.local_lr:g}"
+            text += f"-b{self.local_batch_size}" if self.local_batch_size else ""
+        return text + (f"-k{self.clients}" if self.clients > 1 else "")
+
+    def client(self, batch_size: int) -> Callable[..., ClientUpdate] | None:
+        """The client protocol for :func:`gradleak.defenses.defended_update` (``None``: FedSGD)."""
+        if self.protocol == "fedsgd":
+            return None
+        return functools.partial(fedavg_update, local_steps=self.local_steps, lr=float(self.local_lr),  # type: ignore[arg-type]
+                                 batch_size=self.local_batch_size or batch_size)
+
+
+@dataclass(frozen=True)
+class AuditCell:
+    """One cell of the grid: N images per client, one defense setting, one protocol setting."""
+
+    batch_size: int
+    defense: str
+    protocol: ProtocolSetting
+
+    @property
+    def name(self) -> str:
+        """The cell's folder name, e.g. ``fedsgd_n4_noise-1e-3``."""
+        slug = re.sub(r"[^A-Za-z0-9.=+_-]", "_", self.defense.replace(" ", "").replace(":", "-"))
+        return f"{self.protocol.tag()}_n{self.batch_size}_{slug}"
+
+    def parsed(self) -> Defense:
+        return parse_defense(self.defense)
+
+    @property
+    def defended(self) -> bool:
+        return bool(self.parsed().parts())
+
+
+def parse_int_list(text: str, *, what: str, low: int = 1) -> list[int]:
+    """``"1,4,8"`` -> ``[1, 4, 8]``: distinct integers of at least ``low`` (positive by default).
+
+    Raises:
+        ConfigError: an empty list, a non-integer, a value below ``low``, or a repeat.
+    """
+    kind = "positive integers" if low == 1 else f"integers >= {low}"
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{what}: expected a comma-separated list of {kind} such as '1,4,8', got {text!r}")
+    values = []
+    for t in items:
+        if not re.fullmatch(r"\d+", t) or int(t) < low:
+            raise ConfigError(f"{what}: expected {kind}, got {t!r}")
+        if int(t) in values:
+            raise ConfigError(f"{what}: expected distinct values, got {t} twice")
+        values.append(int(t))
+    return values
+
+
+def audit_grid(*, batch_sizes: Sequence[int], defenses: Sequence[str],
+               protocols: Sequence[ProtocolSetting] = (ProtocolSetting(),)) -> list[AuditCell]:
+    """Expand the grid, protocol-major, then batch size, then defense in the given order.
+
+    Raises:
+        ConfigError: an empty axis, a defense that does not parse (``parse_defense``'s message), a
+            defense given twice, or ``dpsgd`` with FedAvg (DP-SGD is one noisy gradient here).
+
+    Example:
+        >>> [c.name for c in audit_grid(batch_sizes=[1, 8], defenses=["none", "noise:1e-3"])]
+        ['fedsgd_n1_none', 'fedsgd_n1_noise-1e-3', 'fedsgd_n8_none', 'fedsgd_n8_noise-1e-3']
+        >>> ProtocolSetting("fedavg", local_steps=5, local_lr=0.1, clients=4).tag()
+        'fedavg-s5-lr0.1-k4'
+    """
+    if not batch_sizes or not defenses or not protocols:
+        raise ConfigError(f"audit grid: expected at least one batch size, defense and protocol, got "
+                          f"{len(batch_sizes)} batch sizes, {len(defenses)} defenses, {len(protocols)} protocols")
+    specs: dict[str, str] = {}
+    for text in defenses:
+        spec = parse_defense(text).spec()
+        if spec in specs:
+            raise ConfigError(f"audit defenses: expected each setting once, got {specs[spec]!r} and {text!r} (both {spec})")
+        specs[spec] = text
+    cells = [AuditCell(n, d.strip(), p) for p in dict.fromkeys(protocols) for n in batch_sizes for d in defenses]
+    for c in cells:
+        if c.protocol.protocol == "fedavg" and any(part.client_side for part in c.parsed().parts()):
+            raise ConfigError(f"audit defense '{c.defense}' with protocol fedavg: expected fedsgd (DP-SGD is one noisy "
+                              "gradient; DP-FedAvg is not implemented), got fedavg")
+    names = [c.name for c in cells]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"audit grid: expected distinct cell names, got '{dup}' twice")
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the attacker knows.
+
+LABEL_KNOWLEDGE = ("recovered", "known")
+"""``recovered``: labels come from the update (:mod:`gradleak.labels`); ``known``: the client's true
+label multiset is handed to the attack (a client that holds a few known classes)."""
+
+DEFENSE_KNOWLEDGE = ("unaware", "aware")
+"""``unaware``: the attack matches the raw update; ``aware``: it simulates the recorded defense
+(the adaptive attacker, :mod:`gradleak.attacks.adaptive`)."""
+
+KNOWLEDGE_TOKENS = tuple(f"labels-{v}" for v in LABEL_KNOWLEDGE) + tuple(f"defense-{v}" for v in DEFENSE_KNOWLEDGE)
+
+
+@dataclass(frozen=True)
+class KnowledgeAxes:
+    """The assumptions an audit tries: each axis's values (every combination is one attacker).
+
+    Example:
+        >>> KnowledgeAxes.parse("all")
+        KnowledgeAxes(labels=('recovered', 'known'), defense=('unaware', 'aware'))
+        >>> KnowledgeAxes.parse("labels-known,defense-aware")
+        KnowledgeAxes(labels=('known',), defense=('aware',))
+        >>> KnowledgeAxes.parse("labels-recovered")  # an axis not named keeps all its values
+        KnowledgeAxes(labels=('recovered',), defense=('unaware', 'aware'))
+    """
+
+    labels: tuple[str, ...] = LABEL_KNOWLEDGE
+    defense: tuple[str, ...] = DEFENSE_KNOWLEDGE
+
+    def __post_init__(self) -> None:
+        for what, values, allowed in (("labels", self.labels, LABEL_KNOWLEDGE),
+                                      ("defense", self.defense, DEFENSE_KNOWLEDGE)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ConfigError(f"knowledge {what}: expected some of {', '.join(allowed)}, got "
+                                  f"{', '.join(map(repr, bad)) if bad else 'none'}")
+
+    @classmethod
+    def parse(cls, text: str | Sequence[str] | None) -> KnowledgeAxes:
+        """``"all"`` (or ``None``) or comma-separated tokens of :data:`KNOWLEDGE_TOKENS`.
+
+        Raises:
+            ConfigError: an unknown token, naming the ones expected.
+        """
+        items = [t.strip() for t in (text.split(",") if isinstance(text, str) else (text or ["all"])) if t.strip()]
+        if not items or items == ["all"]:
+            return cls()
+        chosen: dict[str, list[str]] = {"labels": [], "defense": []}
+        for t in items:
+            if t not in KNOWLEDGE_TOKENS:
+                raise ConfigError(f"--knowledge: unknown assumption {t!r}; expected 'all' or some of: "
+                                  f"{', '.join(KNOWLEDGE_TOKENS)}")
+            axis, value = t.split("-", 1)
+            chosen[axis].append(value)
+        return cls(labels=tuple(dict.fromkeys(chosen["labels"])) or LABEL_KNOWLEDGE,
+                   defense=tuple(dict.fromkeys(chosen["defense"])) or DEFENSE_KNOWLEDGE)
+
+    def tokens(self) -> list[str]:
+        return [f"labels-{v}" for v in self.labels] + [f"defense-{v}" for v in self.defense]
+
+
+@dataclass(frozen=True, order=True)
+class Attacker:
+    """One attack under one assumption about what its user knows.
+
+    Args:
+        attack: registered attack name.
+        labels: ``"recovered"`` or ``"known"``.
+        defense: ``"unaware"``, ``"aware"``, or ``"none"`` (an undefended update: the two are one attack).
+
+    Example:
+        >>> a = Attacker("cinet", labels="known", defense="aware")
+        >>> a.id, Attacker.parse(a.id) == a, a.describe()
+        ('cinet_aware_labels-known', True, 'cinet, defense-aware, labels known')
+        >>> Attacker.parse("ig_labels-recovered").describe()
+        'ig, labels recovered'
+    """
+
+    attack: str
+    labels: str = "recovered"
+    defense: str = "none"
+
+    @property
+    def id(self) -> str:
+        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>`` (then ``-s<seed>``)."""
+        middle = "" if self.defense == "none" else f"_{self.defense}"
+        return f"{self.attack}{middle}_labels-{self.labels}"
+
+    @classmethod
+    def parse(cls, text: str) -> Attacker:
+        m = re.fullmatch(r"(.+?)(?:_(aware|unaware))?_labels-(recovered|known)", text)
+        if not m:
+            raise ConfigError(f"audit attacker: expected '<attack>[_aware|_unaware]_labels-<recovered|known>', "
+                              f"got {text!r}")
+        return cls(m.group(1), labels=m.group(3), defense=m.group(2) or "none")
+
+    def describe(self) -> str:
+        parts = [self.attack]
+        if self.defense != "none":
+            parts.append(f"defense-{self.defense}")
+        parts.append(f"labels {self.labels}")
+        return ", ".join(parts)
+
+    def config(self, attack_config: Any) -> Any:
+        """``attack_config`` for this attacker: ``adaptive="off"`` when unaware, ``"auto"`` otherwise."""
+        if not ATTACKS.get(self.attack).adaptive:
+            return attack_config
+        mode = "off" if self.defense == "unaware" else "auto"
+        if isinstance(attack_config, Mapping):
+            return {**attack_config, "adaptive": mode}
+        return dataclasses.replace(attack_config, adaptive=mode)
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """The attacks of an audit with their resolved configs (:func:`plan_attacks`), and those left out."""
+
+    configs: dict[str, Any]
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.configs)
+
+
+def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps: Sequence[int] = (1,),
+                 presets: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None,
+                 iterations: int | None = None) -> AttackPlan:
+    """Which attacks an audit runs, each with its config.
+
+    Args:
+        names: ``"auto"`` (every registered attack that applies to the victim) or attack names.
+        server: the victim.
+        local_steps: the client's local steps in the grid's protocols (an attack must apply to all).
+        presets: a preset per attack name (``{"cinet": "demo"}``).
+        overrides: config fields; each applies to every selected attack that has the field, and a
+            field that none has is refused.
+        iterations: an iteration budget for every iterative attack (``None``: each attack's own).
+
+    Raises:
+        ConfigError: an unknown attack, an attack named explicitly that cannot apply (with the
+            reason), a preset for an attack not selected, or an override no attack has.
+
+    Example:
+        >>> from gradleak.models import build_model
+        >>> from gradleak.types import ModelSpec
+        >>> spec = ModelSpec(name="linear", image_size=8)
+        >>> plan = plan_attacks("auto", ServerState.from_spec(build_model(spec), spec))
+        >>> "analytic" in plan.names and "cinet" in plan.names, sorted(plan.left_out)
+        (True, ['gias'])
+    """
+    auto = isinstance(names, str) and names.strip() == "auto"
+    wanted = ATTACKS.available() if auto else [n.strip() for n in (names.split(",") if isinstance(names, str) else names)
+                                              if n.strip()]
+    if not wanted:
+        raise ConfigError(f"--attacks: expected 'auto' or attack names ({', '.join(ATTACKS.available())}), got none")
+    presets, overrides = dict(presets or {}), dict(overrides or {})
+    for name in [*wanted, *presets]:
+        ATTACKS.get(name)  # unknown names fail with the registry's list
+    stray = [n for n in presets if n not in wanted]
+    if stray:
+        raise ConfigError(f"--preset {stray[0]}:{presets[stray[0]]}: expected a preset of an audited attack "
+                          f"({', '.join(wanted)}), got one of {stray[0]}")
+    configs: dict[str, Any] = {}
+    left_out: dict[str, str] = {}
+    for name in dict.fromkeys(wanted):
+        cls = ATTACKS.get(name)
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        mine = {k: v for k, v in overrides.items() if k in fields}
+        budget = iterations if iterations is not None and cls.iterative else None
+        config = resolve_config(name, preset=presets.get(name), overrides=mine, iterations=budget)
+        reason = next((r for s in local_steps if (r := cls.applicability(server, config, local_steps=s))), None)
+        if reason is None:
+            configs[name] = config
+        elif auto:
+            left_out[name] = reason
+        else:
+            raise ConfigError(f"--attacks {name}: expected an attack that applies to this victim and protocol; "
+                              f"{name} {reason}")
+    unused = [k for k in overrides if not any(k in {f.name for f in dataclasses.fields(ATTACKS.get(n).Config)}
+                                              for n in configs)]
+    if unused:
+        raise ConfigError(f"--set {unused[0]}: expected a config field of an audited attack ({', '.join(configs)}), "
+                          "got one none of them has")
+    if not configs:
+        raise ConfigError("--attacks auto: expected at least one attack that applies, got none ("
+                          + "; ".join(f"{n}: {r}" for n, r in left_out.items()) + ")")
+    return AttackPlan(configs, left_out)
+
+
+def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = KnowledgeAxes(),
+                  attack_config: Any = None) -> tuple[list[Attacker], list[str]]:
+    """The attackers of ``attack`` for one cell, and what is not tried (stated with the verdict).
+
+    A defended update is attacked by the unaware and the defense-aware attacker (as ``knowledge``
+    selects); an undefended one once per label assumption. An attack without an adaptive mode, or
+    a config with ``adaptive="off"``, has no defense-aware attacker, and the verdict says so.
+
+    Example:
+        >>> [a.id for a in attackers_for("cinet", defended=True)[0]]  # doctest: +NORMALIZE_WHITESPACE
+        ['cinet_unaware_labels-recovered', 'cinet_aware_labels-recovered', 'cinet_unaware_labels-known',
+         'cinet_aware_labels-known']
+        >>> attackers_for("analytic", defended=True, knowledge=KnowledgeAxes(labels=("recovered",)))
+        ([Attacker(attack='analytic', labels='recovered', defense='unaware')], ['analytic defense-aware (no adaptive mode)'])
+    """
+    not_tried: list[str] = []
+    if not defended:
+        defenses = ["none"]
+    else:
+        defenses = list(knowledge.defense)
+        mode = (attack_config.get("adaptive") if isinstance(attack_config, Mapping)
+                else getattr(attack_config, "adaptive", None))
+        if "aware" in defenses and (not ATTACKS.get(attack).adaptive or mode == "off"):
+            defenses.remove("aware")
+            why = "no adaptive mode" if not ATTACKS.get(attack).adaptive else "turned off"
+            not_tried.append(f"{attack} defense-aware ({why})")
+            if not defenses:
+                defenses = ["unaware"]
+    return [Attacker(attack, labels=lab, defense=d) for lab in knowledge.labels for d in defenses], not_tried
+
+
+def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool) -> list[str]:
+    """The assumptions the audit's ``knowledge`` leaves out (named beside the verdict)."""
+    out = [f"labels {v}" for v in LABEL_KNOWLEDGE if v not in knowledge.labels]
+    if defended:
+        out += [f"defense-{v}" for v in DEFENSE_KNOWLEDGE if v not in knowledge.defense]
+    return out
+
+
+__all__ = ["AttackPlan", "Attacker", "AuditCell", "DEFENSE_KNOWLEDGE", "KNOWLEDGE_TOKENS", "KnowledgeAxes",
+           "LABEL_KNOWLEDGE", "ProtocolSetting", "attackers_for", "audit_grid", "parse_int_list", "plan_attacks",
+           "untried_knowledge"]

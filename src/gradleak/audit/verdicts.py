@@ -1,0 +1,365 @@
+"""Verdicts that hold up: the worst case over attacks, attacker knowledge and seeds, with its uncertainty.
+
+An audit cell is attacked by several attackers: every attack that applies, each under every
+assumption tried (labels recovered or known; the defense ignored or simulated) and with several
+seeds. Its verdict is the worst case: the attacker whose mean SSIM (over images and seeds) is
+highest, with a bootstrap 95% confidence interval of that mean; per image, the best reconstruction
+any run made; and the fraction of images that some run reconstructed recognisably. The verdict
+names the attacker that broke the cell and, where an assumption decided it, the number without it.
+What was not tried is listed with the verdict. A cell no attacker broke reads "not broken by these
+attacks at this budget", never "safe", and "inconclusive" when a run was still improving at the
+end of its budget (:func:`improvement`): an attack still improving proves nothing.
+
+``--fail-if`` conditions (``ssim>0.5``, ``recognisable>=0.25``, ...) are checked on these values.
+
+References:
+    Carlini et al., "On Evaluating Adversarial Robustness", 2019 (report the worst case over
+    adaptive attacks, and what was not tried).
+    Efron & Tibshirani, "An Introduction to the Bootstrap", 1993 (percentile intervals).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradleak.errors import ConfigError
+from gradleak.metrics.recognisable import PARTIAL_SSIM, RECOGNISABLE_SSIM
+
+
+def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (a point when there are fewer than 2).
+
+    Example:
+        >>> lo, hi = bootstrap_ci([0.1, 0.2, 0.3, 0.4])
+        >>> 0.1 <= lo < 0.25 < hi <= 0.4
+        True
+    """
+    data = np.asarray(list(values), dtype=float)
+    if data.size == 0:
+        return (math.nan, math.nan)
+    if data.size < 2 or np.all(data == data[0]):
+        return (float(data.mean()), float(data.mean()))
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values))
+
+
+def attacker_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pool one attacker's runs (one per seed; each a run's ``metrics.json``) over images and seeds."""
+    out: dict[str, Any] = {"seeds": [r["summary"].get("seed") for r in runs], "runs": len(runs)}
+    for key in ("ssim", "fsim", "psnr", "lpips"):
+        values = [float(p[key]) for r in runs for p in r["per_image"] if p.get(key) is not None]
+        out[f"{key}_mean"], out[f"{key}_std"] = _stats(values)
+        if key == "ssim":
+            out["ssim_ci"] = list(bootstrap_ci(values)) if values else None
+    accs = [r["summary"].get("label_accuracy") for r in runs if r["summary"].get("label_accuracy") is not None
+            and r["summary"].get("labels") != "given"]
+    out["label_accuracy"] = max(accs) if accs else None
+    out["label_strategy"] = runs[0]["summary"].get("label_strategy") if runs else None
+    out["seconds"] = float(sum(r["summary"].get("seconds") or 0.0 for r in runs))
+    out["iterations"] = runs[0]["summary"].get("iterations") if runs else None
+    out["matching_loss"] = runs[0].get("info", {}).get("matching_loss") if runs else None
+    return out
+
+
+STILL_IMPROVING_SSIM = 0.02
+"""A run whose best mean SSIM in the last :data:`END_WINDOW` of its iterations exceeds its best
+before that window by this much was still improving when its budget ended. Sign-Adam's curves
+oscillate (CI-Net's mean SSIM moves by up to about 0.01 between reports on a plateau), so the best
+values are compared rather than the last ones, and the margin is twice that wobble. A batch-64
+CI-Net run at 500 iterations rose 0.056 over its last 100 (README, large batches), a plateaued
+batch-8 run less than 0.005 over its last 60 (docs/audit.md)."""
+
+STILL_IMPROVING_LOSS = 0.25
+"""Without an SSIM trace (no truth to score against), a run whose lowest matching loss in the last
+:data:`END_WINDOW` is this fraction below its lowest before counts as still improving."""
+
+END_WINDOW = 0.2
+"""The share of a run's iterations, at its end, that decides whether it was still improving."""
+
+
+def improvement(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """How much one run improved over the last :data:`END_WINDOW` of its iterations (``None``: no trace to judge).
+
+    Returns ``{"measure": "ssim" | "loss", "rise", "per_100", "window", "still_improving"}``:
+    the gain of the best value in the window over the best before it (SSIM up, or the loss's
+    relative fall), per 100 iterations, and whether it passes :data:`STILL_IMPROVING_SSIM`
+    (or :data:`STILL_IMPROVING_LOSS`).
+
+    Example:
+        >>> rising = {"history": {"ssim_iteration": [25, 50, 75, 100], "ssim": [0.1, 0.2, 0.3, 0.4]}}
+        >>> improvement(rising)["still_improving"], round(improvement(rising)["per_100"], 3)
+        (True, 0.5)
+        >>> flat = {"history": {"ssim_iteration": [25, 50, 75, 100], "ssim": [0.1, 0.3, 0.31, 0.305]}}
+        >>> improvement(flat)["still_improving"]
+        False
+    """
+    history = metrics.get("history") or {}
+    for measure, its_key, key in (("ssim", "ssim_iteration", "ssim"), ("loss", "iteration", "loss")):
+        its, values = history.get(its_key) or [], history.get(key) or []
+        points = [(int(i), float(v)) for i, v in zip(its, values) if v is not None and math.isfinite(float(v))]
+        if len(points) < 3:
+            continue
+        last = points[-1][0]
+        start = last - END_WINDOW * last
+        before = [v for i, v in points if i <= start]
+        inside = [v for i, v in points if i > start]
+        if not before or not inside:
+            continue
+        if measure == "ssim":
+            rise = max(inside) - max(before)
+            limit = STILL_IMPROVING_SSIM
+        else:
+            low = min(before)
+            rise = (low - min(inside)) / abs(low) if low != 0 else 0.0
+            limit = STILL_IMPROVING_LOSS
+        span = max(last - start, 1e-9)
+        return {"measure": measure, "rise": float(rise), "per_100": float(rise / span * 100), "window": [start, last],
+                "still_improving": bool(rise >= limit)}
+    return None
+
+
+def _knowledge(attacker: str) -> tuple[str, str, str]:
+    """``(attack, labels, defense)`` of an attacker id; old ids (``adaptive``, ``unaware``) read as CI-Net's."""
+    from gradleak.audit.plan import Attacker
+
+    try:
+        a = Attacker.parse(attacker)
+        return a.attack, a.labels, a.defense
+    except ConfigError:
+        return attacker, "recovered", {"adaptive": "aware", "unaware": "unaware"}.get(attacker, "none")
+
+
+def describe_attacker(attacker: str) -> str:
+    """``cinet_aware_labels-known`` -> ``cinet, defense-aware, labels known``."""
+    attack, labels, defense = _knowledge(attacker)
+    return ", ".join([attack, *([f"defense-{defense}"] if defense != "none" else []), f"labels {labels}"])
+
+
+def by_knowledge(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The best mean SSIM under each assumption tried: ``labels-recovered``, ``labels-known``,
+    ``defense-unaware``, ``defense-aware``, and per attack (``attack:cinet``)."""
+    out: dict[str, float | None] = {}
+    for name, s in summaries.items():
+        if s.get("ssim_mean") is None:
+            continue
+        attack, labels, defense = _knowledge(name)
+        keys = [f"labels-{labels}", f"attack:{attack}"] + ([f"defense-{defense}"] if defense != "none" else [])
+        for k in keys:
+            out[k] = max(out.get(k) or -1.0, float(s["ssim_mean"]))
+    return out
+
+
+def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
+               not_tried: Sequence[str] = ()) -> dict[str, Any]:
+    """The cell's verdict values from every attacker's runs (``{attacker id: [metrics.json, ...]}``).
+
+    Returns the worst-case attacker's pooled metrics under the usual keys (``ssim_mean``,
+    ``psnr_mean``, ...), plus ``ssim_ci`` (its bootstrap 95% interval), ``ssim_worst_image`` (the
+    best reconstruction of any image by any run), ``recognisable_fraction`` (images some run
+    reconstructed with SSIM >= :data:`RECOGNISABLE_SSIM`), ``verdict_attacker``, ``attackers``
+    (each one's pooled metrics), ``by_knowledge`` (the best under each assumption),
+    ``verdict_run`` (the run folder of that attacker's best seed), ``still_improving`` (the runs
+    still improving at their budget's end, :func:`improvement`), ``inconclusive`` (no image
+    recognisable and some run still improving) and ``not_tried``. ``label_accuracy`` is over the
+    runs that recovered their labels (``None`` when every run was given them).
+    """
+    summaries = {name: attacker_summary(runs) for name, runs in attackers.items() if runs}
+    if not summaries:
+        raise ConfigError("audit verdict: expected at least one finished run, got none")
+    scored = {n: s for n, s in summaries.items() if s["ssim_mean"] is not None}
+    def strength(n: str) -> tuple[float, bool, bool]:  # a tie goes to the attacker who needs to know less
+        _, labels, defense = _knowledge(n)
+        return round(float(scored[n]["ssim_mean"]), 6), labels == "recovered", defense != "aware"
+
+    name = max(scored, key=strength) if scored else next(iter(summaries))
+    best = summaries[name]
+    per_image: dict[int, float] = {}
+    improving: list[dict[str, Any]] = []
+    for attacker, runs in attackers.items():
+        for r in runs:
+            for p in r["per_image"]:
+                if p.get("ssim") is not None:
+                    per_image[p["truth"]] = max(per_image.get(p["truth"], -1.0), float(p["ssim"]))
+            trend = improvement(r)
+            if trend and trend["still_improving"]:
+                improving.append({"attacker": attacker, "run": r.get("run"), **trend})
+    row = {k: v for k, v in best.items() if k not in ("seeds", "runs")}
+    run_means = {r.get("run"): float(np.mean([p["ssim"] for p in r["per_image"] if p.get("ssim") is not None]))
+                 for r in attackers.get(name, []) if any(p.get("ssim") is not None for p in r["per_image"])}
+    recognisable = (sum(v >= RECOGNISABLE_SSIM for v in per_image.values()) / len(per_image)) if per_image else None
+    improving.sort(key=lambda t: -t["per_100"])
+    row.update({
+        "verdict_attacker": name,
+        "verdict_run": max(run_means, key=run_means.__getitem__) if run_means else None,
+        "ssim_worst_image": max(per_image.values()) if per_image else None,
+        "recognisable_fraction": recognisable,
+        "label_accuracy": max((s["label_accuracy"] for s in summaries.values() if s["label_accuracy"] is not None),
+                              default=None),
+        "seconds": float(sum(s["seconds"] for s in summaries.values())),
+        "attackers": summaries, "by_knowledge": by_knowledge(summaries), "defended": defended,
+        "not_tried": list(not_tried), "still_improving": improving,
+        "inconclusive": bool(improving) and not recognisable,
+        "seeds": sorted({seed for s in summaries.values() for seed in s["seeds"] if seed is not None}),
+    })
+    return row
+
+
+def _contrast(row: dict[str, Any]) -> str:
+    """``broken if the attacker knows the labels: SSIM 0.53; with labels recovered: 0.01`` where an assumption decides."""
+    known = row.get("by_knowledge") or {}
+    _, labels, defense = _knowledge(str(row.get("verdict_attacker", "")))
+    parts = []
+    for strong, weak, words in (("labels-known", "labels-recovered", ("knows the labels", "with labels recovered")),
+                                ("defense-aware", "defense-unaware", ("simulates the defense", "defense-unaware"))):
+        if strong.endswith(labels if strong.startswith("labels") else defense) and weak in known and strong in known:
+            hi, lo = known[strong], known[weak]
+            if hi is not None and lo is not None and hi - lo >= 0.1:
+                parts.append(f"{'broken' if row.get('recognisable_fraction') else 'strongest'} if the attacker "
+                             f"{words[0]}: SSIM {hi:.3f}; {words[1]}: {lo:.3f}")
+    return "; ".join(parts)
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """A plain-language reading of one cell from its worst-case values.
+
+    Example:
+        >>> verdict({"ssim_mean": 0.8, "recognisable_fraction": 1.0, "label_accuracy": 1.0})
+        'leaks: 100% of images recognisable; labels recovered exactly'
+        >>> verdict({"ssim_mean": 0.05, "recognisable_fraction": 0.0, "label_accuracy": 0.5,
+        ...          "not_tried": ["adaptive"]})
+        'not broken by these attacks at this budget; 50% of labels recovered; not tried: adaptive'
+        >>> verdict({"ssim_mean": 0.2, "recognisable_fraction": 0.0, "inconclusive": True,
+        ...          "still_improving": [{"attacker": "cinet_labels-known", "per_100": 0.05, "measure": "ssim"}]})
+        'inconclusive: still improving (+0.050 SSIM per 100 iterations at the end, cinet, labels known)'
+    """
+    s, acc, frac = row.get("ssim_mean"), row.get("label_accuracy"), row.get("recognisable_fraction")
+    by = f" ({describe_attacker(row['verdict_attacker'])})" if row.get("verdict_attacker") else ""
+    if s is None:
+        text = "not scored"
+    elif frac:
+        text = f"leaks: {frac:.0%} of images recognisable{by}"
+    elif row.get("inconclusive"):
+        t = row["still_improving"][0]
+        unit = "SSIM" if t.get("measure") == "ssim" else "of the matching loss"
+        text = (f"inconclusive: still improving (+{t['per_100']:.3f} {unit} per 100 iterations at the end, "
+                f"{describe_attacker(t['attacker'])})")
+    elif s >= PARTIAL_SSIM:
+        text = f"partial leak: coarse shapes and colours{by}"
+    else:
+        text = "not broken by these attacks at this budget"
+    contrast = _contrast(row) if s is not None else ""
+    if contrast:
+        text += "; " + contrast
+    if acc is not None and acc >= 1.0:
+        text += "; labels recovered exactly"
+    elif acc is not None and acc > 0:
+        text += f"; {acc:.0%} of labels recovered"
+    if row.get("not_tried"):
+        text += "; not tried: " + ", ".join(row["not_tried"])
+    return text
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+CONDITION_METRICS = {
+    "ssim": "ssim_mean", "ssim_ci_high": "ssim_ci_high", "ssim_worst_image": "ssim_worst_image",
+    "recognisable": "recognisable_fraction", "psnr": "psnr_mean", "fsim": "fsim_mean",
+    "label_accuracy": "label_accuracy"}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A leak limit such as ``ssim>0.5``: ``metric op value`` on a cell's worst-case values."""
+
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        """``"ssim>0.5"``, ``"recognisable >= 0.25"``, ``"label_accuracy>=1"``.
+
+        Raises:
+            ConfigError: not of the form ``metric op number``, or an unknown metric.
+
+        Example:
+            >>> Condition.parse("ssim > 0.5")
+            Condition(metric='ssim', op='>', value=0.5)
+        """
+        m = re.fullmatch(r"\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*", str(text))
+        if not m:
+            raise ConfigError(f"--fail-if: expected METRIC OP NUMBER such as 'ssim>0.5', got {text!r}")
+        metric, op, raw = m.groups()
+        if metric not in CONDITION_METRICS:
+            raise ConfigError(f"--fail-if: unknown metric '{metric}'; expected one of: {', '.join(CONDITION_METRICS)}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"--fail-if: expected a number after '{op}', got {raw!r}") from None
+        return cls(metric, op, value)
+
+    def holds(self, row: dict[str, Any]) -> bool:
+        """True when the cell's value meets the condition (a missing value never does)."""
+        key = CONDITION_METRICS[self.metric]
+        value = (row.get("ssim_ci") or [None, None])[1] if key == "ssim_ci_high" else row.get(key)
+        return value is not None and _OPS[self.op](float(value), self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def failing(rows: Sequence[dict[str, Any]], conditions: Sequence[Condition], *,
+            inconclusive_fails: bool = True) -> list[tuple[dict[str, Any], Condition | None]]:
+    """The (cell, condition) pairs where a cell leaks beyond a limit; with ``inconclusive_fails``, an
+    inconclusive cell (still improving at its budget's end) fails too, paired with ``None``."""
+    out: list[tuple[dict[str, Any], Condition | None]] = [(r, c) for r in rows for c in conditions if c.holds(r)]
+    if conditions and inconclusive_fails:
+        out += [(r, None) for r in rows if r.get("inconclusive") and not any(c.holds(r) for c in conditions)]
+    return out
+
+
+def load_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """A cell folder's finished runs by attacker: ``<attacker id>-s<seed>/metrics.json``."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*-s*/metrics.json")):
+        attacker = path.parent.name.rsplit("-s", 1)[0]
+        runs.setdefault(attacker, []).append({**json.loads(path.read_text()), "run": path.parent.name})
+    return runs
+
+
+def load_row(folder: Path) -> dict[str, Any]:
+    """One audit row from a finished cell folder: ``cell.json`` and every attacker's runs, worst case first.
+
+    The row holds the cell's settings, ``epsilon``/``delta``/``dp``, and the worst case over
+    attacks, attacker knowledge and seeds (:func:`worst_case`): ``ssim_mean`` etc. are the
+    worst-case attacker's, ``attackers`` holds each one's.
+    """
+    info = json.loads((folder / "cell.json").read_text())
+    privacy = info.get("privacy") or {}
+    row = worst_case(load_runs(folder), defended=info.get("defense_spec", "none") != "none",
+                     not_tried=info.get("not_tried", []))
+    return {**row, **{k: v for k, v in info.items() if k not in ("settings", "not_tried")},
+            "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"), "dp": bool(privacy)}
+
+
+__all__ = ["CONDITION_METRICS", "Condition", "END_WINDOW", "PARTIAL_SSIM", "RECOGNISABLE_SSIM", "STILL_IMPROVING_LOSS",
+           "STILL_IMPROVING_SSIM", "attacker_summary", "bootstrap_ci", "by_knowledge", "describe_attacker", "failing",
+           "improvement", "load_row", "load_runs", "verdict", "worst_case"]

@@ -1,0 +1,93 @@
+"""The audit's plan: which attacks apply, which attacker assumptions run, and bad input refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradleak.attacks import ATTACKS
+from gradleak.audit.plan import Attacker, KnowledgeAxes, attackers_for, plan_attacks, untried_knowledge
+from gradleak.cli.main import main
+from gradleak.errors import ConfigError
+from gradleak.models import build_model
+from gradleak.types import ModelSpec, ServerState
+
+
+def _server(name: str, **kw) -> ServerState:
+    spec = ModelSpec(name=name, **kw)
+    return ServerState.from_spec(build_model(spec, seed=0), spec)
+
+
+def test_auto_selects_every_attack_that_applies_to_a_relu_resnet():
+    plan = plan_attacks("auto", _server("resnet18", activation="relu"))
+    assert set(plan.names) >= {"cinet", "ig", "dlg", "idlg"} and "analytic" not in plan.names
+    assert "one-layer" in plan.left_out["analytic"] and "generator" in plan.left_out["gias"]
+
+
+def test_auto_includes_analytic_on_a_one_layer_victim_and_drops_it_for_local_steps():
+    server = _server("linear", image_size=8)
+    assert "analytic" in plan_attacks("auto", server).names
+    plan = plan_attacks("auto", server, local_steps=[1, 3])
+    assert "analytic" not in plan.names and "local steps" in plan.left_out["analytic"]
+
+
+def test_every_registered_attack_is_planned_or_left_out_with_a_reason():
+    plan = plan_attacks("auto", _server("lenet"))
+    assert sorted([*plan.names, *plan.left_out]) == sorted(ATTACKS.available())
+    assert all(reason for reason in plan.left_out.values())
+
+
+def test_budget_overrides_and_presets_go_to_the_attacks_that_have_them():
+    plan = plan_attacks("cinet,ig,analytic", _server("linear", image_size=8), iterations=7,
+                        overrides={"channels": 8, "tv": 0.01}, presets={"cinet": "demo"})
+    assert plan.configs["cinet"].iterations == 7 and plan.configs["ig"].iterations == 7
+    assert plan.configs["cinet"].channels == 8 and plan.configs["ig"].tv == 0.01
+    assert not hasattr(plan.configs["analytic"], "channels")  # closed form: no budget, no channels
+
+
+@pytest.mark.parametrize("names, kw, message", [
+    ("analytic", {}, "analytic needs a one-layer softmax victim"),
+    ("gias", {}, "needs a pretrained generator"),
+    ("nope", {}, "unknown attack 'nope'"),
+    ("", {}, "expected 'auto' or attack names"),
+    ("cinet", {"overrides": {"no_such_field": 1}}, "--set no_such_field"),
+    ("ig", {"presets": {"cinet": "demo"}}, "expected a preset of an audited attack"),
+])
+def test_bad_attack_requests_are_refused(names, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_attacks(names, _server("lenet"), **kw)
+
+
+def test_knowledge_axes_and_attackers():
+    assert KnowledgeAxes.parse(None) == KnowledgeAxes.parse("all") == KnowledgeAxes()
+    k = KnowledgeAxes.parse("labels-known")
+    assert k.labels == ("known",) and k.defense == ("unaware", "aware")
+    assert untried_knowledge(k, defended=True) == ["labels recovered"]
+    assert untried_knowledge(k, defended=False) == ["labels recovered"]
+    with pytest.raises(ConfigError, match="unknown assumption 'labels-guessed'"):
+        KnowledgeAxes.parse("labels-guessed")
+    undefended, missing = attackers_for("cinet", defended=False)
+    assert [a.id for a in undefended] == ["cinet_labels-recovered", "cinet_labels-known"] and not missing
+    off, missing = attackers_for("cinet", defended=True, attack_config={"adaptive": "off"},
+                                 knowledge=KnowledgeAxes(labels=("recovered",)))
+    assert [a.id for a in off] == ["cinet_unaware_labels-recovered"] and missing == ["cinet defense-aware (turned off)"]
+    for a in (Attacker("dlg", "known", "unaware"), Attacker("ig", "recovered", "none")):
+        assert Attacker.parse(a.id) == a
+    assert Attacker("cinet", defense="unaware").config({"adaptive": "auto", "channels": 8}) == {"adaptive": "off",
+                                                                                                 "channels": 8}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attacks", "nope"], "unknown attack 'nope'"),
+    (["--attacks", "analytic"], "analytic needs a one-layer softmax victim"),
+    (["--knowledge", "labels-guessed"], "unknown assumption"),
+    (["--knowledge", "labels-known", "--labels", "given"], "--knowledge: expected it alone"),
+    (["--attacks", "cinet", "--attack", "ig"], "expected it or --attack"),
+    (["--attacks", "cinet", "--set", "nonsense=1"], "--set nonsense"),
+    (["--backend", "ray", "--workers", "0"], "workers: expected a positive integer"),
+])
+def test_bad_audit_requests_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["audit", "--model", "lenet", "--batch-sizes", "1", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradleak audit: error:") and "\n" not in err and message in err, err
+    assert not out.exists()

@@ -1,0 +1,93 @@
+"""Verdicts over attacks and knowledge, and budgets that say when they ran out (recorded traces)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradleak.audit.verdicts import (
+    END_WINDOW,
+    STILL_IMPROVING_SSIM,
+    Condition,
+    failing,
+    improvement,
+    verdict,
+    worst_case,
+)
+
+
+def _run(ssims, seed=0, *, trace=None, labels="recovered", accuracy=1.0):
+    """A run's metrics.json: per-image SSIM, and an SSIM trace over iterations (``{iteration: mean SSIM}``)."""
+    trace = trace or {}
+    return {"summary": {"seed": seed, "label_accuracy": accuracy, "labels": "given" if labels == "known" else labels,
+                        "seconds": 1.0, "iterations": max(trace, default=5)},
+            "per_image": [{"truth": j, "reconstruction": j, "ssim": v, "psnr": 10.0} for j, v in enumerate(ssims)],
+            "history": {"ssim_iteration": list(trace), "ssim": list(trace.values())}, "run": f"x-s{seed}"}
+
+
+# Mean SSIM every 25 iterations of a CI-Net run at batch 64 (README, large batches: 0.188 at 50,
+# 0.228 at 100, ..., 0.391 at 450, 0.418 at 500): climbing at its budget's end.
+CLIMBING = {25: 0.156, 50: 0.188, 100: 0.228, 150: 0.255, 300: 0.324, 400: 0.365, 450: 0.391, 500: 0.418}
+# A run on a plateau: it rose early, then wobbled within 0.01 (sign-Adam's oscillation).
+PLATEAU = {25: 0.05, 50: 0.15, 75: 0.21, 100: 0.24, 150: 0.25, 200: 0.245, 250: 0.252, 300: 0.249}
+
+
+def test_a_run_still_climbing_at_its_end_reads_inconclusive_not_unbroken():
+    trend = improvement(_run([0.4], trace=CLIMBING))
+    assert trend is not None and trend["still_improving"] and trend["measure"] == "ssim"
+    assert trend["window"] == [pytest.approx(500 * (1 - END_WINDOW)), 500]
+    assert trend["rise"] == pytest.approx(0.418 - 0.365) and trend["per_100"] == pytest.approx(0.053)
+    row = worst_case({"cinet_labels-recovered": [_run([0.40, 0.43], trace=CLIMBING)]}, defended=False)
+    assert row["inconclusive"] and row["still_improving"][0]["attacker"] == "cinet_labels-recovered"
+    text = verdict(row)
+    assert text.startswith("inconclusive: still improving (+0.053 SSIM per 100 iterations at the end, cinet, labels "
+                           "recovered)"), text
+    assert "not broken" not in text
+
+
+def test_a_plateaued_run_reads_not_broken():
+    trend = improvement(_run([0.25], trace=PLATEAU))
+    assert trend is not None and not trend["still_improving"] and trend["rise"] < STILL_IMPROVING_SSIM
+    row = worst_case({"cinet_labels-recovered": [_run([0.24, 0.26], trace=PLATEAU)]}, defended=False)
+    assert not row["inconclusive"] and verdict(row).startswith("not broken by these attacks at this budget")
+
+
+def test_a_broken_cell_is_broken_even_while_a_run_still_climbs():
+    row = worst_case({"cinet_labels-recovered": [_run([0.9, 0.2], trace=CLIMBING)]}, defended=False)
+    assert not row["inconclusive"] and verdict(row).startswith("leaks: 50% of images recognisable")
+
+
+def test_without_an_ssim_trace_the_matching_loss_decides():
+    falling = {"history": {"iteration": [10, 20, 30, 40, 50], "loss": [1.0, 0.5, 0.3, 0.2, 0.1]}}
+    flat = {"history": {"iteration": [10, 20, 30, 40, 50], "loss": [1.0, 0.5, 0.31, 0.305, 0.30]}}
+    assert improvement(falling)["still_improving"] and improvement(falling)["measure"] == "loss"
+    assert not improvement(flat)["still_improving"]
+    assert improvement({"history": {}}) is None and improvement({"history": {"ssim_iteration": [1], "ssim": [0.1]}}) is None
+
+
+def test_the_verdict_names_the_assumption_that_broke_the_cell():
+    """The prune:0.9 case's shape: recovered labels wrong, known labels break it."""
+    row = worst_case({"cinet_unaware_labels-recovered": [_run([0.01, 0.02], accuracy=0.5)],
+                      "cinet_unaware_labels-known": [_run([0.73, 0.38], labels="known")]}, defended=True)
+    assert row["verdict_attacker"] == "cinet_unaware_labels-known"
+    assert row["by_knowledge"]["labels-known"] == pytest.approx(0.555)
+    assert row["by_knowledge"]["labels-recovered"] == pytest.approx(0.015)
+    assert row["label_accuracy"] == 0.5  # from the runs that recovered labels, not the ones handed them
+    text = verdict(row)
+    assert text.startswith("leaks: 50% of images recognisable (cinet, defense-unaware, labels known)"), text
+    assert "broken if the attacker knows the labels: SSIM 0.555; with labels recovered: 0.015" in text
+    assert "labels recovered exactly" not in text
+
+
+def test_a_tie_is_credited_to_the_attacker_who_knows_less():
+    same = [_run([0.6, 0.6])]
+    row = worst_case({"ig_aware_labels-known": same, "ig_unaware_labels-recovered": same,
+                      "ig_aware_labels-recovered": same}, defended=True)
+    assert row["verdict_attacker"] == "ig_unaware_labels-recovered"
+
+
+def test_fail_if_counts_an_inconclusive_cell_unless_allowed():
+    climbing = {**worst_case({"cinet_labels-recovered": [_run([0.3], trace=CLIMBING)]}, defended=False), "cell": "c"}
+    limit = [Condition.parse("ssim>0.5")]
+    assert failing([climbing], limit) == [(climbing, None)]
+    assert failing([climbing], limit, inconclusive_fails=False) == []
+    assert failing([climbing], []) == []  # no gate asked for
