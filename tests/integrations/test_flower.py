@@ -208,9 +208,11 @@ def test_audit_job_of_a_declared_defense_runs_both_attackers(tmp_path: Path):
     job = AuditJob(folder=str(folder), attack="cinet", attack_config={"iterations": 40, "channels": 32},
                    model=SPEC, seeds=(0,), threads=1)
     summary = run_audit_job(job)
-    assert set(summary["attackers"]) == {"unaware", "adaptive"} and summary["defense"] == "prune"
-    assert summary["verdict_attacker"] == "adaptive", summary["attackers"]
-    for attacker, mode in (("unaware", "off"), ("adaptive", "auto")):
+    unaware, aware = "cinet_unaware_labels-recovered", "cinet_aware_labels-recovered"
+    assert set(summary["attackers"]) == {unaware, aware} and summary["defense"] == "prune"
+    assert summary["verdict_attacker"] == aware, summary["attackers"]
+    assert "labels known" in " ".join(summary["not_tried"])
+    for attacker, mode in ((unaware, "off"), (aware, "auto")):
         assert json.loads((folder / f"{attacker}-s0" / "config.json").read_text())["attack_config"]["adaptive"] == mode
 
 

@@ -69,6 +69,9 @@ class AuditOptions:
         seeds: the attack seeds every attacker runs with (default ``[seed]``).
         pairing: ``"hungarian"`` or ``"greedy"``.
         time_budget: wall-clock seconds per attack run (``None``: its iteration budget only).
+        fill_budget: with ``time_budget``, each run first sizes its iteration count to the budget
+            (:func:`gradleak.reporting.runner.fit_budget`), so its schedule completes in the time
+            given; ``False`` keeps the configs' counts (an explicit ``--iterations``).
         progress: show the attack's progress bar (in-process runs).
         write_images: ``False``: numbers only (no reconstructions, grids, truth files or checkpoints
             left on disk); reconstructions of real client data are themselves sensitive.
@@ -91,6 +94,7 @@ class AuditOptions:
     seeds: Sequence[int] | None = None
     pairing: str = "hungarian"
     time_budget: float | None = None
+    fill_budget: bool = True
     progress: bool = True
     write_images: bool = True
     backend: str = "local"
@@ -140,6 +144,7 @@ class RunJob:
     time_budget: float | None
     write_images: bool
     progress: bool
+    fill_budget: bool = False
 
     @property
     def id(self) -> str:
@@ -175,7 +180,7 @@ def run_job(job: RunJob) -> str:
                seed=job.seed, case={**job.case, "attacker": asdict(job.attacker), "attacker_id": job.attacker.id},
                truth_images=batch.images, truth_labels=batch.labels, give_labels=job.attacker.labels == "known",
                device=job.device, progress=job.progress, pairing=job.pairing, time_budget=job.time_budget,
-               write_images=job.write_images, resume=(folder / "checkpoint.json").is_file(), force=True)
+               fill_budget=job.fill_budget, write_images=job.write_images, resume=(folder / "checkpoint.json").is_file(), force=True)
     return str(folder)
 
 
@@ -214,7 +219,8 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
                    "data_root": str(o.data_root) if o.data_root else None, "attacks": plan.names,
                    "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},
                    "knowledge": o.knowledge.tokens(), "seed": o.seed, "seeds": o.attack_seeds(),
-                   "pairing": o.pairing, "time_budget": o.time_budget, "images": o.write_images,
+                   "pairing": o.pairing, "time_budget": o.time_budget, "fill_budget": o.fill_budget,
+                   "images": o.write_images,
                    "utility": {"steps": o.utility_steps, "lr": o.utility_lr}})
 
 
@@ -300,7 +306,8 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
                     folder=str(run_dir), case=case, model_seed=o.model_seed, data=o.data,
                     data_root=str(o.data_root) if o.data_root else None, data_seed=o.data_seed,
                     defense_seed=info["defense_seed"], device=o.device, pairing=o.pairing,
-                    time_budget=o.time_budget, write_images=o.write_images,
+                    time_budget=o.time_budget, fill_budget=o.fill_budget and o.time_budget is not None,
+                    write_images=o.write_images,
                     progress=o.progress and o.backend == "local" and o.workers == 1))
         tell(cell.name, "running")
     return jobs

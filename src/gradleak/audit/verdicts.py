@@ -213,6 +213,8 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
         "recognisable_fraction": recognisable,
         "label_accuracy": max((s["label_accuracy"] for s in summaries.values() if s["label_accuracy"] is not None),
                               default=None),
+        "label_attacker": max((n for n, s in summaries.items() if s["label_accuracy"] is not None),
+                              key=lambda n: (summaries[n]["label_accuracy"], n == name), default=None),
         "seconds": float(sum(s["seconds"] for s in summaries.values())),
         "attackers": summaries, "by_knowledge": by_knowledge(summaries), "defended": defended,
         "not_tried": list(not_tried), "still_improving": improving,
@@ -268,10 +270,12 @@ def verdict(row: dict[str, Any]) -> str:
     contrast = _contrast(row) if s is not None else ""
     if contrast:
         text += "; " + contrast
+    who = row.get("label_attacker")
+    label_by = f" (by {_knowledge(who)[0]})" if who and who != row.get("verdict_attacker") else ""
     if acc is not None and acc >= 1.0:
-        text += "; labels recovered exactly"
+        text += f"; labels recovered exactly{label_by}"
     elif acc is not None and acc > 0:
-        text += f"; {acc:.0%} of labels recovered"
+        text += f"; {acc:.0%} of labels recovered{label_by}"
     if row.get("not_tried"):
         text += "; not tried: " + ", ".join(row["not_tried"])
     return text

@@ -59,7 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--utility-steps", type=int, default=20,
                    help="T rounds of the victim under each defense to measure its loss/accuracy cost (0: skip; default 20)")
     p.add_argument("--utility-lr", type=float, default=0.1, help="server learning rate of those FedSGD rounds (default 0.1)")
-    p.add_argument("--seconds", type=float, default=None, help="wall-clock budget of each cell's attack")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="wall-clock budget of each attack run: the run sizes its iteration count to fill it (a short "
+                        "probe), so its schedule completes in time; with --iterations that count stands instead")
     p.add_argument("--seeds", default=None,
                    help="attack seeds every attacker runs with, comma-separated (default: --seed); the verdict is "
                         "the worst case over attackers and seeds, with a bootstrap 95%% interval")
@@ -124,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     options = AuditOptions(model_seed=args.model_seed, data=args.data, data_root=args.data_root,
                            data_seed=args.data_seed, utility_steps=args.utility_steps, utility_lr=args.utility_lr,
                            knowledge=knowledge, device=device, seed=args.seed, seeds=seeds,
-                           pairing=args.pairing, time_budget=args.seconds, progress=not args.no_progress,
+                           pairing=args.pairing, time_budget=args.seconds, fill_budget=args.iterations is None,
+                           progress=not args.no_progress,
                            write_images=not args.no_images, backend=args.backend, workers=args.workers,
                            address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     def kept(folder: Path) -> str | None:

@@ -6,6 +6,7 @@
     gradleak bench memory    # the memory switches (activation checkpointing, bf16) on and off
     gradleak bench labels    # label-recovery accuracy: strategy x victim x batch size (x defense)
     gradleak bench adaptive  # the adaptive attacker's step cost against the unaware one, per defense
+    gradleak bench audit     # the audit engine's own overhead against its attack runs, local and Ray
 
 ``gradleak bench NAME --help`` lists each one's options; the same runs as
 ``python -m gradleak.bench.NAME``.
@@ -23,6 +24,7 @@ BENCHMARKS = {
     "memory": "activation checkpointing and bf16 on and off: peak memory and time",
     "labels": "label-recovery accuracy and time: strategy x victim x batch size (x defense)",
     "adaptive": "seconds per CI-Net iteration, unaware and adaptive, per defense",
+    "audit": "the audit engine's overhead (planning, dispatch, verdicts, report) against its attack runs",
 }
 
 

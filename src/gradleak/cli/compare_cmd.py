@@ -36,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_common(p)
     p.add_argument("--attacks", default="cinet,ig,idlg", help="comma-separated attack names")
     p.add_argument("--iterations", type=int, default=None, help="same iteration budget for every attack")
-    p.add_argument("--seconds", type=float, default=None, help="same wall-clock budget for every attack")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="same wall-clock budget for every attack: each sizes its iteration count to fill it (a short "
+                        "probe), so its schedule completes in time; with --iterations that count stands instead")
     p.add_argument("--preset", action="append", default=[], metavar="ATTACK:PRESET",
                    help="preset per attack, as gradleak list presets prints it, e.g. --preset cinet:reference "
                         "(repeatable)")

@@ -1,8 +1,10 @@
 """Compare attacks on one identical update: the paper's Table 4 on the user's own case.
 
 Each attack runs into ``<out>/<attack>/`` (a full run folder), on the same update, with the same
-iteration budget (``iterations``) or the same wall-clock budget (``seconds``: each attack stops at the
-end of its first iteration past the budget). The table (Markdown and CSV) has one row per attack:
+iteration budget (``iterations``) or the same wall-clock budget (``seconds``: each attack first sizes
+its iteration count to the budget with a short probe, so that its schedule completes in the time
+given, and stops at the end of its first iteration past the budget; with ``iterations`` too, that
+count stands). The table (Markdown and CSV) has one row per attack:
 mean +- std of SSIM, FSIM, PSNR and LPIPS, label accuracy, seconds and peak memory; ``grid.png``
 shows the ground truth over one row per attack.
 
@@ -71,6 +73,7 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
                                 case={**(case or {}), "compare": attacks,
                                       "budget": {"iterations": iterations, "seconds": seconds}},
                                 device=device, seed=seed, progress=progress, time_budget=seconds,
+                                fill_budget=iterations is None,
                                 resume=resume and Checkpointer(run_dir, 0).iteration() is not None,
                                 force=force or resume)  # resume: the comparison's own folder
             metrics, images = result.metrics, result.reconstruction.images

@@ -189,11 +189,51 @@ def check_out(out: str | Path, *, resume: bool = False, force: bool = False) -> 
         raise ConfigError(f"output folder '{out}': expected a writable place, got '{parent}' (not writable)")
 
 
+PROBE_ITERATIONS = 5
+"""Iterations of the probe that sizes a wall-clock budget (:func:`fit_budget`)."""
+
+
+def fit_budget(att: attack_api.Attack, server: ServerState, update: ClientUpdate, labels: torch.Tensor | None,
+               seconds: float) -> tuple[Any, dict[str, Any]]:
+    """The attack's config with the iteration count that fills ``seconds``, and how it was found.
+
+    A probe of :data:`PROBE_ITERATIONS` iterations (setup included, so the estimate errs short) gives
+    the time per iteration; the budget left after the probe buys the iteration count. The attack
+    then runs a whole schedule (learning-rate decays at fractions of the run, restarts, stages) in
+    the time given, instead of stopping a long schedule part-way or a short one early. The
+    deadline still stops the run at the budget's end.
+    """
+    cls = type(att)
+    probe_fields = cls.budget(PROBE_ITERATIONS, att.config)
+    if not probe_fields or not cls.iterative:
+        return att.config, {}
+    probe = attack_api.create(cls.name, replace(att.config, **probe_fields), device=att.device, seed=att.seed)
+    t0 = time.perf_counter()
+    probe.reconstruct(server, update, labels=labels)
+    spent = time.perf_counter() - t0
+    per_iteration = spent / PROBE_ITERATIONS
+    iterations = max(PROBE_ITERATIONS, int(max(seconds - spent, 0.0) / max(per_iteration, 1e-9)))
+    info = {"seconds": seconds, "probe_iterations": PROBE_ITERATIONS, "probe_seconds": spent,
+            "seconds_per_iteration": per_iteration, "iterations": iterations}
+    return replace(att.config, **cls.budget(iterations, att.config)), info
+
+
+def _fitted_before(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A resumed run's fitted budget and config (from its config.json), so the resume continues the same schedule."""
+    try:
+        doc = json.loads((run_dir / "config.json").read_text())
+        fitted, config = doc["fitted_budget"], doc["attack_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (fitted, config) if isinstance(fitted, dict) and fitted and isinstance(config, dict) else None
+
+
 def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config: Any, out: str | Path,
                truth_images: torch.Tensor | None = None, truth_labels: torch.Tensor | None = None,
                give_labels: bool = False, case: dict[str, Any] | None = None, device: str = "cpu",
                seed: int = 0, resume: bool = False, progress: bool = True, pairing: str = "hungarian",
-               time_budget: float | None = None, write_images: bool = True, force: bool = False) -> AttackRun:
+               time_budget: float | None = None, fill_budget: bool = False, write_images: bool = True,
+               force: bool = False) -> AttackRun:
     """Run ``attack`` on ``update`` and write the run folder ``out``.
 
     Args:
@@ -214,6 +254,10 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         pairing: ``"hungarian"`` or ``"greedy"``.
         time_budget: stop the attack at the end of the first iteration past this many seconds
             (attacks that honour a callback's stop request; their ``log_every`` is set to 1).
+        fill_budget: with ``time_budget``, size the iteration count to the budget first
+            (:func:`fit_budget`), so that the attack's schedule completes in the time given; recorded
+            as ``fitted_budget`` in config.json. Without it the config's own count stands, and the
+            deadline may stop it part-way.
         write_images: ``False`` writes numbers only: no reconstruction file, no image grid, and the
             checkpoint (which can regenerate the images) is removed once the run is finished.
             Reconstructions of real client data are themselves sensitive.
@@ -238,6 +282,20 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         _remove_written(run_dir, created=False)  # the run being replaced: its run files only
     run_dir.mkdir(parents=True, exist_ok=True)
     memory_scope = reset_peak_memory(dev)
+    fitted: dict[str, Any] = {}
+    if fill_budget and time_budget is not None:
+        before = _fitted_before(run_dir) if resume else None
+        if before is not None:
+            fitted = before[0]
+            att.config = replace(att.config, **type(att).budget(int(fitted["iterations"]), att.config))
+        else:
+            try:
+                att.config, fitted = fit_budget(att, server, update, truth_labels if give_labels else None,
+                                                time_budget)
+            except Exception:
+                _remove_written(run_dir, created)
+                raise
+            time_budget = max(0.0, time_budget - float(fitted.get("probe_seconds", 0.0)))
     if time_budget is not None and hasattr(att.config, "log_every"):
         # the deadline is checked at progress reports: report every step, so that no attack overruns
         # the budget by more than one iteration (scoring stays capped by _ProgressBar.score_share)
@@ -245,6 +303,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     config_doc = {
         "attack": attack, "attack_config": att.config, "seed": seed, "device": str(dev),
         "labels": "given" if give_labels else "recovered", "pairing": pairing, "case": case or {},
+        "fitted_budget": fitted,
         "update": update.meta_dict(),
         "versions": {"gradleak": gradleak.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }

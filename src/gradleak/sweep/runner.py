@@ -264,7 +264,8 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
     options = AuditOptions(model_seed=grid.model_seed, data=grid.data, data_root=grid.data_root,
                            data_seed=trial.data_seed, utility_steps=grid.utility_steps, utility_lr=grid.utility_lr,
                            knowledge=knowledge, device=grid.device, seed=trial.seed,
-                           pairing=grid.pairing, time_budget=grid.time_budget, progress=False)
+                           pairing=grid.pairing, time_budget=grid.time_budget,
+                           fill_budget=grid.iterations is None, progress=False)
     run_audit(spec=grid.model, cells=[trial.cell], plan=AttackPlan({trial.attack.name: config}),
               out=folder.parent, options=options)
     from gradleak.sweep.report import trial_row
