@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from gradleak.cli.main import main
 
 SMALL = ["--model", "lenet", "--batch-size", "2"]
+MALFORMED_INPUTS = 65
+"""How many malformed inputs the table holds; README.md states the same number (checked below)."""
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,7 @@ def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
     int_update = _write(tmp / "int.safetensors", {**tensors, first: tensors[first].to(torch.int32)}, header)
     bool_update = _write(tmp / "bool.safetensors", {**tensors, first: tensors[first] > 0}, header)
     nan_update = _write(tmp / "nan.safetensors", {**tensors, first: tensors[first] * float("nan")}, header)
+    zero_update = _write(tmp / "zero.safetensors", {k: torch.zeros_like(v) for k, v in tensors.items()}, header)
     text_header = _write(tmp / "text.safetensors", tensors, "not json")
     list_header = _write(tmp / "list.safetensors", tensors, "[1, 2]")
     (tmp / "pickle.safetensors").write_bytes(pickle.dumps(tensors))
@@ -139,7 +142,12 @@ def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["attack", "--update", str(text_header), "--model-state", m, *out], "JSON header is malformed"),
         (["attack", "--update", str(list_header), "--model-state", m, *out], "expected a JSON object as header"),
         (["attack", "--update", str(tmp / "pickle.safetensors"), "--model-state", m, *out], "expected a safetensors file"),
-        (["attack", "--update", str(tmp), "--model-state", m, *out], "expected an existing safetensors file"),
+        (["attack", "--update", str(tmp), "--model-state", m, *out], "expected a safetensors file, got"),
+        (["attack", "--update", "/dev/zero", "--model-state", m, *out], "(not a regular file)"),
+        (["attack", "--update", str(tmp / "missing.safetensors"), "--model-state", m, *out], "(not found)"),
+        (["attack", "--update", str(zero_update), "--model-state", m, *out], "tensors that are all zero"),
+        (["attack", "--update", u, "--model-state", m, "--out", "/proc/gradleak-out"],
+         "expected a place where folders can be made"),
         (["attack", "--update", u, "--model-state", str(_model(client, tmp, "lenet")), *out],
          "expected the model spec as a JSON object"),
         (["attack", "--update", u, "--model-state", str(_model(client, tmp, {"image_size": 32})), *out], "'name' (required)"),
@@ -170,20 +178,41 @@ def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["simulate", *SMALL, "--defense", "noise:abc", "--out", str(tmp / "s2")], "noise"),
         (["simulate", *SMALL, "--protocol", "fedavg,fedsgd", "--out", str(tmp / "s3")], "expected one setting"),
         (["simulate", "--model", "lenet", "--batch-size", "900", "--out", str(tmp / "s4")], "at most 824 images"),
+        (["simulate", *SMALL, "--out", str(tmp / "afile")], "expected a folder, got an existing file"),
         (["sweep", str(tmp / "grid.json"), "--out", str(tmp / "sw1")], "expected integers, got '1'"),
         (["sweep", str(tmp / "grid2.json"), "--out", str(tmp / "sw2")], "lr: expected a number, got 'x'"),
+        (["sweep", str(_grid(tmp, "sw3", iterations="lots")), "--out", str(tmp / "sw3")],
+         "sweep iterations: expected an integer or null, got 'lots'"),
+        (["sweep", str(_grid(tmp, "sw4", num_cpus="many")), "--out", str(tmp / "sw4")],
+         "sweep num_cpus: expected a number, got 'many'"),
+        (["sweep", str(_grid(tmp, "sw5", batch_sizes=[0])), "--out", str(tmp / "sw5")],
+         "sweep batch_sizes: expected values of at least 1, got 0"),
         (["compare", *SMALL, "--attacks", "cinet,nope", "--out", str(tmp / "c1")], "unknown attack 'nope'"),
         (["compare", "--resume", str(tmp / "cmp-notjson")], "is not readable JSON"),
         (["compare", "--resume", str(tmp / "cmp-nofiles")], "expected a comparison's settings"),
+        (["compare", *SMALL, "--attacks", "", "--out", str(tmp / "c2")], "--attacks: expected comma-separated"),
         (["labels", "--update", str(int_update), "--model-state", m], "expected floating-point values"),
+        (["labels", "--update", u, "--model-state", m, "--truth", str(_truth(client, tmp, labels=lambda y: y * 0 + 99))],
+         "expected labels 0 to 9, got 99"),
     ]
+
+
+def _grid(tmp: Path, name: str, **changes) -> Path:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], **changes}))
+    return path
 
 
 def test_malformed_inputs_exit_2_with_one_line_and_leave_nothing(client, tmp_path, capsys):
     cases = _other_cases(client, tmp_path)
-    assert len(cases) + len(HEADER_CASES) >= 40
+    assert len(cases) + len(HEADER_CASES) == MALFORMED_INPUTS  # the README's count
     for argv, message in cases:
         assert main(argv) == 2, argv
         _one_line(capsys, message)
-    for made in ("out", "s1", "s2", "s3", "s4", "c1", "sw1", "sw2"):
+    for made in ("out", "s1", "s2", "s3", "s4", "c1", "c2", "sw1", "sw2", "sw3", "sw4", "sw5"):
         assert not (tmp_path / made).exists(), made  # a clean error leaves no folder behind
+
+
+def test_the_readme_states_the_tables_count():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"`tests/cli/test_malformed_inputs.py` holds {MALFORMED_INPUTS} such inputs" in readme

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         files = settings["case"]["files"]
         model, spec = load_model_state(files["model_state"])
         update = load_update(files["update"], model=model)
-        truth = load_truth(files["truth"])
+        truth = load_truth(files["truth"], num_classes=spec.num_classes)
         rows = compare_attacks(ServerState.from_spec(model, spec), update, attacks=settings["attacks"], out=out,
                                truth_images=truth.images, truth_labels=truth.labels,
                                iterations=settings["iterations"], seconds=settings["seconds"],
@@ -86,6 +86,8 @@ def _start(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Validate the flags, simulate the client into ``out/client`` and record the settings."""
     device = check_device(args.device)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not attacks:
+        raise ConfigError(f"--attacks: expected comma-separated attack names (gradleak list attacks), got {args.attacks!r}")
     presets: dict[str, str] = {}
     for item in args.preset:
         a, p = split_preset(item)

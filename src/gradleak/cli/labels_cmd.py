@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "info": result.info,
     }
     if args.truth is not None:
-        truth = load_truth(args.truth).labels
+        truth = load_truth(args.truth, num_classes=server.num_classes).labels
         if truth.numel() != update.num_samples:
             raise ConfigError(f"truth file: expected {update.num_samples} labels (the update's batch size), "
                               f"got {truth.numel()}")

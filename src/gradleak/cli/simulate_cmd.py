@@ -17,6 +17,7 @@ from gradleak.audit.cell import cell_update, check_victim
 from gradleak.cli.common import add_case, add_threat, default_out, threat_cell
 from gradleak.data import load_batch
 from gradleak.models import build_model
+from gradleak.reporting.runner import check_folder
 from gradleak.threat import save_model_state, save_truth, save_update
 from gradleak.types import ModelSpec, ServerState
 
@@ -64,6 +65,7 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or default_out("simulate")
+    check_folder(out)
     case = simulate(args, out)
     print(f"wrote {case['files']['update']}, {case['files']['model_state']}, {case['files']['truth']}")
     return 0

@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
@@ -176,17 +177,36 @@ def check_out(out: str | Path, *, resume: bool = False, force: bool = False) -> 
         ConfigError: naming the folder and what to do.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output folder '{out}': expected a folder, got an existing file")
+    check_folder(out)
     held = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
     if held and not (resume or force):
         raise ConfigError(f"output folder '{out}' holds a run ({', '.join(held[:3])}); expected a new folder, "
                           "or resume it (--resume) or replace it (--force)")
+
+
+def check_folder(out: str | Path) -> None:
+    """Refuse an output folder that is a file or cannot be created or written (a read-only place, ``/proc``).
+
+    The nearest existing folder above ``out`` is probed by making and removing an empty folder in
+    it, so pseudo file systems that refuse new entries even to root are caught before anything runs.
+
+    Raises:
+        ConfigError: naming the folder and what is wrong.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder '{out}': expected a folder, got an existing file")
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"output folder '{out}': expected a writable place, got '{parent}' (not writable)")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".gradleak-probe-", dir=parent))
+    except OSError as e:
+        raise ConfigError(f"output folder '{out}': expected a place where folders can be made, got '{parent}' "
+                          f"({e.strerror or e})") from None
+    probe.rmdir()
 
 
 PROBE_ITERATIONS = 5

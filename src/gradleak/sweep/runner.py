@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import time
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 from gradleak.audit.engine import cell_finished
 from gradleak.audit.execute import check_backend, execute
 from gradleak.audit.plan import AuditCell, ProtocolSetting, audit_grid
-from gradleak.config import check_keys, from_dict
+from gradleak.config import check_keys, check_value, from_dict
 from gradleak.errors import ConfigError
 from gradleak.types import ModelSpec
 
@@ -166,6 +167,16 @@ class SweepGrid:
                 d[key] = tuple(_int(v, key) for v in _list(d[key], key))
         if "defenses" in d:
             d["defenses"] = tuple(str(v) for v in _list(d["defenses"], "defenses"))
+        hints = typing.get_type_hints(cls)
+        for key in ("model_seed", "data", "data_root", "iterations", "labels", "utility_steps", "utility_lr",
+                    "time_budget", "device", "num_cpus", "num_gpus", "pairing", "name"):
+            if key in d:
+                d[key] = check_value(f"sweep {key}", hints[key], d[key])
+        for key, low in (("batch_sizes", 1), ("iterations", 1), ("utility_steps", 0), ("time_budget", 0)):
+            values = d.get(key) if isinstance(d.get(key), tuple) else (d.get(key),)
+            bad = next((v for v in values if v is not None and not v >= low), None)
+            if bad is not None:
+                raise ConfigError(f"sweep {key}: expected values of at least {low}, got {bad!r}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,8 +27,11 @@ _FORMAT = "gradleak-update/1"
 
 def _read(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UpdateError(f"{what} file: expected an existing safetensors file, got '{path}' (not found)")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise UpdateError(f"{what} file: expected a safetensors file, got '{path}' ({kind})")
     try:
         with safe_open(str(path), framework="pt") as f:  # one open: tensors and header together
             raw = f.metadata() or {}
@@ -112,13 +115,16 @@ def _header_fields(header: Any, path: str | Path) -> dict[str, Any]:
 
 
 def check_update(update: ClientUpdate, *, model: nn.Module | None = None) -> None:
-    """Raise :class:`UpdateError` if ``update`` is non-finite or does not fit ``model``."""
+    """Raise :class:`UpdateError` if ``update`` is non-finite, all zero, or does not fit ``model``."""
     for name, t in update.tensors.items():
         if not t.is_floating_point():
             raise UpdateError(f"update tensor '{name}': expected floating-point values, got {t.dtype}")
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise UpdateError(f"update tensor '{name}': expected finite values, got {bad} NaN/Inf entries")
+    if update.tensors and all(not bool(t.any()) for t in update.tensors.values()):
+        raise UpdateError(f"update: expected a gradient or delta that carries information, got {len(update.tensors)} "
+                          "tensors that are all zero (a client that did not train, or an upload that was blanked)")
     if model is None:
         return
     expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
