@@ -220,6 +220,7 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
         "not_tried": list(not_tried), "still_improving": improving,
         "inconclusive": bool(improving) and not recognisable,
         "seeds": sorted({seed for s in summaries.values() for seed in s["seeds"] if seed is not None}),
+        "warnings": list(dict.fromkeys(w for runs in attackers.values() for r in runs for w in r.get("warnings") or [])),
     })
     return row
 

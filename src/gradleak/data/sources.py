@@ -93,13 +93,14 @@ def _photos() -> list[tuple[str, Image.Image, int]]:
     out = [(f.name, Image.open(f).convert("RGB"), label) for f, label in _foolbox_files("imagenet")]
     sk = _package_dir("skimage") / "data"
     for i, name in enumerate(_SKIMAGE_PHOTOS):
-        for ext in (".png", ".jpg"):
-            f = sk / (name + ext)
-            if f.is_file():
-                img = Image.open(f)
-                if img.mode in ("RGB", "RGBA"):
-                    out.append((f"skimage:{name}", img.convert("RGB"), 1000 + i))
-                break
+        f = next((sk / (name + ext) for ext in (".png", ".jpg") if (sk / (name + ext)).is_file()), None)
+        if f is None:  # skipping it would renumber every later built-in image: refuse instead
+            raise DataError(f"built-in photos: expected scikit-image's photo '{name}' in '{sk}', got none; "
+                            "reinstall scikit-image (pip install --force-reinstall scikit-image)")
+        img = Image.open(f)
+        if img.mode not in ("RGB", "RGBA"):
+            raise DataError(f"built-in photos: expected scikit-image's '{f.name}' in colour, got mode {img.mode}")
+        out.append((f"skimage:{name}", img.convert("RGB"), 1000 + i))
     return out
 
 

@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,10 +144,17 @@ def update_from_parameters(server: ServerState, received: Mapping[str, torch.Ten
     if n < 1:
         raise UpdateError(f"client update: expected num_examples >= 1, got {num_examples}")
     batch = int(training.batch_size) if training.batch_size else n
+    assumptions = []
+    if not training.batch_size:
+        assumptions.append(f"local batch size not reported: assumed the client's whole data ({n})")
     if training.local_steps is not None:
         steps = int(training.local_steps)
     else:
         steps = int(training.epochs or 1) * math.ceil(n / min(batch, n))
+        if training.epochs is None:
+            assumptions.append(f"local steps and epochs not reported: assumed one epoch ({steps} steps)")
+    for text in assumptions:
+        warnings.warn(f"client update: {text}", UserWarning, stacklevel=2)
     sent = dict(server.model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
     for name, p in sent.items():
@@ -162,6 +170,8 @@ def update_from_parameters(server: ServerState, received: Mapping[str, torch.Ten
             raise UpdateError(f"client parameter '{name}': expected finite values, got NaN/Inf")
     meta: dict[str, Any] = {"num_samples": n, "local_steps": steps, "local_lr": training.lr,
                             "local_batch_size": batch, "epochs": training.epochs, **dict(metadata or {})}
+    if assumptions:
+        meta["assumptions"] = assumptions
     if training.shuffle_seed is not None:
         meta["shuffle_seed"] = int(training.shuffle_seed)
         meta["schedule"] = local_schedule(n, batch_size=batch, local_steps=steps, shuffle_seed=int(training.shuffle_seed))

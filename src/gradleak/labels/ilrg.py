@@ -37,6 +37,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -120,7 +121,9 @@ def solve_counts(probs: torch.Tensor, grad_bias: torch.Tensor, n: int, *,
     rhs_aug = np.concatenate([[scale * n], rhs])
     try:
         k, _ = nnls(a_aug, rhs_aug, maxiter=50 * c)
-    except RuntimeError:  # no convergence: fall back to clamped least squares
+    except RuntimeError:  # no convergence: fall back to clamped least squares, and say so
+        warnings.warn(f"iLRG: non-negative least squares did not converge in {50 * c} iterations; the label counts "
+                      "come from clamped least squares instead (less exact)", RuntimeWarning, stacklevel=2)
         k = np.clip(np.linalg.lstsq(a_aug, rhs_aug, rcond=None)[0], 0, None)
     residual = float(np.abs(a @ k - rhs).mean())
     return torch.from_numpy(k), residual

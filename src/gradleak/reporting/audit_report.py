@@ -231,7 +231,7 @@ def audit_document(rows: Sequence[dict[str, Any]], *, title: str = "", command: 
     keep = ("cell", "protocol_tag", "batch_size", "defense", "defense_spec", "epsilon", "delta", "ssim_mean",
             "ssim_std", "ssim_ci", "ssim_worst_image", "recognisable_fraction", "psnr_mean", "fsim_mean", "lpips_mean",
             "label_accuracy", "label_strategy", "verdict_attacker", "verdict_run", "by_knowledge", "inconclusive",
-            "still_improving", "seeds", "not_tried", "utility", "seconds")
+            "still_improving", "seeds", "not_tried", "warnings", "utility", "seconds")
     cells = []
     for r in rows:
         cell = {k: r.get(k) for k in keep}

@@ -14,6 +14,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -343,15 +344,20 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         bar.last = start if isinstance(start, int) else 0
         bar.ssim_iteration, bar.ssim = _progress_before(run_dir / "progress.json", bar.last)
     t0 = time.perf_counter()
+    caught: list[warnings.WarningMessage] = []
     try:
-        rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,
-                              run_dir=run_dir, resume=resume)
+        with warnings.catch_warnings(record=True) as caught:  # recorded in metrics.json, and shown below
+            warnings.simplefilter("always")
+            rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,
+                                  run_dir=run_dir, resume=resume)
     except Exception:
         if not resume and not (run_dir / "checkpoint.json").is_file():
             _remove_written(run_dir, created)
         raise
     finally:
         bar.close()
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     wall = time.perf_counter() - t0
     if write_images:
         save_file({"images": rec.images.contiguous(), "labels": rec.labels.contiguous()},
@@ -382,7 +388,9 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     })
     threat = run_threat_model(att.knowledge, update, rec.info, bn_mode=server.bn_mode, labels=config_doc["labels"])
     summary["threat_model"] = threat["sok"]
-    metrics = {"summary": summary, "threat_model": threat, "per_image": per_image, "history": history,
+    noted = [*(str(a) for a in update.metadata.get("assumptions") or []), *(str(w.message) for w in caught)]
+    metrics = {"summary": summary, "threat_model": threat, "warnings": list(dict.fromkeys(noted)),
+               "per_image": per_image, "history": history,
                "info": {**rec.outcome(), **{k: v for k, v in rec.info.items() if k != "config"}}}
     write_json(run_dir / "metrics.json", metrics)
     _write_pictures(run_dir, metrics, rec, truth_images, truth_labels, pairs, write_images=write_images)

@@ -173,7 +173,8 @@ class SweepGrid:
             if key in d:
                 d[key] = check_value(f"sweep {key}", hints[key], d[key])
         for key, low in (("batch_sizes", 1), ("iterations", 1), ("utility_steps", 0), ("time_budget", 0)):
-            values = d.get(key) if isinstance(d.get(key), tuple) else (d.get(key),)
+            given = d.get(key)
+            values: tuple[Any, ...] = given if isinstance(given, tuple) else (given,)
             bad = next((v for v in values if v is not None and not v >= low), None)
             if bad is not None:
                 raise ConfigError(f"sweep {key}: expected values of at least {low}, got {bad!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -266,5 +267,9 @@ def schedule_of(update: ClientUpdate) -> Schedule:
         return [list(map(int, b)) for b in recorded]
     if update.local_batch_size is None:
         raise ConfigError("schedule: expected the update to record local_batch_size or a schedule, got neither")
+    if "shuffle_seed" not in update.metadata and int(update.local_batch_size) < update.num_samples:
+        warnings.warn("FedAvg delta: it records neither its mini-batch schedule nor its shuffle seed; the local "
+                      "steps are replayed in the order of shuffle seed 0, an assumption (a wrong order weakens "
+                      "the attack)", UserWarning, stacklevel=2)
     return local_schedule(update.num_samples, batch_size=int(update.local_batch_size),
                           local_steps=update.local_steps, shuffle_seed=update.metadata.get("shuffle_seed", 0))
