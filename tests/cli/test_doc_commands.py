@@ -72,7 +72,8 @@ def _check(argv: list[str]) -> None:
     presets = getattr(args, "preset", None)
     for text in presets if isinstance(presets, list) else [presets] if presets else []:
         attack, preset = split_preset(text) if ":" in text else (getattr(args, "attack", None) or "cinet", text)
-        ATTACKS.get(attack).preset(preset)
+        if preset is not None:
+            ATTACKS.get(attack).preset(preset)
     if args.command == "bench":
         import importlib
 
