@@ -15,6 +15,7 @@ import gradleak
 from gradleak.attacks import ATTACKS, GIASAttack, Progress
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
+from gradleak.metrics import score_reconstruction
 from gradleak.models import build_model
 from gradleak.reporting import run_attack
 from gradleak.threat import fedavg_update, fedsgd_update
@@ -170,8 +171,10 @@ def test_dlg_and_idlg_recover_a_single_photo_on_lenet_sigmoid(name: str):
 
 
 def test_inverting_gradients_lowers_the_matching_loss_and_keeps_the_best_restart():
+    """150 iterations x 2 restarts on 16-px LeNet, batch 2: SSIM 0.47-0.49 and a squared error 0.015-0.016
+    against grey's 0.069 over seeds 3, 4 and 7 (measured); a broken step or restart choice stays near grey."""
     server, batch, update = _lenet_case(2)
-    rec = gradleak.attacks.create("ig", {"iterations": 40, "restarts": 2, "log_every": 5}, seed=3).reconstruct(
+    rec = gradleak.attacks.create("ig", {"iterations": 150, "restarts": 2, "log_every": 5}, seed=3).reconstruct(
         server, update)
     per_restart = len(rec.history["loss"]) // 2
     for r in range(2):
@@ -179,7 +182,8 @@ def test_inverting_gradients_lowers_the_matching_loss_and_keeps_the_best_restart
         assert losses[-1] < 0.5 * losses[0]
     scores = rec.info["restart_scores"]
     assert len(scores) == 2 and rec.info["best_restart"] == min(range(2), key=scores.__getitem__)
-    assert _mse(rec.images, batch.images) < _mse(torch.full_like(batch.images, 0.5), batch.images) * 2
+    assert _mse(rec.images, batch.images) < 0.4 * _mse(torch.full_like(batch.images, 0.5), batch.images)
+    assert score_reconstruction(rec.images, batch.images, with_lpips=False).summary["ssim_mean"] > 0.35
 
 
 @pytest.mark.parametrize("name,config,stop_at", [

@@ -156,12 +156,25 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, lenet_case):
             server, update, run_dir=tmp_path, resume=True)
 
 
-def test_ground_truth_never_needed(lenet_case):
-    """The attack's signature has no truth images: scoring happens outside."""
-    import inspect
+def test_ground_truth_never_needed(lenet_case, monkeypatch):
+    """The attack runs on the server state and the update alone: every function of the data and
+    metrics packages (where private images are loaded and scored) is a trap while it runs."""
+    import sys
 
-    params = inspect.signature(CINetAttack.reconstruct).parameters
-    assert "images" not in params and "truth" not in params
+    def trap(*args, **kwargs):
+        raise AssertionError("the attack reached data loading or scoring")
+
+    trapped = 0
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("gradleak.data", "gradleak.metrics")) and module is not None:
+            for attr, value in list(vars(module).items()):
+                if callable(value) and getattr(value, "__module__", "").startswith("gradleak."):
+                    monkeypatch.setattr(module, attr, trap)
+                    trapped += 1
+    assert trapped > 10
+    server, update, *_ = lenet_case
+    rec = gradleak.attacks.create("cinet", {"iterations": 3, "channels": 8}).reconstruct(server, update)
+    assert rec.images.shape == (update.num_samples, *server.input_shape) and rec.label_strategy != "given"
 
 
 def test_resume_keeps_the_step_decay(tmp_path, lenet_case):
@@ -208,6 +221,20 @@ def test_checkpointed_attack_matches_the_plain_one(lenet_case):
         server, update, labels=labels)
     torch.testing.assert_close(ckpt.images, plain.images, rtol=1e-4, atol=1e-5)
     assert ckpt.history["loss"] == pytest.approx(plain.history["loss"], rel=1e-4)
+
+
+def test_bf16_reconstructs_but_stalls_below_fp32_on_lenet(lenet_case, one_thread):
+    """Same case, seed and budget (LeNet-sigmoid, batch 2, 32 channels, 100 iterations): fp32 reaches mean SSIM
+    0.93, bf16 0.34 and stays there (0.32 at 200 and 400 iterations, measured): bf16's 8-bit mantissa puts a floor
+    under the gradient match that this small sigmoid victim's image detail sits below. A broken bf16 path
+    (garbage, or the fp32 path run instead) fails one of the two bounds."""
+    server, update, images, labels = lenet_case
+    ssim = {}
+    for precision in ("fp32", "bf16"):
+        rec = gradleak.attacks.create("cinet", {"iterations": 100, "channels": 32, "precision": precision}).reconstruct(
+            server, update, labels=labels)
+        ssim[precision] = score_reconstruction(rec.images, images, with_lpips=False).summary["ssim_mean"]
+    assert ssim["fp32"] > 0.85 and 0.2 < ssim["bf16"] < ssim["fp32"] - 0.3, ssim
 
 
 def test_bf16_autocast_runs_and_keeps_float32_outputs(lenet_case):

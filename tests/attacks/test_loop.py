@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import warnings
 
 import pytest
 import torch
@@ -116,3 +117,34 @@ def test_a_kill_between_the_checkpoint_files_resumes_from_the_new_checkpoint(tmp
     assert resumed.resumed_from == 4
     assert torch.equal(resumed.images, whole.images)
     assert resumed.history == whole.history
+
+
+def test_a_batch_too_large_for_this_machine_is_refused_before_any_step(monkeypatch):
+    """The memory guard: a header's N is the client's word; 2 images of 3x16x16 need 6 KiB, so a machine of
+    8 KiB (half: 4 KiB) refuses them, naming the batch and the memory, and one of 1 GiB runs."""
+    import gradleak.attacks.loop as loop
+
+    server, _, update = _lenet_case(2)
+    monkeypatch.setattr(loop, "memory_bytes", lambda: 8 * 1024)
+    with pytest.raises(gradleak.errors.UpdateError, match=r"2 images of \(3, 16, 16\) would need .* half of"):
+        gradleak.attacks.create("cinet", {"iterations": 2, "channels": 8}).reconstruct(server, update)
+    monkeypatch.setattr(loop, "memory_bytes", lambda: 2**30)
+    assert gradleak.attacks.create("cinet", {"iterations": 1, "channels": 8}).reconstruct(server, update).iterations == 1
+
+
+def test_a_resume_on_another_thread_count_warns(tmp_path):
+    server, _, update = _lenet_case(1)
+    cfg = {"iterations": 4, "channels": 8, "log_every": 1, "checkpoint_every": 2}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        gradleak.attacks.create("cinet", {**cfg, "iterations": 2}).reconstruct(server, update, run_dir=tmp_path)
+        torch.set_num_threads(2)
+        with pytest.warns(RuntimeWarning, match="written with 1 threads, this run uses 2"):
+            gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=tmp_path, resume=True)
+        with warnings.catch_warnings():  # the checkpoint of 4 was written on 2 threads, as this resume runs
+            warnings.simplefilter("error", RuntimeWarning)
+            gradleak.attacks.create("cinet", {**cfg, "iterations": 6}).reconstruct(server, update, run_dir=tmp_path,
+                                                                                  resume=True)
+    finally:
+        torch.set_num_threads(before)

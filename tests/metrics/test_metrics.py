@@ -37,9 +37,31 @@ def test_ssim_matches_skimage_gaussian_ssim(pair):
         assert abs(float(ours[i]) - ref) < 0.02
 
 
-def test_fsim_matches_piq(pair):
-    x, y = pair
-    torch.testing.assert_close(fsim(x, y), piq.fsim(x, y, data_range=1.0, reduction="none"))
+def test_fsim_is_the_chromatic_fsim_for_colour_images(pair):
+    """A change of colour that keeps luminance (Y of YIQ) leaves FSIM at 1 and lowers FSIM_C: gradleak's FSIM
+    of colour images is FSIM_C, as the paper reports (piq's grey FSIM would read this pair as identical)."""
+    x, _ = pair
+    x = 0.25 + 0.5 * x  # room for the shift below without clipping
+    d_red = 0.05
+    y = x.clone()
+    y[:, 0] += d_red
+    y[:, 2] -= d_red * 0.299 / 0.114  # Y = 0.299 R + 0.587 G + 0.114 B is unchanged
+    assert (y >= 0).all() and (y <= 1).all()
+    grey = piq.fsim(x, y, data_range=1.0, chromatic=False, reduction="none")
+    assert torch.allclose(grey, torch.ones_like(grey), atol=1e-3)
+    ours = fsim(x, y)
+    assert (ours < grey - 0.005).all(), (ours, grey)
+    assert torch.allclose(fsim(x, x), torch.ones(len(x)), atol=1e-5)
+
+
+def test_fsim_falls_as_distortion_grows_and_ignores_the_data_range_scale(pair):
+    x, _ = pair
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(x.shape, generator=g)
+    scores = [float(fsim(x, (x + s * noise).clamp(0, 1)).mean()) for s in (0.02, 0.08, 0.2)]
+    assert scores[0] > scores[1] > scores[2]
+    y = (x + 0.08 * noise).clamp(0, 1)
+    torch.testing.assert_close(fsim(255 * x, 255 * y, data_range=255.0), fsim(x, y), atol=1e-4, rtol=0)
 
 
 def test_identical_images_score_perfectly(pair):
