@@ -42,15 +42,16 @@ AUTO_ORDER: tuple[str, ...] = ("idlg", "ilrg", "yin", "llg", "bias-count")
 
 AUTO_ORDER_DEFENDED: tuple[str, ...] = ("idlg", "ilrg", "llg", "yin", "bias-count")
 """``auto``'s order for an update that records a defense. Measured with ``gradleak bench labels
---defenses ...`` (docs/labels.md: untrained LeNet and ResNet-18-sigmoid, N = 8 and 32, prune,
-quantize, sign, noise, clip): iLRG refuses most defended updates itself (their bias gradient no
-longer sums to zero), and then LLG, which needs only signs and ratios, recovered 0.69-0.79 of the
-labels against Yin's 0.56-0.63; under pruning no strategy exceeds 0.52."""
+--defenses ...`` (docs/labels.md, "Labels under defenses": untrained LeNet and ResNet-18-sigmoid,
+N = 8 and 32, prune, quantize, sign, noise, clip): iLRG refuses most defended updates itself (their
+bias gradient no longer sums to zero), and then LLG, which needs only signs and ratios, recovered
+0.59-0.91 of the labels at N = 8 against Yin's 0.50-0.62; under pruning the two are within noise of
+each other (0.42-0.62) and neither is good."""
 
 RESCALING = frozenset({"clip", "dpsgd"})
 """Recorded defenses that rescale the update by a factor the server does not know (the norm before
 clipping is private): iLRG's and bias-count's counts assume the gradient's own scale, so ``auto``
-skips them (measured under ``clip:1``: iLRG 0.62, LLG 0.79)."""
+skips them (measured under ``clip:1``, docs/labels.md: iLRG 0.53 / 0.72 at N = 8 / 32, LLG 0.91 / 0.67)."""
 
 _STRATEGY_FUNCTIONS = {"idlg": idlg, "ilrg": ilrg, "yin": yin, "llg": llg, "bias-count": bias_count}
 
