@@ -13,6 +13,7 @@ from torch import nn
 
 import gradleak
 from gradleak.attacks import ATTACKS, GIASAttack, Progress
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
@@ -200,7 +201,7 @@ def test_interrupted_run_resumes_to_the_same_result(name: str, config: dict, sto
 
     with pytest.raises(KeyboardInterrupt):
         gradleak.attacks.create(name, config, seed=5).reconstruct(server, update, callback=stop, run_dir=tmp_path)
-    assert (tmp_path / "checkpoint.json").is_file()
+    assert Checkpointer(tmp_path, 0).exists()
     resumed = gradleak.attacks.create(name, config, seed=5).reconstruct(server, update, run_dir=tmp_path, resume=True)
     torch.testing.assert_close(resumed.images, whole.images, rtol=0, atol=1e-6)
     assert resumed.history == whole.history
@@ -223,7 +224,7 @@ def test_gias_interrupted_in_any_stage_resumes_to_the_same_result(stop_at: int, 
 
     with pytest.raises(KeyboardInterrupt):
         GIASAttack(cfg, generator=gen, seed=5).reconstruct(server, update, callback=stop, run_dir=tmp_path)
-    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == stop_at
+    assert Checkpointer(tmp_path, 0).iteration() == stop_at
     resumed = GIASAttack(cfg, generator=gen, seed=5).reconstruct(server, update, run_dir=tmp_path, resume=True)
     assert resumed.resumed_from == stop_at
     torch.testing.assert_close(resumed.images, whole.images, rtol=0, atol=1e-6)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -13,6 +12,7 @@ from torch import nn
 import gradleak
 from conftest import make_case
 from gradleak.attacks import CINetAttack, CINetConfig
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.errors import CheckpointError, ConfigError, UpdateError
 from gradleak.generators import CINetGenerator, choose_channels
 from gradleak.generators.cinet import generator_parameters
@@ -140,7 +140,7 @@ def test_resume_continues_exactly_from_the_checkpoint(tmp_path, lenet_case):
     with pytest.raises(_Stop):
         gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
                                                                    callback=_stop_at(4))
-    meta = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
+    meta = Checkpointer(tmp_path / "b", 0).meta()
     assert meta["iteration"] == 3
     resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
                                                                         resume=True)
@@ -256,7 +256,7 @@ def test_learned_latent_is_trained_and_resumes_exactly(tmp_path, lenet_case):
                                                                          run_dir=tmp_path / "a")
     from safetensors.torch import load_file
 
-    z_learned = load_file(str(tmp_path / "a" / "checkpoint.safetensors"))["z"]
+    z_learned = load_file(str(Checkpointer(tmp_path / "a", 0).tensor_path))["z"]
 
 
     with pytest.raises(_Stop):
@@ -268,7 +268,7 @@ def test_learned_latent_is_trained_and_resumes_exactly(tmp_path, lenet_case):
     # with a fixed latent the checkpoint holds the initial draw; a learned one has moved from it
     gradleak.attacks.create("cinet", {**cfg, "latent": "fixed"}, seed=5).reconstruct(
         server, update, labels=labels, run_dir=tmp_path / "c")
-    z_fixed = load_file(str(tmp_path / "c" / "checkpoint.safetensors"))["z"]
+    z_fixed = load_file(str(Checkpointer(tmp_path / "c", 0).tensor_path))["z"]
     assert z_learned.shape == z_fixed.shape == (2, 100)
     assert 0 < (z_learned - z_fixed).abs().max() <= 4 * 1e-3 + 1e-6  # 4 signed Adam steps of lr 1e-3
     with pytest.raises(ConfigError, match="latent"):
@@ -302,7 +302,7 @@ def test_ctrl_c_in_mid_step_finishes_the_step_and_resumes_exactly(tmp_path, lene
         with pytest.raises(KeyboardInterrupt):
             gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 4
+    assert Checkpointer(tmp_path / "b", 0).iteration() == 4
     resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
                                                                         resume=True)
     assert resumed.resumed_from == 4
@@ -324,7 +324,7 @@ def test_an_interrupt_raised_inside_a_step_keeps_the_last_checkpoint(tmp_path, l
         _interrupt_forward(m, 4, second_ctrl_c)
         with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="inside step 4.*last checkpoint"):
             gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 2
+    assert Checkpointer(tmp_path / "b", 0).iteration() == 2
     resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
                                                                         resume=True)
     assert torch.equal(resumed.images, straight.images)

@@ -13,6 +13,7 @@ import torch
 from test_baselines import _lenet_case
 
 import gradleak
+from gradleak.attacks.checkpoint import META_FILE, Checkpointer
 from gradleak.attacks.loop import deferred_stop
 from gradleak.attacks.optimization import OptimizationAttack
 from gradleak.errors import Terminated
@@ -82,7 +83,7 @@ def test_ig_ctrl_c_inside_a_step_checkpoints_that_step_and_resumes_exactly(tmp_p
         m.setattr(OptimizationAttack, "_step", interrupted)
         with pytest.raises(KeyboardInterrupt):
             gradleak.attacks.create("ig", cfg, seed=5).reconstruct(server, update, run_dir=tmp_path)
-    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 5
+    assert Checkpointer(tmp_path, 0).iteration() == 5
     resumed = gradleak.attacks.create("ig", cfg, seed=5).reconstruct(server, update, run_dir=tmp_path, resume=True)
     assert resumed.resumed_from == 5
     assert torch.equal(resumed.images, whole.images)
@@ -110,8 +111,8 @@ def test_a_kill_between_the_checkpoint_files_resumes_from_the_new_checkpoint(tmp
         m.setattr(checkpoint.os, "replace", killed_between)
         with pytest.raises(SystemExit):
             gradleak.attacks.create("cinet", cfg, seed=2).reconstruct(server, update, run_dir=tmp_path)
-    assert calls[-1].endswith("checkpoint.json")
-    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 2  # one behind
+    assert calls[-1].endswith(META_FILE)
+    assert json.loads(Checkpointer(tmp_path, 0).meta_path.read_text())["iteration"] == 2  # the JSON copy: one behind
     assert checkpoint.Checkpointer(tmp_path, 0).iteration() == 4
     resumed = gradleak.attacks.create("cinet", cfg, seed=2).reconstruct(server, update, run_dir=tmp_path, resume=True)
     assert resumed.resumed_from == 4

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import signal_in_cinet_step
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.cli.main import main
 
 SMALL = ["--model", "lenet", "--batch-size", "2"]
@@ -129,7 +130,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path, cap
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            ckpt = out / "checkpoint.json"
+            ckpt = Checkpointer(out, 0).meta_path
             if ckpt.is_file() and json.loads(ckpt.read_text())["iteration"] >= 20:
                 break
             time.sleep(0.2)
@@ -138,7 +139,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(client_files, tmp_path, cap
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    reached = json.loads((out / "checkpoint.json").read_text())["iteration"]
+    reached = Checkpointer(out, 0).iteration()
     assert reached % 10 == 0
     # resume with a smaller total so the test ends: the recorded config says 100000, so edit it as a user would
     cfg = json.loads((out / "config.json").read_text())
@@ -168,7 +169,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(client_files, t
     assert rc == 130 and calls[-1] == 12
     err = capsys.readouterr().err
     assert f"checkpoint of iteration 12 in {out}; continue with gradleak attack --resume {out}" in err
-    assert json.loads((out / "checkpoint.json").read_text())["iteration"] == 12
+    assert Checkpointer(out, 0).iteration() == 12
 
 
 def test_compare_tabulates_and_an_interrupted_comparison_resumes(tmp_path, capsys, monkeypatch, one_thread):
@@ -193,8 +194,7 @@ def test_compare_tabulates_and_an_interrupted_comparison_resumes(tmp_path, capsy
         assert main([*argv, "--out", str(out)]) == 130
     kept = f"ig finished; cinet: checkpoint of iteration 3 in {out / 'cinet'}"
     assert f"gradleak compare: {kept}; continue with gradleak compare --resume {out}" in capsys.readouterr().err
-    assert not (out / "table.md").exists() and json.loads((out / "cinet" / "checkpoint.json").read_text())[
-        "iteration"] == 3
+    assert not (out / "table.md").exists() and Checkpointer(out / "cinet", 0).iteration() == 3
     ig_files = {p.name: p.read_bytes() for p in (out / "ig").iterdir()}
     assert main(["compare", "--resume", str(out), "--no-progress"]) == 0
     assert {p.name: p.read_bytes() for p in (out / "ig").iterdir()} == ig_files  # read back, not rerun
@@ -229,7 +229,7 @@ def test_an_interrupted_run_resumes_to_the_bit_identical_reconstruction(client_f
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            ckpt = out / "checkpoint.json"
+            ckpt = Checkpointer(out, 0).meta_path
             if ckpt.is_file() and json.loads(ckpt.read_text())["iteration"] >= 14:
                 break
             time.sleep(0.05)
@@ -239,7 +239,7 @@ def test_an_interrupted_run_resumes_to_the_bit_identical_reconstruction(client_f
     finally:
         proc.send_signal(sig)
         proc.wait(timeout=60)
-    reached = json.loads((out / "checkpoint.json").read_text())["iteration"]
+    reached = Checkpointer(out, 0).iteration()
     if sig != signal.SIGKILL:  # Ctrl-C, or a scheduler's stop: the step in progress was finished and saved
         assert proc.returncode == (130 if sig == signal.SIGINT else 143)
     cfg = json.loads((out / "config.json").read_text())
@@ -329,7 +329,7 @@ def test_resume_of_a_folder_without_a_checkpoint_is_a_clear_error(client_files, 
     run = tmp_path / "run"
     assert main(["attack", "--update", u, "--model-state", m, "--iterations", "2", "--set", "channels=8",
                  "--set", "checkpoint_every=0", "--no-progress", "--out", str(run)]) == 0
-    (run / "checkpoint.json").unlink(missing_ok=True)
+    Checkpointer(run, 0).meta_path.unlink(missing_ok=True)
     capsys.readouterr()
     assert main(["attack", "--resume", str(run)]) == 2
     assert "no checkpoint" in _err(capsys)

@@ -134,14 +134,14 @@ def test_a_damaged_checkpoint_is_a_clear_error_on_resume(files, tmp_path_factory
     run = tmp_path_factory.mktemp("run")
     cfg = {"iterations": 2, "channels": 4, "checkpoint_every": 1}
     gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=run)
-    tensors = load_file(str(run / "checkpoint.safetensors"))
+    tensors = load_file(str(Checkpointer(run, 0).tensor_path))
     if where == "header":
-        save_file(tensors, str(run / "checkpoint.safetensors"), metadata={HEADER_KEY: json.dumps(meta)})
+        save_file(tensors, str(Checkpointer(run, 0).tensor_path), metadata={HEADER_KEY: json.dumps(meta)})
     elif where == "legacy-pair":
-        save_file(tensors, str(run / "checkpoint.safetensors"))
-        (run / "checkpoint.json").write_text(json.dumps(meta))
+        save_file(tensors, str(Checkpointer(run, 0).tensor_path))
+        Checkpointer(run, 0).meta_path.write_text(json.dumps(meta))
     else:
-        (run / "checkpoint.safetensors").write_bytes(junk)
+        Checkpointer(run, 0).tensor_path.write_bytes(junk)
     with pytest.raises(GradleakError):
         gradleak.attacks.create("cinet", cfg).reconstruct(server, update, run_dir=run, resume=True)
 
@@ -149,7 +149,7 @@ def test_a_damaged_checkpoint_is_a_clear_error_on_resume(files, tmp_path_factory
 def test_the_checkpoint_reader_refuses_a_pickle(tmp_path):
     import pickle
 
-    (tmp_path / "checkpoint.safetensors").write_bytes(pickle.dumps({"x": torch.zeros(1)}))
-    (tmp_path / "checkpoint.json").write_text(json.dumps({"iteration": 1}))
+    Checkpointer(tmp_path, 0).tensor_path.write_bytes(pickle.dumps({"x": torch.zeros(1)}))
+    Checkpointer(tmp_path, 0).meta_path.write_text(json.dumps({"iteration": 1}))
     with pytest.raises(GradleakError, match="unreadable"):
         Checkpointer(tmp_path, 1).load()

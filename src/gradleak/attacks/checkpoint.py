@@ -23,6 +23,11 @@ from safetensors.torch import load_file, save_file
 from gradleak.errors import CheckpointError
 
 HEADER_KEY = "gradleak.checkpoint"
+TENSOR_FILE = "checkpoint.safetensors"
+"""The checkpoint: tensors, with its JSON part in the safetensors header (one rename commits it)."""
+META_FILE = "checkpoint.json"
+"""A readable copy of the JSON part, written after the tensor file."""
+FILES = (TENSOR_FILE, META_FILE)
 """The safetensors header entry that holds a checkpoint's JSON part."""
 
 
@@ -64,11 +69,11 @@ class Checkpointer:
 
     @property
     def tensor_path(self) -> Path:
-        return self.folder / "checkpoint.safetensors"
+        return self.folder / TENSOR_FILE
 
     @property
     def meta_path(self) -> Path:
-        return self.folder / "checkpoint.json"
+        return self.folder / META_FILE
 
     def exists(self) -> bool:
         return self.tensor_path.is_file() and self.meta_path.is_file()

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.audit.cell import cell_seed, cell_update, check_victim, utility
 from gradleak.audit.execute import check_backend, execute
 from gradleak.audit.plan import Attacker, AttackPlan, AuditCell, KnowledgeAxes, attackers_for, untried_knowledge
@@ -180,7 +181,7 @@ def run_job(job: RunJob) -> str:
                seed=job.seed, case={**job.case, "attacker": asdict(job.attacker), "attacker_id": job.attacker.id},
                truth_images=batch.images, truth_labels=batch.labels, give_labels=job.attacker.labels == "known",
                device=job.device, progress=job.progress, pairing=job.pairing, time_budget=job.time_budget,
-               fill_budget=job.fill_budget, write_images=job.write_images, resume=(folder / "checkpoint.json").is_file(), force=True)
+               fill_budget=job.fill_budget, write_images=job.write_images, resume=Checkpointer(folder, 0).exists(), force=True)
     return str(folder)
 
 
@@ -198,7 +199,7 @@ def run_attackers(server: ServerState, update: ClientUpdate, *, attackers: Seque
                 continue
             run_attack(server, update, attack=attacker.attack, config=attacker.config(attack_config), out=run_dir,
                        seed=seed, case={**case, "attacker": asdict(attacker), "attacker_id": attacker.id},
-                       give_labels=attacker.labels == "known", resume=(run_dir / "checkpoint.json").is_file(),
+                       give_labels=attacker.labels == "known", resume=Checkpointer(run_dir, 0).exists(),
                        force=True, **run)
 
 

@@ -101,7 +101,7 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
     cfg = {**VARIANTS[variant], "iterations": iters, "log_every": every,
            "checkpoint_every": every if folder is not None else 0}
     attack = gradleak.attacks.create("cinet", cfg, device=device, seed=seed)
-    resume = folder is not None and (folder / "checkpoint.json").is_file()
+    resume = folder is not None and Checkpointer(folder, 0).exists()
     curve: list[list[float]] = []  # [iteration, SSIM, PSNR, on-clock seconds]
     if folder is not None and resume and previous is not None:
         # the readings up to the checkpoint (a kill may have left one more)

@@ -78,7 +78,7 @@ def resume_run(run_dir: Path, *, progress: bool) -> AttackRun:
     files = cfg.get("case", {}).get("files")
     if not files:
         raise CheckpointError(f"resume: '{cfg_path}' does not name the update and model-state files")
-    if not (run_dir / "checkpoint.json").is_file():
+    if not Checkpointer(run_dir, 0).exists():
         raise CheckpointError(f"resume: '{run_dir}' holds config.json but no checkpoint (the run stopped before "
                               "its first checkpoint, or wrote numbers only); start it again with --force")
     return attack_files(files, attack=cfg["attack"], config=cfg["attack_config"], out=run_dir,

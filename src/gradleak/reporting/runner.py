@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import gradleak
 from gradleak import attacks as attack_api
 from gradleak.attacks.base import Progress
+from gradleak.attacks.checkpoint import FILES as CHECKPOINT_FILES
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.threat_model import run_threat_model
 from gradleak.errors import ConfigError
@@ -115,7 +116,7 @@ class _ProgressBar:
             self.bar.close()
 
 
-RUN_FILES = ("config.json", "metrics.json", "checkpoint.json", "checkpoint.safetensors",
+RUN_FILES = ("config.json", "metrics.json", *CHECKPOINT_FILES,
              "reconstruction.safetensors", "report.html", "grid.png", "curves.png", "progress.json")
 """The files a run folder holds (what :func:`check_out` looks for and ``force`` replaces)."""
 
@@ -351,7 +352,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
             rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,
                                   run_dir=run_dir, resume=resume)
     except Exception:
-        if not resume and not (run_dir / "checkpoint.json").is_file():
+        if not resume and not Checkpointer(run_dir, 0).exists():
             _remove_written(run_dir, created)
         raise
     finally:
@@ -363,7 +364,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         save_file({"images": rec.images.contiguous(), "labels": rec.labels.contiguous()},
                   str(run_dir / "reconstruction.safetensors"))
     else:
-        for name in ("checkpoint.safetensors", "checkpoint.json"):
+        for name in CHECKPOINT_FILES:
             (run_dir / name).unlink(missing_ok=True)
 
     history: dict[str, list[Any]] = dict(rec.history)
