@@ -18,7 +18,7 @@ def _csv(path: Path) -> dict[str, dict[str, str]]:
         return {r["cell"]: r for r in csv.DictReader(f)}
 
 
-def test_known_labels_break_a_pruned_cell_that_recovered_labels_call_unbroken(tmp_path):
+def test_known_labels_break_a_pruned_cell_that_recovered_labels_call_unbroken(tmp_path, capsys):
     """LeNet-sigmoid, batch 4, prune:0.9: the update's labels are recovered at accuracy 0.5 and CI-Net
     reconstructs nothing with them (SSIM 0.01 at 300 iterations, measured); an attacker who knows the
     label multiset reaches 0.52 by iteration 100 (two of four images at 0.71-0.73 by 300)."""
@@ -26,6 +26,9 @@ def test_known_labels_break_a_pruned_cell_that_recovered_labels_call_unbroken(tm
     assert main(["audit", "--model", "lenet", "--activation", "sigmoid", "--batch-sizes", "4", "--defenses", "prune:0.9",
                  "--attacks", "cinet", "--knowledge", "defense-aware", "--iterations", "100", "--utility-steps", "0",
                  "--no-progress", "--no-images", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: budget of cinet at batch 4: 100 iterations, below the 150" in err  # measured on LeNet
+    assert json.loads((out / "audit.json").read_text())["warnings"]
     row = _csv(out / "audit.csv")["fedsgd_n4_prune-0.9"]
     assert float(row["ssim_mean"]) >= 0.4, row
     assert row["verdict_attacker"] == "cinet_aware_labels-known"

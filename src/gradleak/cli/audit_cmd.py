@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gradleak.audit import AuditOptions, KnowledgeAxes, audit_grid, parse_int_list, plan_attacks, run_audit
+from gradleak.audit.budgets import budget_warnings
 from gradleak.audit.execute import BACKENDS
 from gradleak.audit.verdicts import Condition, failing, verdict
 from gradleak.cli.attack_cmd import finished_note, resume_hint
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
                      activation=args.activation, bn_mode=args.bn_mode, width=args.width)
     plan = _plan(args, spec, cells)
     out = args.out or default_out("audit")
+    short = budget_warnings(spec, [c.batch_size * c.protocol.clients for c in cells], plan.configs)
+    for line in short:
+        print(f"gradleak audit: warning: budget of {line}; a 'not broken' there says little (raise --iterations)",
+              file=sys.stderr)
     print(f"audit: {len(cells)} cells into {out}")
 
     def on_event(name: str, status: str) -> None:
@@ -142,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
              f"{budgets}{f' (preset {args.preset})' if args.preset else ''}; knowledge {', '.join(knowledge.tokens())}"
              + (f"; {args.seconds:g} s per run" if args.seconds else ""))
     files = write_audit_report(out, rows, title=title, command=command_line(args), images=not args.no_images,
-                               epsilon_rounds=args.epsilon_rounds)
+                               epsilon_rounds=args.epsilon_rounds, warnings=short)
     print((out / "audit.md").read_text())
     print(f"{len(rows)} cells; {', '.join(files)} in {out}")
     failed = failing(rows, conditions, inconclusive_fails=not args.allow_inconclusive)

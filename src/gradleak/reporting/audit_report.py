@@ -175,7 +175,7 @@ def _examples(path: Path, out: Path, rows: Sequence[dict[str, Any]], *, max_imag
 
 def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title: str = "",
                        command: str | None = None, images: bool = True,
-                       epsilon_rounds: int = 100) -> dict[str, Path]:
+                       epsilon_rounds: int = 100, warnings: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``audit.md``, ``audit.csv``, ``audit.json``, the plots, ``examples.png`` and ``report.html``.
 
     Args:
@@ -185,6 +185,8 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
         command: the command line that made the audit, recorded in the report.
         images: ``False``: no ``examples.png`` and no pictures of reconstructions in the page.
         epsilon_rounds: R of the "after R rounds" epsilon in ``ssim_vs_epsilon.png`` (DP-SGD cells).
+        warnings: notes on the audit as a whole (budgets below what was measured to plateau,
+            :func:`gradleak.audit.budgets.budget_warnings`), under the table and in audit.json.
 
     Returns:
         The written files by name.
@@ -193,7 +195,8 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
     if not rows:
         raise ConfigError("audit report: expected at least one finished cell, got none")
     head, body = table_rows(rows)
-    files = {"audit.md": write_markdown(out / "audit.md", head, body, title=title)}
+    notes = [f"Warning: {w}" for w in warnings]
+    files = {"audit.md": write_markdown(out / "audit.md", head, body, title=title, notes=notes)}
     flat = []
     for r in rows:
         u = r.get("utility") or {}
@@ -219,10 +222,10 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
         files["examples.png"] = out / "examples.png"
         _examples(files["examples.png"], out, rows)
     files["audit.json"] = out / "audit.json"
-    files["audit.json"].write_text(json.dumps(audit_document(rows, title=title, command=command), indent=2,
-                                              default=str))
+    files["audit.json"].write_text(json.dumps({**audit_document(rows, title=title, command=command),
+                                               "warnings": list(warnings)}, indent=2, default=str))
     files["report.html"] = out / "report.html"
-    files["report.html"].write_text(_html(out, head, body, rows, title=title, command=command))
+    files["report.html"].write_text(_html(out, head, body, rows, title=title, command=command, warnings=warnings))
     return files
 
 
@@ -280,7 +283,7 @@ def epsilon_plot(path: Path, rows: Sequence[dict[str, Any]], *, rounds: int) -> 
 
 
 def _html(out: Path, head: list[str], body: list[list[str]], rows: Sequence[dict[str, Any]], *, title: str,
-          command: str | None) -> str:
+          command: str | None, warnings: Sequence[str] = ()) -> str:
     import base64
     import html
 
@@ -317,6 +320,7 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head
 <p>{esc(title)}</p>
 <h2>Bottom line, per defense (its worst cell)</h2><ul>{summary}</ul>
 <h2>Every cell</h2><table><tr>{th}</tr>{trs}</table>
+{"<h2>Budget warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>" if warnings else ""}
 <p>How to read it. Every cell is attacked by every attack that applies to the victim, each under every
 assumption tried about what the attacker knows: the labels <em>recovered</em> from the update or <em>known</em>
 (an attacker who knows which classes the client holds), and, for a defended cell, the defense ignored

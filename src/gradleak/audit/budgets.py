@@ -1,0 +1,89 @@
+"""How many iterations an attack needed to plateau, as measured here, and a warning when an audit gives less.
+
+A verdict of "not broken" from a run stopped before its attack would have plateaued says nothing.
+The audit reads each run's own curve for that (:func:`gradleak.audit.verdicts.improvement`); this
+table adds what was measured beforehand, so that a budget too small is named before the audit
+spends its time. An entry is the iterations after which CI-Net's mean SSIM (default settings, one
+seed) stayed within 0.02 of its best on that victim and batch size; ``None`` means it had not
+plateaued within the longest run measured (``measured_up_to``). Batch sizes between entries take
+the largest measured batch below them, a lower bound: larger batches need more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gradleak.types import ModelSpec
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """The iterations ``attack`` needed on one victim and batch size (``None``: not within ``measured_up_to``)."""
+
+    model: str
+    activation: str
+    batch_size: int
+    attack: str
+    iterations: int | None
+    measured_up_to: int
+    source: str
+
+
+MEASURED: tuple[Plateau, ...] = (
+    Plateau("lenet", "sigmoid", 1, "cinet", 150, 200, "docs/audit.md, LeNet worst-case audit (100-150 of 200)"),
+    Plateau("lenet", "sigmoid", 4, "cinet", 150, 300, "docs/audit.md, LeNet worst-case audit and the prune:0.9 cell"),
+    Plateau("resnet18", "sigmoid", 8, "cinet", 225, 300, "README, iterations to SSIM 0.95 (125-225 over 3 seeds)"),
+    Plateau("resnet18", "sigmoid", 16, "cinet", 150, 150, "README, large batches (0.921 at 150, still rising)"),
+    Plateau("resnet18", "sigmoid", 32, "cinet", 450, 450, "README, large batches (0.907 at 450)"),
+    Plateau("resnet18", "sigmoid", 64, "cinet", None, 500, "README, large batches (0.418 at 500, +0.014 per 25)"),
+)
+
+
+def needed(spec: ModelSpec, batch_size: int, attack: str) -> Plateau | None:
+    """The measured entry that bounds ``attack`` on ``spec`` at ``batch_size`` from below (``None``: not measured).
+
+    Example:
+        >>> needed(ModelSpec("resnet18", activation="sigmoid"), 20, "cinet").batch_size
+        16
+        >>> needed(ModelSpec("resnet18", activation="relu"), 8, "cinet") is None
+        True
+    """
+    rows = [p for p in MEASURED if (p.model, p.activation, p.attack) == (spec.name, spec.activation, attack)
+            and p.batch_size <= batch_size]
+    return max(rows, key=lambda p: p.batch_size, default=None)
+
+
+def budget_warnings(spec: ModelSpec, batch_sizes: Sequence[int], configs: Mapping[str, Any]) -> list[str]:
+    """One line per (attack, batch size) whose iteration budget is below what was measured to plateau.
+
+    Example:
+        >>> from gradleak.attacks.cinet import CINetConfig
+        >>> budget_warnings(ModelSpec("resnet18", activation="sigmoid"), [8, 64], {"cinet": CINetConfig(iterations=200)})
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['cinet at batch 8: 200 iterations, below the 225 it needed to plateau on resnet18-sigmoid at batch 8
+          (README, iterations to SSIM 0.95 (125-225 over 3 seeds))', 'cinet at batch 64: 200 iterations; on
+          resnet18-sigmoid at batch 64 it was still improving after 500 (README, large batches (0.418 at 500, +0.014
+          per 25))']
+    """
+    out = []
+    for name, config in configs.items():
+        budget = getattr(config, "iterations", None)
+        if not isinstance(budget, int):
+            continue
+        for n in sorted(set(batch_sizes)):
+            p = needed(spec, n, name)
+            if p is None:
+                continue
+            where = f"{spec.name}-{spec.activation} at batch {p.batch_size}"
+            if p.iterations is None:
+                out.append(f"{name} at batch {n}: {budget} iterations; on {where} it was still improving after "
+                           f"{p.measured_up_to} ({p.source})")
+            elif budget < p.iterations:
+                out.append(f"{name} at batch {n}: {budget} iterations, below the {p.iterations} it needed to plateau "
+                           f"on {where} ({p.source})")
+    return out
+
+
+__all__ = ["MEASURED", "Plateau", "budget_warnings", "needed"]
