@@ -119,7 +119,13 @@ class Attack(ABC):
                 raise UpdateError(f"given labels: expected {update.num_samples} (the update's batch size), "
                                   f"got {labels.numel()}")
             return LabelResult(labels.to(self.device), "given")
-        result = recover_labels(server, update, strategy=strategy)
+        if strategy == "scored":  # needs the matcher, so it lives with the attacks, not in gradleak.labels
+            from gradleak.attacks.label_scoring import scored_labels
+
+            result = scored_labels(server, update, device=self.device,
+                                   adaptive=getattr(self.config, "adaptive", "auto"), seed=self.seed)
+        else:
+            result = recover_labels(server, update, strategy=strategy)
         return replace(result, labels=result.labels.to(self.device))
 
     def check(self, server: ServerState, update: ClientUpdate) -> None:

@@ -63,7 +63,8 @@ class LoopConfig:
     """The settings the loop reads, shared by every iterative attack's config (which may change the defaults).
 
     Args:
-        label_strategy: how labels are recovered from the update (``gradleak.labels``).
+        label_strategy: how labels are recovered from the update (``gradleak.labels``), or ``"scored"``:
+            every strategy's multiset, scored by a short matching run (:mod:`gradleak.attacks.label_scoring`).
         log_every: iterations between loss readings and progress callbacks (host syncs).
         checkpoint_every: iterations between checkpoints when a run folder is given (0: none).
         adaptive: ``"auto"`` (simulate the update's recorded defense, :mod:`gradleak.attacks.adaptive`),

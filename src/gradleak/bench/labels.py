@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gradleak.attacks.label_scoring import scored_labels
 from gradleak.data import builtin_batch
 from gradleak.defenses import defended_update, split_defenses
 from gradleak.errors import GradleakError
@@ -46,8 +47,10 @@ VICTIMS: dict[str, dict[str, Any]] = {
     "resnet18-relu": dict(name="resnet18", activation="relu"),
     "resnet18-sigmoid": dict(name="resnet18", activation="sigmoid"),
 }
-STRATEGIES = ("idlg", "yin", "llg", "ilrg-paper", "ilrg", "bias-count", "auto")
-"""Registered strategies, plus ``ilrg-paper``: iLRG as published (``ilrg(..., shrinkage="paper")``)."""
+STRATEGIES = ("idlg", "yin", "llg", "ilrg-paper", "ilrg", "bias-count", "auto", "scored")
+"""Registered strategies, plus ``ilrg-paper``: iLRG as published (``ilrg(..., shrinkage="paper")``), and
+``scored``: every strategy's multiset scored by a short matching run (:mod:`gradleak.attacks.label_scoring`,
+defense-aware; seconds per update, not milliseconds)."""
 POOL = 512  # built-in photos (20 ImageNet + scikit-image photos, then crops) the batches are drawn from
 
 
@@ -87,7 +90,8 @@ def draw(pool_labels: torch.Tensor, n: int, *, seed: int, unique: bool) -> torch
 
 
 def run(*, trials: int, batch_sizes: list[int], unique_sizes: list[int], victims: list[str], states: list[str],
-        steps: int, lr: float, defenses: tuple[str, ...] | list[str] = ("none",)) -> list[dict[str, Any]]:
+        steps: int, lr: float, defenses: tuple[str, ...] | list[str] = ("none",),
+        strategies: tuple[str, ...] | list[str] = STRATEGIES) -> list[dict[str, Any]]:
     pool = builtin_batch(POOL, source="photos")
     rows: list[dict[str, Any]] = []
     for victim in victims:
@@ -110,13 +114,15 @@ def run(*, trials: int, batch_sizes: list[int], unique_sizes: list[int], victims
                         except GradleakError as e:  # e.g. DP-SGD on train-mode BatchNorm
                             print(f"  {victim} {defense}: skipped ({e})", file=sys.stderr)
                             continue
-                        for strategy in STRATEGIES:
+                        for strategy in strategies:
                             base = dict(victim=victim, state=state, batch=size, trial=trial, strategy=strategy,
                                         defense=defense, train_loss=train_loss)
                             t0 = time.perf_counter()
                             try:
                                 if strategy == "ilrg-paper":
                                     result = ilrg(server, update, shrinkage="paper")
+                                elif strategy == "scored":
+                                    result = scored_labels(server, update, seed=trial)
                                 else:
                                     result = recover_labels(server, update, strategy=strategy)
                             except GradleakError as e:
@@ -135,11 +141,12 @@ def table(rows: list[dict[str, Any]]) -> str:
                   key=lambda k: (list(VICTIMS).index(k[0]), k[1] != "untrained", defenses.index(k[3]),
                                  int(str(k[2]).rstrip("u")), str(k[2]).endswith("u")))
     many = len(defenses) > 1
-    head = ["victim", "state"] + (["defense"] if many else []) + ["N", *STRATEGIES]
+    strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
+    head = ["victim", "state"] + (["defense"] if many else []) + ["N", *strategies]
     body = []
     for victim, state, n, defense in keys:
         cells = []
-        for s in STRATEGIES:
+        for s in strategies:
             sel = [r for r in rows if (r["victim"], r["state"], r["batch"], r["strategy"], r.get("defense", "none"))
                    == (victim, state, n, s, defense)]
             ok = [r["accuracy"] for r in sel if r["accuracy"] is not None]
@@ -155,6 +162,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     return markdown(head, body)
 
 
+def _strategies(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STRATEGIES]
+    if unknown or not chosen:
+        raise SystemExit(f"--strategies: expected some of {', '.join(STRATEGIES)}, got {text!r}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 trial, batch sizes 1, 8, 32")
@@ -168,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-lr", type=float, default=0.05)
     parser.add_argument("--defenses", default="none",
                         help="comma-separated defense settings applied on the client (default none)")
+    parser.add_argument("--strategies", default=",".join(s for s in STRATEGIES if s != "scored"),
+                        help=f"comma-separated, of {', '.join(STRATEGIES)} (default: all but scored, which runs "
+                             "a short attack per candidate)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("bench-results/labels.json"), help="JSON output")
     args = parser.parse_args(argv)
@@ -178,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run(trials=trials, batch_sizes=sizes, unique_sizes=args.unique_sizes, victims=args.victims,
                states=args.states, steps=args.train_steps, lr=args.train_lr,
-               defenses=split_defenses(args.defenses))
+               defenses=split_defenses(args.defenses), strategies=_strategies(args.strategies))
     text = table(rows)
     print(text)
     total = time.perf_counter() - t0
