@@ -80,15 +80,22 @@ def reachable(start: str) -> dict[str, list[str]]:
 
 
 def _starts(package: str) -> list[str]:
-    return sorted(_name_of(p) for p in (ROOT / package.split(".", 1)[1]).rglob("*.py"))
+    """The modules of a package, or the one module of that name."""
+    path = ROOT / Path(*package.split(".")[1:])
+    if path.with_suffix(".py").is_file():
+        return [package]
+    found = sorted(_name_of(p) for p in path.rglob("*.py"))
+    assert found, f"no modules under {package}"
+    return found
 
 
 FORBIDDEN = {
-    "gradleak.attacks": ("gradleak.data", "gradleak.metrics", "gradleak.reporting", "gradleak.cli",
+    "gradleak.attacks": ("gradleak.data", "gradleak.metrics", "gradleak.reporting", "gradleak.audit", "gradleak.cli",
                          "gradleak.bench", "gradleak.integrations", "gradleak.sweep"),
-    "gradleak.labels": ("gradleak.attacks", "gradleak.data", "gradleak.metrics", "gradleak.reporting"),
-    "gradleak.threat": ("gradleak.attacks", "gradleak.reporting", "gradleak.cli"),
-    "gradleak.metrics": ("gradleak.attacks", "gradleak.reporting", "gradleak.cli"),
+    "gradleak.labels": ("gradleak.attacks", "gradleak.data", "gradleak.metrics", "gradleak.reporting", "gradleak.audit"),
+    "gradleak.threat": ("gradleak.attacks", "gradleak.reporting", "gradleak.audit", "gradleak.cli"),
+    "gradleak.metrics": ("gradleak.attacks", "gradleak.reporting", "gradleak.audit", "gradleak.cli"),
+    "gradleak.sweep.report": ("gradleak.sweep.runner",),
 }
 
 

@@ -10,7 +10,7 @@ protocol and defense). ``sweep.json`` holds the resolved grid and the rows.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +36,12 @@ def trial_row(folder: Path, trial: Trial) -> dict[str, Any]:
             "utility_accuracy": utility.get("accuracy"), "folder": str(folder)}
 
 
-def gather(out: Path, trials: Sequence[Trial], errors: dict[str, str]) -> list[dict[str, Any]]:
+def gather(out: Path, trials: Sequence[Trial], errors: dict[str, str],
+           folder_of: Callable[[Path, Trial], Path]) -> list[dict[str, Any]]:
     """One row per trial in grid order: finished, failed (with its error), or not run yet."""
-    from gradleak.sweep.runner import trial_folder
-
     rows = []
     for t in trials:
-        folder = trial_folder(out, t)
+        folder = folder_of(out, t)
         if cell_finished(folder):
             rows.append(trial_row(folder, t))
         else:

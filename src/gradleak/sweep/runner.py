@@ -355,7 +355,7 @@ def run_sweep(grid: SweepGrid, *, out: str | Path, backend: str = "local", addre
                          num_gpus=grid.num_gpus, tell=tell)
     from gradleak.sweep.report import gather, write_sweep_report
 
-    rows = gather(out, trials, errors)
+    rows = gather(out, trials, errors, trial_folder)
     write_sweep_report(out, rows, grid=grid, backend=backend, ran=len(todo), seconds=time.perf_counter() - started)
     return rows
 
