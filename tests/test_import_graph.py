@@ -36,13 +36,18 @@ def _name_of(path: Path) -> str:
 
 @cache
 def imports_of(name: str) -> frozenset[str]:
-    """The gradleak modules that module ``name`` imports (any statement, anywhere in the file)."""
+    """The gradleak modules that module ``name`` imports (any statement, anywhere in the file, except
+    under ``if TYPE_CHECKING:``: an import for annotations only is not a dependency at run time)."""
     path = _module_file(name)
     if path is None:
         return frozenset()
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # empty the type-only blocks first
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
