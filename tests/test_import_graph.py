@@ -100,7 +100,6 @@ FORBIDDEN = {
     "gradleak.labels": ("gradleak.attacks", "gradleak.data", "gradleak.metrics", "gradleak.reporting", "gradleak.audit"),
     "gradleak.threat": ("gradleak.attacks", "gradleak.reporting", "gradleak.audit", "gradleak.cli"),
     "gradleak.metrics": ("gradleak.attacks", "gradleak.reporting", "gradleak.audit", "gradleak.cli"),
-    "gradleak.sweep.report": ("gradleak.sweep.runner",),
 }
 
 
