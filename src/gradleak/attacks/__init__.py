@@ -8,6 +8,7 @@ from gradleak.attacks.analytic import AnalyticAttack, AnalyticConfig
 from gradleak.attacks.base import ATTACKS, Attack, Progress, available, create, supports_adaptive, target_gradients
 from gradleak.attacks.cinet import CINetAttack, CINetConfig
 from gradleak.attacks.gias import GIASAttack, GIASConfig
+from gradleak.attacks.imprint import ImprintAttack, ImprintConfig
 from gradleak.attacks.optimization import (
     DLGAttack,
     DLGConfig,
@@ -19,5 +20,5 @@ from gradleak.attacks.optimization import (
 )
 
 __all__ = ["ATTACKS", "AnalyticAttack", "AnalyticConfig", "Attack", "CINetAttack", "CINetConfig", "DLGAttack",
-           "DLGConfig", "GIASAttack", "GIASConfig", "IDLGAttack", "IGConfig", "InvertingGradientsAttack", "OptimizationAttack",
+           "DLGConfig", "GIASAttack", "GIASConfig", "IDLGAttack", "ImprintAttack", "ImprintConfig", "IGConfig", "InvertingGradientsAttack", "OptimizationAttack",
            "OptimizationConfig", "Progress", "available", "create", "supports_adaptive", "target_gradients"]

@@ -5,8 +5,9 @@ besides the model updates: basic knowledge, training details, surrogate data, th
 distribution, active manipulation of the model, and control of client selection; their threat
 models A-H are combinations of these (A: updates only, "Eavesdropper"; B: plus basic knowledge;
 C: plus training details; D: plus surrogate data; E: plus the data distribution; F-H actively
-manipulate the model or the client selection). Every gradleak attacker is passive (an
-honest-but-curious server or an eavesdropper on it): none manipulates the model it sends.
+manipulate the model or the client selection). Every gradleak attacker but one is passive (an
+honest-but-curious server or an eavesdropper on it); ``imprint`` is a malicious server that sent a
+modified model (:mod:`gradleak.threat.malicious`), threat model F.
 
 The SoK places DLG and iDLG in A, Inverting Gradients and closed-form inversion in B, and GIAS-style
 generative priors (a generator pretrained on public data) in D; CI-Net, which needs what Inverting
@@ -40,6 +41,7 @@ class Knowledge:
             runs BatchNorm in eval mode (its running statistics are part of the weights).
         surrogate_data: a model trained on public data (GIAS's pretrained generator).
         sok: the SoK threat model of the attack without training details.
+        active_manipulation: the server changed the model it sent (a malicious server, SoK F).
     """
 
     weights: bool = True
@@ -47,10 +49,13 @@ class Knowledge:
     batchnorm_statistics: str = "batch"
     surrogate_data: bool = False
     sok: str = "B"
+    active_manipulation: bool = False
 
     def describe(self, *, adaptive: bool) -> str:
         """One line for ``gradleak list attacks``; ``adaptive``: whether the attack simulates defenses."""
         parts = ["weights and architecture", f"labels {self.labels}"]
+        if self.active_manipulation:
+            parts.insert(0, "sends a modified model (malicious server)")
         parts.append("surrogate data (a pretrained generator)" if self.surrogate_data else "no data")
         parts.append("simulates a recorded defense" if adaptive else "ignores defenses")
         sok = f"SoK {self.sok}" + (" (C with training details)" if self.sok in ("A", "B") else "")
@@ -84,7 +89,7 @@ def run_threat_model(knowledge: Knowledge, update: ClientUpdate, info: dict[str,
             "batchnorm_statistics": "running (in the weights)" if bn_mode == "eval" else knowledge.batchnorm_statistics,
             "adaptive": adaptive, "training_details": training, "defense_known": adaptive,
             "sok": sok, "sok_reference": "Carletti et al., USENIX Security 2025, threat models A-H",
-            "active_manipulation": False}
+            "active_manipulation": knowledge.active_manipulation}
 
 
 __all__ = ["Knowledge", "run_threat_model"]

@@ -7,6 +7,7 @@
     gradleak bench labels    # label-recovery accuracy: strategy x victim x batch size (x defense)
     gradleak bench adaptive  # the adaptive attacker's step cost against the unaware one, per defense
     gradleak bench audit     # the audit engine's own overhead against its attack runs, local and Ray
+    gradleak bench imprint   # the imprint attack (malicious server): images recovered exactly at batch 64 and 256
 
 ``gradleak bench NAME --help`` lists each one's options; the same runs as
 ``python -m gradleak.bench.NAME``.
@@ -25,6 +26,7 @@ BENCHMARKS = {
     "labels": "label-recovery accuracy and time: strategy x victim x batch size (x defense)",
     "adaptive": "seconds per CI-Net iteration, unaware and adaptive, per defense",
     "audit": "the audit engine's overhead (planning, dispatch, verdicts, report) against its attack runs",
+    "imprint": "the imprint attack (malicious server): images recovered exactly from one update",
 }
 
 

@@ -1,0 +1,134 @@
+"""The imprint attack: images read off a malicious model's bins, in closed form (Robbing the Fed).
+
+Given a FedSGD gradient of a model that starts with an imprint block
+(:mod:`gradleak.threat.malicious`), bin ``i``'s share of the update is the difference of
+consecutive rows of the block's weight and bias gradients; an image alone in its bin is their
+ratio. Bins whose ratio is not an image (outside [0, 1], or whose statistic falls outside the bin:
+two or more images mixed) are dropped; the rest, largest bias share first, are the reconstruction,
+padded with grey when fewer than the batch are found. No iteration, no prior, no labels needed.
+
+A threat model beyond the honest-but-curious server: the server modified the model it sent (SoK
+threat model F, active manipulation of the model).
+
+References:
+    Fowl, Geiping, Czaja, Goldblum, Goldstein, "Robbing the Fed", ICLR 2022, Section 3.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
+from gradleak.attacks.threat_model import Knowledge
+from gradleak.config import check_ranges
+from gradleak.errors import GradleakError, UpdateError
+from gradleak.threat.malicious import find_imprint
+from gradleak.types import ClientUpdate, Reconstruction, ServerState
+
+
+@dataclass(frozen=True)
+class ImprintConfig:
+    """Settings of the imprint attack.
+
+    Args:
+        tolerance: a bin is empty when its bias share is below this fraction of the largest.
+        margin: how far outside [0, 1] a recovered pixel may lie (rounding) before the bin is
+            dropped as a mixture.
+        label_strategy: how labels are recovered from the victim's part of the update.
+    """
+
+    tolerance: float = 1e-6
+    margin: float = 1e-3
+    label_strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_ranges("ImprintConfig", self, tolerance=(0, 1), margin=(0, 1))
+
+
+@ATTACKS.register("imprint")
+class ImprintAttack(Attack):
+    """Closed-form recovery of the images alone in an imprint block's bins.
+
+    Example:
+        >>> import gradleak
+        >>> gradleak.attacks.create("imprint").config.tolerance
+        1e-06
+    """
+
+    name = "imprint"
+    Config = ImprintConfig
+    knowledge = Knowledge(labels="recovered", sok="F", active_manipulation=True)
+    iterative = False
+    resumable = False
+
+    @classmethod
+    def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
+        if find_imprint(server.model) is None:
+            return "needs a model with an imprint block (a malicious server: --threat malicious)"
+        if local_steps > 1:
+            return f"needs a gradient or a one-step delta, not {local_steps} local steps"
+        return None
+
+    def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
+                    callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
+                    resume: bool = False) -> Reconstruction:
+        start = time.perf_counter()
+        self.check(server, update)
+        block = find_imprint(server.model)
+        reason = self.applicability(server, self.config, local_steps=update.local_steps)
+        if block is None or reason is not None:
+            raise UpdateError(f"imprint attack: expected an update of a model with an imprint block, got one that "
+                              f"{reason}")
+        from gradleak.attacks.base import target_gradients
+
+        grads = dict(zip([n for n, p in server.model.named_parameters() if p.requires_grad], target_gradients(update)))
+        prefix = next(n for n, m in server.model.named_children() if m is block)
+        gw, gb = grads[f"{prefix}.encoder.weight"].double(), grads[f"{prefix}.encoder.bias"].double()
+        images, info = self._bins(block, gw, gb, update.num_samples, server.input_shape)
+        try:
+            lab = self.resolve_labels(server, update, labels, self.config.label_strategy)
+            y, strategy, notes = lab.labels, lab.strategy, list(lab.warnings)
+        except GradleakError as e:
+            y, strategy, notes = torch.zeros(update.num_samples, dtype=torch.long), "none", [f"labels: {e}"]
+        return Reconstruction(images=images.float(), labels=y.cpu(), label_strategy=strategy,
+                              history={"iteration": [], "loss": []}, iterations=0,
+                              seconds=time.perf_counter() - start, matching="imprint bins (closed form)",
+                              info={**info, "label_warnings": notes})
+
+    def _bins(self, block: Any, gw: torch.Tensor, gb: torch.Tensor, n: int,
+              shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Every bin's ratio, the plausible ones kept (largest bias share first), padded with grey to ``n``."""
+        k = gb.shape[0]
+        dw = gw - torch.cat([gw[1:], torch.zeros_like(gw[:1])])
+        db = gb - torch.cat([gb[1:], torch.zeros_like(gb[:1])])
+        c = block.thresholds().double()
+        upper = torch.cat([c[1:], torch.tensor([float("inf")], dtype=c.dtype)])
+        w = block.encoder.weight[0].detach().double()
+        floor = self.config.tolerance * float(db.abs().max().clamp_min(1e-300))
+        found, shares = [], []
+        mixed = 0
+        for i in range(k):
+            if abs(float(db[i])) <= floor:
+                continue
+            x = dw[i] / db[i]
+            h = float(x @ w)
+            m = self.config.margin
+            if float(x.min()) < -m or float(x.max()) > 1 + m or not c[i] - 1e-9 < h <= upper[i] + 1e-9:
+                mixed += 1
+                continue
+            found.append(x.clamp(0, 1))
+            shares.append(abs(float(db[i])))
+        order = sorted(range(len(found)), key=lambda j: -shares[j])[:n]
+        images = [found[j].view(*shape) for j in order]
+        images += [torch.full(shape, 0.5, dtype=torch.float64)] * (n - len(images))
+        info = {"bins": k, "bins_hit": int((db.abs() > floor).sum()), "images_found": len(found),
+                "bins_mixed": mixed, "padded": max(0, n - len(found))}
+        return torch.stack(images), info
+
+
+__all__ = ["ImprintAttack", "ImprintConfig"]

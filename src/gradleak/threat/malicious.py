@@ -1,0 +1,107 @@
+"""A malicious server: the imprint block of "Robbing the Fed", put in front of any victim model.
+
+The server sends ``Sequential(ImprintBlock, victim)``. The block measures one statistic of each
+input, ``h(x) = <w, x>`` (by default the mean brightness), and feeds it into ``k`` ReLU units
+whose biases are the negated thresholds ``c_0 < c_1 < ... < c_{k-1}``: unit ``i`` fires for every
+image with ``h(x) > c_i``. Its output goes back into the image through a decoder whose columns are
+all equal and tiny, so the victim sees its input almost unchanged and every unit receives the same
+backward signal ``g(x)`` from a given image. Then, for the FedSGD gradient of the mean loss,
+
+    grad_W[i] - grad_W[i+1] = sum over images with c_i < h(x) <= c_{i+1} of g(x) x / N
+    grad_b[i] - grad_b[i+1] = sum over the same images of g(x) / N
+
+and an image alone in its bin is their ratio, exactly (up to float rounding), whatever the
+victim's activations and however large the batch. The thresholds are quantiles of the
+distribution the server assumes for the statistic, so that the bins are equally likely to be hit.
+
+References:
+    Fowl, Geiping, Czaja, Goldblum, Goldstein, "Robbing the Fed: Directly Obtaining Private Data in
+    Federated Learning with Modified Models", ICLR 2022 (Section 3, the imprint module).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+from torch import nn
+
+from gradleak.errors import ConfigError
+from gradleak.types import ServerState
+
+BRIGHTNESS = NormalDist(mu=0.46, sigma=0.12)
+"""The mean-brightness distribution the server assumes by default (natural photos in [0, 1])."""
+
+
+class ImprintBlock(nn.Module):
+    """``x + decoder(relu(encoder(flatten(x))))`` with ``k`` bins on the statistic ``<w, x>``.
+
+    Args:
+        input_shape: (C, H, W) of one input image.
+        bins: k, the number of ReLU units (bins).
+        thresholds: the k increasing thresholds ``c_i`` (default: quantiles of :data:`BRIGHTNESS`
+            at ``(i + 1) / (k + 1)``).
+        scale: the decoder's constant weight; small, so the victim's input barely changes.
+
+    Example:
+        >>> block = ImprintBlock((3, 8, 8), bins=16)
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> bool((block(x) - x).abs().max() < 1e-2)
+        True
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], bins: int, *, thresholds: torch.Tensor | None = None,
+                 scale: float | None = None) -> None:
+        super().__init__()
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise ConfigError(f"imprint bins: expected an integer of at least 2, got {bins!r}")
+        d = math.prod(input_shape)
+        self.input_shape = tuple(input_shape)
+        self.encoder = nn.Linear(d, bins)
+        self.decoder = nn.Linear(bins, d, bias=False)
+        if thresholds is None:
+            thresholds = torch.tensor([BRIGHTNESS.inv_cdf((i + 1) / (bins + 1)) for i in range(bins)])
+        if thresholds.shape != (bins,) or not bool((thresholds[1:] > thresholds[:-1]).all()):
+            raise ConfigError(f"imprint thresholds: expected {bins} increasing values, got shape "
+                              f"{tuple(thresholds.shape)}")
+        with torch.no_grad():
+            self.encoder.weight.fill_(1.0 / d)  # every row measures the mean brightness
+            self.encoder.bias.copy_(-thresholds.float())
+            self.decoder.weight.fill_((1e-2 / bins) if scale is None else scale)
+
+    @property
+    def bins(self) -> int:
+        return int(self.encoder.out_features)
+
+    def thresholds(self) -> torch.Tensor:
+        return -self.encoder.bias.detach()
+
+    def statistic(self, images: torch.Tensor) -> torch.Tensor:
+        """``h(x)`` per image: the quantity the bins cut (the first encoder row)."""
+        return images.flatten(1) @ self.encoder.weight[0].detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.decoder(torch.relu(self.encoder(x.flatten(1)))).view_as(x)
+
+
+def imprint_model(server: ServerState, bins: int, *, thresholds: torch.Tensor | None = None) -> ServerState:
+    """The model a malicious server sends instead of ``server.model``: an imprint block in front of it.
+
+    The victim's own weights are unchanged; its parameter names gain the prefix ``1.``, the block's
+    are ``0.encoder.weight``, ``0.encoder.bias`` and ``0.decoder.weight``.
+    """
+    block = ImprintBlock(server.input_shape, bins, thresholds=thresholds)
+    model = nn.Sequential(block, server.model)
+    return ServerState(model=model, input_shape=server.input_shape, num_classes=server.num_classes,
+                       bn_mode=server.bn_mode, spec=None)
+
+
+def find_imprint(model: nn.Module) -> ImprintBlock | None:
+    """The imprint block a model starts with (``Sequential(ImprintBlock, ...)``), else ``None``."""
+    if isinstance(model, nn.Sequential) and len(model) > 0 and isinstance(model[0], ImprintBlock):
+        return model[0]
+    return None
+
+
+__all__ = ["BRIGHTNESS", "ImprintBlock", "find_imprint", "imprint_model"]

@@ -1,0 +1,64 @@
+"""The imprint attack (Robbing the Fed): an image alone in its bin comes back to float precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradleak
+from gradleak.data import builtin_batch
+from gradleak.errors import ConfigError, UpdateError
+from gradleak.metrics import psnr, score_reconstruction
+from gradleak.models import build_model
+from gradleak.threat import fedsgd_update
+from gradleak.threat.malicious import ImprintBlock, find_imprint, imprint_model
+from gradleak.types import ModelSpec, ServerState
+
+
+def _honest(name: str = "lenet", activation: str = "sigmoid") -> ServerState:
+    spec = ModelSpec(name=name, activation=activation)
+    return ServerState.from_spec(build_model(spec, seed=42), spec)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_an_image_alone_in_its_bin_is_recovered_to_float_precision(activation):
+    server = imprint_model(_honest(activation=activation), bins=256)
+    batch = builtin_batch(16, source="builtin")
+    update = fedsgd_update(server, batch.images, batch.labels)
+    rec = gradleak.attacks.create("imprint").reconstruct(server, update)
+    block = find_imprint(server.model)
+    assert block is not None
+    bins = torch.bucketize(block.statistic(batch.images), block.thresholds(), right=False)
+    alone = [i for i in range(16) if int((bins == bins[i]).sum()) == 1 and int(bins[i]) > 0]
+    assert len(alone) >= 10, bins.tolist()
+    for i in alone:  # its reconstruction is among the recovered images, to float32 rounding
+        err = (rec.images - batch.images[i]).flatten(1).abs().max(1).values.min()
+        assert float(err) < 1e-3, (i, float(err))
+    scored = score_reconstruction(rec.images, batch.images, with_lpips=False)
+    exact = sum(p["psnr"] >= 40 for p in scored.per_image)
+    assert exact >= len(alone) and rec.info["images_found"] >= len(alone)
+
+
+def test_the_block_leaves_the_victims_output_almost_unchanged_and_its_statistic_is_the_brightness():
+    honest = _honest()
+    server = imprint_model(honest, bins=64)
+    x = builtin_batch(4, source="builtin").images
+    honest.model.eval()
+    server.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(server.model(x), honest.model(x), atol=1e-3)
+    block = find_imprint(server.model)
+    assert block is not None and torch.allclose(block.statistic(x), x.mean((1, 2, 3)), atol=1e-6)
+    assert (psnr(block(x).clamp(0, 1), x) > 40).all()
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ConfigError, match="at least 2"):
+        ImprintBlock((3, 8, 8), bins=1)
+    with pytest.raises(ConfigError, match="increasing"):
+        ImprintBlock((3, 8, 8), bins=3, thresholds=torch.tensor([0.5, 0.4, 0.6]))
+    honest = _honest()
+    update = fedsgd_update(honest, builtin_batch(2, source="builtin").images, torch.tensor([0, 1]))
+    with pytest.raises(UpdateError, match="imprint block"):
+        gradleak.attacks.create("imprint").reconstruct(honest, update)
+    assert "imprint block" in gradleak.attacks.ATTACKS.get("imprint").applicability(honest, None)
