@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bins", default="1024")
     p.add_argument("--activations", default="relu,sigmoid")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--evasion", default="0,0.1,0.3,1,2",
+                   help="noise on the imprint rows, as a multiple of a row's norm (the check's evasion test)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradleak.metrics import score_reconstruction
     from gradleak.models import build_model
     from gradleak.threat import fedsgd_update
-    from gradleak.threat.malicious import imprint_model
+    from gradleak.threat.inspect import inspect_model
+    from gradleak.threat.malicious import find_imprint, imprint_model
     from gradleak.types import ModelSpec, ServerState
 
     results = []
@@ -49,20 +52,36 @@ def main(argv: list[str] | None = None) -> int:
                 server = imprint_model(honest, bins=k)
                 update = fedsgd_update(server, batch.images, batch.labels)
                 t0 = time.perf_counter()
-                rec = gradleak.attacks.create("imprint").reconstruct(server, update)
-                seconds = time.perf_counter() - t0
-                scored = score_reconstruction(rec.images, batch.images, with_lpips=False)
-                exact = sum(p["psnr"] >= 40 for p in scored.per_image)
-                results.append({"model": args.model, "activation": activation, "batch": n, "bins": k,
-                                "exact": exact, "fraction": exact / n, "found": rec.info["images_found"],
-                                "mixed_bins": rec.info["bins_mixed"], "ssim_mean": scored.summary["ssim_mean"],
-                                "seconds": seconds, "threads": torch.get_num_threads()})
-                print(f"  {activation} N={n} k={k}: {exact}/{n} at PSNR >= 40 dB in {seconds:.2f} s", flush=True)
-    print_table(["model", "activation", "batch", "bins", "PSNR >= 40 dB", "fraction", "bins mixed", "mean SSIM",
-                 "attack s"],
-                [[r["model"], r["activation"], r["batch"], r["bins"], f"{r['exact']}/{r['batch']}",
-                  f"{r['fraction']:.2f}", r["mixed_bins"], f"{r['ssim_mean']:.3f}", f"{r['seconds']:.2f}"]
-                 for r in results])
+                for noise in (float(v) for v in args.evasion.split(",")):
+                    block = find_imprint(server.model)
+                    assert block is not None
+                    if noise:
+                        with torch.no_grad():
+                            g = torch.Generator().manual_seed(0)
+                            w = block.encoder.weight
+                            n_ = torch.randn(w.shape, generator=g)
+                            w.add_(noise * w.norm(dim=1, keepdim=True) * n_ / n_.norm(dim=1, keepdim=True))
+                    update = fedsgd_update(server, batch.images, batch.labels)
+                    t0 = time.perf_counter()
+                    rec = gradleak.attacks.create("imprint").reconstruct(server, update)
+                    seconds = time.perf_counter() - t0
+                    scored = score_reconstruction(rec.images, batch.images, with_lpips=False)
+                    exact = sum(p["psnr"] >= 40 for p in scored.per_image)
+                    rows = next(f for f in inspect_model(server.model, server.input_shape) if f.kind == "imprint-rows")
+                    results.append({"model": args.model, "activation": activation, "batch": n, "bins": k,
+                                    "noise": noise, "exact": exact, "fraction": exact / n,
+                                    "found": rec.info["images_found"], "mixed_bins": rec.info["bins_mixed"],
+                                    "ssim_mean": scored.summary["ssim_mean"], "seconds": seconds,
+                                    "check_score": rows.score, "flagged": rows.flagged,
+                                    "threads": torch.get_num_threads()})
+                    print(f"  {activation} N={n} k={k} noise {noise:g}: {exact}/{n} at PSNR >= 40 dB in "
+                          f"{seconds:.2f} s; check {rows.score:.3f}", flush=True)
+                    server = imprint_model(honest, bins=k)  # a fresh block for the next noise level
+    print_table(["model", "activation", "batch", "bins", "row noise", "PSNR >= 40 dB", "fraction", "bins mixed",
+                 "mean SSIM", "attack s", "check score", "flagged"],
+                [[r["model"], r["activation"], r["batch"], r["bins"], f"{r['noise']:g}", f"{r['exact']}/{r['batch']}",
+                  f"{r['fraction']:.2f}", r["mixed_bins"], f"{r['ssim_mean']:.3f}", f"{r['seconds']:.2f}",
+                  f"{r['check_score']:.3f}", "yes" if r["flagged"] else "no"] for r in results])
     if args.json:
         write_json(args.json, results)
     return 0

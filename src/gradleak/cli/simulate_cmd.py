@@ -19,6 +19,7 @@ from gradleak.data import load_batch
 from gradleak.models import build_model
 from gradleak.reporting.runner import check_folder
 from gradleak.threat import save_model_state, save_truth, save_update
+from gradleak.threat.malicious import imprint_model
 from gradleak.types import ModelSpec, ServerState
 
 
@@ -27,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case(p)
     add_threat(p)
+    p.add_argument("--imprint-bins", type=int, default=None,
+                   help="a malicious server: send the victim behind an imprint block of this many bins (Robbing the "
+                        "Fed; attack it with --attack imprint, check it with gradleak inspect)")
     p.add_argument("--out", type=Path, default=None, help="folder for the three files (default runs/simulate-<time>)")
     return p
 
@@ -42,6 +46,10 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                      activation=args.activation, bn_mode=args.bn_mode, width=args.width)
     model = build_model(spec, seed=args.model_seed)
     server = ServerState.from_spec(model, spec)
+    bins = getattr(args, "imprint_bins", None)
+    if bins is not None:
+        server = imprint_model(server, bins)
+        model = server.model
     check_victim(server, [cell])
     batch = load_batch(args.data, args.batch_size * cell.protocol.clients, size=args.image_size,
                        num_classes=args.num_classes, seed=args.data_seed, root=args.data_root)
@@ -56,7 +64,7 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     case = {"model": spec.to_dict(), "model_seed": args.model_seed, "protocol": cell.protocol.protocol,
             "local_steps": cell.protocol.local_steps, "local_lr": cell.protocol.local_lr,
             "local_batch_size": cell.protocol.local_batch_size, "clients": cell.protocol.clients,
-            "defense": cell.defense, "batch_size": args.batch_size, "data": args.data,
+            "defense": cell.defense, "batch_size": args.batch_size, "data": args.data, "imprint_bins": bins,
             "data_root": str(args.data_root) if args.data_root else None, "data_seed": args.data_seed,
             "images": batch.names, "files": files}
     (out / "case.json").write_text(json.dumps(case, indent=2))

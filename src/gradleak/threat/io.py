@@ -143,10 +143,21 @@ def check_update(update: ClientUpdate, *, model: nn.Module | None = None) -> Non
 
 
 def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
-    """Write the server model's ``state_dict`` and its spec (the architecture is rebuilt by name)."""
+    """Write the server model's ``state_dict`` and its spec (the architecture is rebuilt by name).
+
+    A malicious model (an imprint block in front of the victim ``spec`` describes,
+    :mod:`gradleak.threat.malicious`) records its bin count under ``imprint``; the thresholds are in
+    the tensors.
+    """
+    from gradleak.threat.malicious import find_imprint
+
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    header: dict[str, Any] = {"format": "gradleak-model/1", "spec": spec.to_dict()}
+    block = find_imprint(model)
+    if block is not None:
+        header["imprint"] = {"bins": block.bins}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"gradleak": json.dumps({"format": "gradleak-model/1", "spec": spec.to_dict()})})
+    save_file(state, str(path), metadata={"gradleak": json.dumps(header)})
 
 
 def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
@@ -171,6 +182,15 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UpdateError(f"model-state file '{path}': expected finite weights, got NaN/Inf in '{name}'")
     model = build_model(spec, seed=None)
+    imprint = header.get("imprint")
+    if imprint is not None:
+        from gradleak.threat.malicious import ImprintBlock
+
+        bins = imprint.get("bins") if isinstance(imprint, dict) else None
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 1_000_000:
+            raise UpdateError(f"model-state file '{path}': expected imprint.bins an integer from 2 to 10^6, "
+                              f"got {short(bins)}")
+        model = nn.Sequential(ImprintBlock(spec.input_shape, bins), model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
