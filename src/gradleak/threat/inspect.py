@@ -22,6 +22,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,44 +74,59 @@ def _alignment(vectors: torch.Tensor) -> float:
     return float(unit.mean(0).norm())
 
 
+def inspect_arrays(arrays: Mapping[str, torch.Tensor], input_shape: tuple[int, int, int]) -> list[Finding]:
+    """The findings for every 2-D array that reads or writes the raw image, from the arrays alone.
+
+    What a client receives is arrays (Flower's ``ArrayRecord``), not a module; a weight of shape
+    (k, C*H*W) reads the image, one of shape (C*H*W, k) writes into it. The bias of a reading
+    weight is the array of the same name with ``bias`` for ``weight``.
+    """
+    d = math.prod(input_shape)
+    out = []
+    for name, t in arrays.items():
+        if t.dim() != 2 or not t.is_floating_point():
+            continue
+        w = t.detach().double()
+        module = name.rsplit(".", 1)[0] if "." in name else name
+        if w.shape[1] == d and w.shape[0] >= MIN_UNITS:
+            k = int(w.shape[0])
+            score, limit = _alignment(w), threshold(k)
+            bias = arrays.get(name[: -len("weight")] + "bias") if name.endswith("weight") else None
+            graded = bias is not None and int(torch.unique(bias.detach()).numel()) >= k // 2
+            flag = score >= limit and graded
+            out.append(Finding(module, "imprint-rows", score, flag,
+                               f"{k} units read the raw image; their weight rows are "
+                               f"{'near-identical' if score >= limit else 'spread'} (alignment {score:.3f}, flagged "
+                               f"from {limit:.3f})" + (", with graded biases: they cut one image statistic into bins, "
+                                                      "so an image alone in a bin can be read off the update exactly"
+                                                      if flag else "")))
+        if w.shape[0] == d and w.shape[1] >= MIN_UNITS:
+            k = int(w.shape[1])
+            score, limit = _alignment(w.T), threshold(k)
+            flag = score >= limit
+            what = "near-identical: each receives the same backward signal, as an imprint block needs" if flag \
+                else "spread"
+            out.append(Finding(module, "imprint-decoder", score, flag,
+                               f"{k} units write back into the image; their columns are {what} "
+                               f"(alignment {score:.3f}, flagged from {limit:.3f})"))
+    return out
+
+
 def inspect_model(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Finding]:
-    """The findings for every linear layer that reads or writes the raw image, flagged or not.
+    """:func:`inspect_arrays` on a model's parameters: every layer that reads or writes the raw image.
 
     Example:
         >>> from gradleak.threat.malicious import ImprintBlock
         >>> findings = inspect_model(nn.Sequential(ImprintBlock((3, 8, 8), bins=32)), (3, 8, 8))
-        >>> [(f.kind, round(f.score, 3), f.flagged) for f in findings]
-        [('imprint-rows', 1.0, True), ('imprint-decoder', 1.0, True)]
+        >>> [(f.module, f.kind, round(f.score, 3), f.flagged) for f in findings]
+        [('0.encoder', 'imprint-rows', 1.0, True), ('0.decoder', 'imprint-decoder', 1.0, True)]
     """
-    d = math.prod(input_shape)
-    out = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        w = m.weight.detach().double()
-        if m.in_features == d and m.out_features >= MIN_UNITS:
-            score = _alignment(w)
-            graded = m.bias is not None and int(torch.unique(m.bias.detach()).numel()) >= m.out_features // 2
-            flagged = score >= threshold(m.out_features) and graded
-            out.append(Finding(name, "imprint-rows", score, flagged,
-                               f"{m.out_features} units read the raw image; their weight rows are "
-                               f"{'near-identical' if score >= threshold(m.out_features) else 'spread'} "
-                               f"(alignment {score:.3f}, flagged from {threshold(m.out_features):.3f})"
-                               + (", with graded biases: they cut one image statistic into bins, so an image "
-                                  "alone in a bin can be read off the update exactly" if flagged else "")))
-        if m.out_features == d and m.in_features >= MIN_UNITS:
-            score = _alignment(w.T)
-            flagged = score >= threshold(m.in_features)
-            what = "near-identical: each receives the same backward signal, as an imprint block needs" if flagged \
-                else "spread"
-            out.append(Finding(name, "imprint-decoder", score, flagged,
-                               f"{m.in_features} units write back into the image; their columns are {what} "
-                               f"(alignment {score:.3f}, flagged from {threshold(m.in_features):.3f})"))
-    return out
+    return inspect_arrays(dict(model.named_parameters()), input_shape)
 
 
 def flagged(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.flagged]
 
 
-__all__ = ["CEILING", "CHANCE_FACTOR", "FLOOR", "Finding", "MIN_UNITS", "flagged", "inspect_model", "threshold"]
+__all__ = ["CEILING", "CHANCE_FACTOR", "FLOOR", "Finding", "MIN_UNITS", "flagged", "inspect_arrays", "inspect_model",
+           "threshold"]
