@@ -26,7 +26,8 @@ def _client_app(marks: str) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        Path(marks, f"trained-{context.node_id}-{msg.content['config']['kind']}").touch()  # the data was used
+        kind = str(msg.content["config"]["kind"])
+        Path(marks, f"trained-{context.node_id}-{kind}").touch()  # the client's data was used
         return Message(RecordDict({"arrays": msg.content["arrays"]}), reply_to=msg)
 
     return app
