@@ -68,3 +68,16 @@ def test_backends_give_the_same_verdicts_and_an_interrupted_ray_audit_runs_only_
     assert lost.is_file() and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     doc = json.loads((outs["ray"] / "audit.json").read_text())
     assert [c["verdict_attacker"] for c in doc["cells"]] == [r["verdict_attacker"] for r in rows["inline"].values()]
+
+
+def test_a_malicious_server_column_beside_the_honest_one(tmp_path):
+    """--threat honest,malicious: the imprint attack on the malicious server's model recovers the batch exactly
+    where CI-Net at 3 iterations recovers nothing, and the verdict says the server made the difference."""
+    out = tmp_path / "malicious"
+    assert main(["audit", "--model", "lenet", "--batch-sizes", "4", "--defenses", "none", "--attacks", "cinet,imprint",
+                 "--threat", "honest,malicious", "--imprint-bins", "256", "--iterations", "3", "--set", "channels=8",
+                 "--knowledge", "labels-recovered", "--utility-steps", "0", "--no-progress", "--out", str(out)]) == 0
+    row = _csv(out / "audit.csv")["fedsgd_n4_none"]
+    assert row["verdict_attacker"] == "imprint_labels-recovered" and float(row["ssim_server_malicious"]) > 0.99
+    assert "broken if the attacker is the server and sends a modified model: SSIM 1.000" in row["verdict"]
+    assert "SSIM malicious server" in (out / "audit.md").read_text()

@@ -84,6 +84,9 @@ def test_knowledge_axes_and_attackers():
     (["--attacks", "cinet", "--attack", "ig"], "expected it or --attack"),
     (["--attacks", "cinet", "--set", "nonsense=1"], "--set nonsense"),
     (["--backend", "ray", "--workers", "0"], "workers: expected a positive integer"),
+    (["--attacks", "imprint"], "expected --threat malicious"),
+    (["--threat", "evil"], "--threat: expected honest and/or malicious"),
+    (["--threat", "malicious", "--attacks", "cinet"], "expected an attack of a malicious server"),
 ])
 def test_bad_audit_requests_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "bad"

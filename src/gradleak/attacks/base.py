@@ -63,6 +63,8 @@ class Attack(ABC):
     """An interrupted run continues from its checkpoint (``resume=True``)."""
     needs_generator: ClassVar[bool] = False
     """It needs a pretrained generator (the attacker's surrogate data)."""
+    uses_labels: ClassVar[bool] = True
+    """Its images depend on the labels it is given (an audit tries it with labels recovered and known)."""
 
     @classmethod
     def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:

@@ -65,6 +65,7 @@ class ImprintAttack(Attack):
     knowledge = Knowledge(labels="recovered", sok="F", active_manipulation=True)
     iterative = False
     resumable = False
+    uses_labels = False
 
     @classmethod
     def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from gradleak.attacks import ATTACKS
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.audit.cell import cell_seed, cell_update, check_victim, utility
 from gradleak.audit.execute import check_backend, execute
@@ -39,6 +40,7 @@ from gradleak.errors import ConfigError, GradleakError
 from gradleak.models import build_model
 from gradleak.reporting.runner import run_attack, write_json
 from gradleak.threat import save_truth
+from gradleak.threat.malicious import imprint_model
 from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ class AuditOptions:
         address: a Ray cluster's address.
         num_cpus: CPUs per run (Ray's request, and torch threads in a worker).
         num_gpus: GPUs per run (Ray).
+        imprint_bins: also play a malicious server that sends the victim behind an imprint block of
+            this many bins (``--threat malicious``); its attacks (``imprint``) attack that model's
+            update (``None``: an honest server only).
     """
 
     model_seed: int = 42
@@ -103,6 +108,7 @@ class AuditOptions:
     address: str | None = None
     num_cpus: float = 1
     num_gpus: float = 0
+    imprint_bins: int | None = None
 
     def __post_init__(self) -> None:
         steps = self.utility_steps
@@ -146,6 +152,7 @@ class RunJob:
     write_images: bool
     progress: bool
     fill_budget: bool = False
+    imprint_bins: int | None = None
 
     @property
     def id(self) -> str:
@@ -157,11 +164,17 @@ _CASES: dict[tuple[Any, ...], tuple[ServerState, Batch, ClientUpdate]] = {}
 
 def _case(job: RunJob) -> tuple[ServerState, Batch, ClientUpdate]:
     """The victim, the cell's private batch and its defended update (cached per process: a cell's runs share them)."""
+    malicious = ATTACKS.get(job.attacker.attack).knowledge.active_manipulation
     key = (json.dumps(job.spec.to_dict(), sort_keys=True), job.model_seed, job.data, job.data_root, job.data_seed,
-           job.cell, job.defense_seed)
+           job.cell, job.defense_seed, job.imprint_bins if malicious else None)
     if key not in _CASES:
         _CASES.clear()  # one cell at a time: the cache holds no more than one batch and update
         server = ServerState.from_spec(build_model(job.spec, seed=job.model_seed), job.spec)
+        if malicious:  # the malicious server sent a modified model, and the client trained on it
+            if job.imprint_bins is None:
+                raise ConfigError(f"audit attacker {job.attacker.id}: expected a malicious server (imprint_bins), "
+                                  "got none")
+            server = imprint_model(server, job.imprint_bins)
         n = job.cell.batch_size * job.cell.protocol.clients
         batch = load_batch(job.data, n, size=job.spec.image_size, num_classes=job.spec.num_classes,
                            seed=job.data_seed, root=job.data_root)
@@ -221,8 +234,21 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
                    "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},
                    "knowledge": o.knowledge.tokens(), "seed": o.seed, "seeds": o.attack_seeds(),
                    "pairing": o.pairing, "time_budget": o.time_budget, "fill_budget": o.fill_budget,
+                   "threat": ["honest", "malicious"] if o.imprint_bins else ["honest"], "imprint_bins": o.imprint_bins,
                    "images": o.write_images,
                    "utility": {"steps": o.utility_steps, "lr": o.utility_lr}})
+
+
+LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None}
+"""Settings recorded since an earlier version, with the value a folder without them was made with."""
+
+
+def _same_settings(recorded: Any, settings: dict[str, Any]) -> bool:
+    """Whether a cell folder was made with ``settings`` (a key it predates counts as its earlier value)."""
+    if not isinstance(recorded, dict):
+        return False
+    filled = {**{k: v for k, v in LATER_SETTINGS.items() if k not in recorded}, **recorded}
+    return filled == settings
 
 
 def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Path, plan: AttackPlan,
@@ -282,7 +308,7 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
     batch_of(max(c.batch_size * c.protocol.clients for c in cells))  # too few images fails before any cell runs
     for cell in cells:  # every folder is checked before anything is written
         info_path = out / cell.name / "cell.json"
-        if info_path.is_file() and json.loads(info_path.read_text()).get("settings") != settings:
+        if info_path.is_file() and not _same_settings(json.loads(info_path.read_text()).get("settings"), settings):
             raise ConfigError(f"audit cell '{cell.name}': expected results made with the same settings, got a "
                               f"folder made with others ({info_path}); use a new output folder (--out)")
     tell = on_event or (lambda name, status: None)
@@ -308,6 +334,7 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
                     data_root=str(o.data_root) if o.data_root else None, data_seed=o.data_seed,
                     defense_seed=info["defense_seed"], device=o.device, pairing=o.pairing,
                     time_budget=o.time_budget, fill_budget=o.fill_budget and o.time_budget is not None,
+                    imprint_bins=o.imprint_bins,
                     write_images=o.write_images,
                     progress=o.progress and o.backend == "local" and o.workers == 1))
         tell(cell.name, "running")

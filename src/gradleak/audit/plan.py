@@ -31,6 +31,7 @@ from gradleak.attacks.base import resolve_config
 from gradleak.defenses import Defense, parse_defense
 from gradleak.errors import ConfigError
 from gradleak.threat import fedavg_update
+from gradleak.threat.malicious import imprint_model
 from gradleak.types import ClientUpdate, ServerState
 
 
@@ -284,7 +285,7 @@ class AttackPlan:
 
 def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps: Sequence[int] = (1,),
                  presets: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None,
-                 iterations: int | None = None) -> AttackPlan:
+                 iterations: int | None = None, malicious_bins: int | None = None) -> AttackPlan:
     """Which attacks an audit runs, each with its config.
 
     Args:
@@ -295,6 +296,9 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         overrides: config fields; each applies to every selected attack that has the field, and a
             field that none has is refused.
         iterations: an iteration budget for every iterative attack (``None``: each attack's own).
+        malicious_bins: the audit also plays a malicious server that sends the victim behind an
+            imprint block of this many bins (:mod:`gradleak.threat.malicious`); the attacks that
+            need a modified model are judged against it (``None``: an honest server only).
 
     Raises:
         ConfigError: an unknown attack, an attack named explicitly that cannot apply (with the
@@ -328,7 +332,16 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         mine = {k: v for k, v in overrides.items() if k in fields}
         budget = iterations if iterations is not None and cls.iterative else None
         config = resolve_config(name, preset=presets.get(name), overrides=mine, iterations=budget)
-        reason = next((r for s in local_steps if (r := cls.applicability(server, config, local_steps=s))), None)
+        victim = server
+        if cls.knowledge.active_manipulation:
+            if malicious_bins is None:
+                if not auto:
+                    raise ConfigError(f"--attacks {name}: expected --threat malicious (it attacks a model the server "
+                                      "modified), got an honest server only")
+                left_out[name] = "needs a malicious server (--threat malicious)"
+                continue
+            victim = imprint_model(server, malicious_bins)
+        reason = next((r for s in local_steps if (r := cls.applicability(victim, config, local_steps=s))), None)
         if reason is None:
             configs[name] = config
         elif auto:
@@ -363,6 +376,8 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
         ([Attacker(attack='analytic', labels='recovered', defense='unaware')], ['analytic defense-aware (no adaptive mode)'])
     """
     not_tried: list[str] = []
+    cls = ATTACKS.get(attack)
+    labels = knowledge.labels if cls.uses_labels else tuple(v for v in knowledge.labels if v == "recovered") or ("recovered",)
     if not defended:
         defenses = ["none"]
     else:
@@ -375,7 +390,7 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
             not_tried.append(f"{attack} defense-aware ({why})")
             if not defenses:
                 defenses = ["unaware"]
-    return [Attacker(attack, labels=lab, defense=d) for lab in knowledge.labels for d in defenses], not_tried
+    return [Attacker(attack, labels=lab, defense=d) for lab in labels for d in defenses], not_tried
 
 
 def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool) -> list[str]:

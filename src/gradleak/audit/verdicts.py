@@ -153,15 +153,28 @@ def describe_attacker(attacker: str) -> str:
     return ", ".join([attack, *([f"defense-{defense}"] if defense != "none" else []), f"labels {labels}"])
 
 
+def _malicious(attack: str) -> bool:
+    """Whether ``attack`` needs a server that modified the model (a registered attack's knowledge)."""
+    from gradleak.attacks import ATTACKS
+    from gradleak.errors import UnknownNameError
+
+    try:
+        return bool(ATTACKS.get(attack).knowledge.active_manipulation)
+    except UnknownNameError:
+        return False
+
+
 def by_knowledge(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """The best mean SSIM under each assumption tried: ``labels-recovered``, ``labels-known``,
-    ``defense-unaware``, ``defense-aware``, and per attack (``attack:cinet``)."""
+    ``defense-unaware``, ``defense-aware``, ``server-honest``, ``server-malicious``, and per
+    attack (``attack:cinet``)."""
     out: dict[str, float | None] = {}
     for name, s in summaries.items():
         if s.get("ssim_mean") is None:
             continue
         attack, labels, defense = _knowledge(name)
-        keys = [f"labels-{labels}", f"attack:{attack}"] + ([f"defense-{defense}"] if defense != "none" else [])
+        keys = [f"labels-{labels}", f"attack:{attack}", f"server-{'malicious' if _malicious(attack) else 'honest'}"]
+        keys += [f"defense-{defense}"] if defense != "none" else []
         for k in keys:
             out[k] = max(out.get(k) or -1.0, float(s["ssim_mean"]))
     return out
@@ -228,11 +241,13 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
 def _contrast(row: dict[str, Any]) -> str:
     """``broken if the attacker knows the labels: SSIM 0.53; with labels recovered: 0.01`` where an assumption decides."""
     known = row.get("by_knowledge") or {}
-    _, labels, defense = _knowledge(str(row.get("verdict_attacker", "")))
+    attack, labels, defense = _knowledge(str(row.get("verdict_attacker", "")))
+    mine = {f"labels-{labels}", f"defense-{defense}", f"server-{'malicious' if _malicious(attack) else 'honest'}"}
     parts = []
     for strong, weak, words in (("labels-known", "labels-recovered", ("knows the labels", "with labels recovered")),
-                                ("defense-aware", "defense-unaware", ("simulates the defense", "defense-unaware"))):
-        if strong.endswith(labels if strong.startswith("labels") else defense) and weak in known and strong in known:
+                                ("defense-aware", "defense-unaware", ("simulates the defense", "defense-unaware")),
+                                ("server-malicious", "server-honest", ("is the server and sends a modified model", "with an honest server"))):
+        if strong in mine and weak in known and strong in known:
             hi, lo = known[strong], known[weak]
             if hi is not None and lo is not None and hi - lo >= 0.1:
                 parts.append(f"{'broken' if row.get('recognisable_fraction') else 'strongest'} if the attacker "

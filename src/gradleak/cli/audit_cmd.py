@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradleak.audit import AuditOptions, KnowledgeAxes, audit_grid, parse_int_list, plan_attacks, run_audit
+from gradleak.attacks import ATTACKS
+from gradleak.audit import AttackPlan, AuditOptions, KnowledgeAxes, audit_grid, parse_int_list, plan_attacks, run_audit
 from gradleak.audit.budgets import budget_warnings
 from gradleak.audit.execute import BACKENDS
 from gradleak.audit.verdicts import Condition, failing, verdict
@@ -87,6 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="a Ray cluster's address (default: a local Ray runtime)")
     p.add_argument("--num-cpus", type=float, default=1, help="CPUs per run: Ray's request, torch threads in a worker")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per run on Ray (fractions share a GPU)")
+    p.add_argument("--threat", default="honest",
+                   help="honest (default): an honest-but-curious server; honest,malicious: also a server that sends "
+                        "the victim behind an imprint block (Robbing the Fed) and reads the images off its bins")
+    p.add_argument("--imprint-bins", type=int, default=1024, help="bins of the malicious server's imprint block")
     p.add_argument("--allow-inconclusive", action="store_true",
                    help="--fail-if does not fail a cell that is inconclusive (still improving when its budget ended)")
     add_attack(p)
@@ -114,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     knowledge = _knowledge(args)
     spec = ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
                      activation=args.activation, bn_mode=args.bn_mode, width=args.width)
-    plan = _plan(args, spec, cells)
+    threats = _threats(args)
+    plan = _plan(args, spec, cells, threats)
     out = args.out or default_out("audit")
     short = budget_warnings(spec, [c.batch_size * c.protocol.clients for c in cells], plan.configs)
     for line in short:
@@ -134,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                            pairing=args.pairing, time_budget=args.seconds, fill_budget=args.iterations is None,
                            progress=not args.no_progress,
                            write_images=not args.no_images, backend=args.backend, workers=args.workers,
-                           address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                           address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                           imprint_bins=args.imprint_bins if "malicious" in threats else None)
     def kept(folder: Path) -> str | None:
         cell_dirs = [folder / c.name for c in cells]
         return finished_note(folder, cell_dirs, "cell") if any(d.is_dir() for d in cell_dirs) else None
@@ -171,7 +178,16 @@ def _knowledge(args: argparse.Namespace) -> KnowledgeAxes:
     return knowledge
 
 
-def _plan(args: argparse.Namespace, spec: ModelSpec, cells: list) -> Any:
+def _threats(args: argparse.Namespace) -> list[str]:
+    threats = [t.strip() for t in str(args.threat).split(",") if t.strip()]
+    if not threats or any(t not in ("honest", "malicious") for t in threats):
+        raise ConfigError(f"--threat: expected honest and/or malicious, got {args.threat!r}")
+    if args.imprint_bins < 2:
+        raise ConfigError(f"--imprint-bins: expected an integer of at least 2, got {args.imprint_bins}")
+    return threats
+
+
+def _plan(args: argparse.Namespace, spec: ModelSpec, cells: list, threats: list[str]) -> Any:
     """The attacks from --attacks (or --attack), --preset ATTACK:PRESET, --set, --label-strategy, --iterations, --dry-run."""
     if args.attacks is not None and args.attack is not None:
         raise ConfigError(f"--attacks: expected it or --attack, got both ({args.attacks!r} and {args.attack!r})")
@@ -189,5 +205,13 @@ def _plan(args: argparse.Namespace, spec: ModelSpec, cells: list) -> Any:
         overrides["log_every"] = 1
     server = ServerState.from_spec(build_model(spec, seed=args.model_seed), spec)
     steps = sorted({c.protocol.local_steps for c in cells})
-    return plan_attacks(names, server, local_steps=steps, presets=presets, overrides=overrides,
-                        iterations=2 if args.dry_run else args.iterations)
+    plan = plan_attacks(names, server, local_steps=steps, presets=presets, overrides=overrides,
+                        iterations=2 if args.dry_run else args.iterations,
+                        malicious_bins=args.imprint_bins if "malicious" in threats else None)
+    if "honest" not in threats:  # only the malicious server's attacks
+        honest = [n for n in plan.configs if not ATTACKS.get(n).knowledge.active_manipulation]
+        plan = AttackPlan({n: c for n, c in plan.configs.items() if n not in honest},
+                          {**plan.left_out, **{n: "an honest server is not audited (--threat)" for n in honest}})
+        if not plan.configs:
+            raise ConfigError("--threat malicious: expected an attack of a malicious server among --attacks, got none")
+    return plan

@@ -49,6 +49,15 @@ KNOWLEDGE_COLUMNS = (("labels-recovered", "SSIM labels recovered"), ("labels-kno
 """The best mean SSIM under each assumption (``row["by_knowledge"]``), one column each."""
 
 
+MALICIOUS_COLUMN = ("server-malicious", "SSIM malicious server")
+"""Shown when the audit also played a malicious server (``--threat malicious``)."""
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    malicious = any("server-malicious" in (r.get("by_knowledge") or {}) for r in rows)
+    return KNOWLEDGE_COLUMNS + ((MALICIOUS_COLUMN,) if malicious else ())
+
+
 def _knowledge_ssim(row: dict[str, Any], key: str) -> str:
     value = (row.get("by_knowledge") or {}).get(key)
     if value is not None:
@@ -70,7 +79,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
     steps = next((r["utility"]["steps"] for r in rows if r.get("utility")), None)
     many = len({r["protocol_tag"] for r in rows}) > 1
     head = (["protocol"] if many else []) + [
-        "batch", "defense", "ε", *(title for _, title in KNOWLEDGE_COLUMNS), "worst case by",
+        "batch", "defense", "ε", *(title for _, title in _columns(rows)), "worst case by",
         "worst-case SSIM [95% CI]", "best image",
         f"recognisable (≥{RECOGNISABLE_SSIM})", "PSNR", "label acc."]
     if steps is not None:
@@ -80,7 +89,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
     for r in rows:
         acc, frac, best = r.get("label_accuracy"), r.get("recognisable_fraction"), r.get("ssim_worst_image")
         cells = ([r["protocol_tag"]] if many else []) + [
-            str(r["batch_size"]), r["defense"], _eps(r), *(_knowledge_ssim(r, key) for key, _ in KNOWLEDGE_COLUMNS),
+            str(r["batch_size"]), r["defense"], _eps(r), *(_knowledge_ssim(r, key) for key, _ in _columns(rows)),
             describe_attacker(r["verdict_attacker"]) if r.get("verdict_attacker") else "n/a", _ci(r), "n/a" if best is None else f"{best:.3f}", "n/a" if frac is None else f"{frac:.2f}",
             _pm(r, "psnr", 2), "n/a" if acc is None else f"{acc:.2f}"]
         if steps is not None:
@@ -95,7 +104,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
 CSV_KEYS = ["cell", "protocol", "local_steps", "local_lr", "clients", "batch_size", "defense", "defense_spec",
             "epsilon", "delta", "ssim_mean", "ssim_std", "ssim_ci_low", "ssim_ci_high", "ssim_worst_image",
             "recognisable_fraction", "verdict_attacker", "ssim_labels_recovered", "ssim_labels_known",
-            "ssim_defense_unaware", "ssim_defense_aware", "inconclusive", "still_improving_per_100", "fsim_mean", "fsim_std",
+            "ssim_defense_unaware", "ssim_defense_aware", "ssim_server_malicious", "inconclusive", "still_improving_per_100", "fsim_mean", "fsim_std",
             "psnr_mean", "psnr_std", "lpips_mean", "lpips_std", "label_accuracy", "label_strategy", "seeds",
             "utility_steps", "utility_loss", "utility_accuracy", "utility_loss_cost", "iterations", "seconds",
             "not_tried", "verdict"]
@@ -203,7 +212,8 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
         ci = r.get("ssim_ci") or [None, None]
         flat.append({**r, **{k: r["protocol"][k] for k in ("protocol", "local_steps", "local_lr", "clients")},
                      "ssim_ci_low": ci[0], "ssim_ci_high": ci[1],
-                     **{f"ssim_{k.replace('-', '_')}": (r.get("by_knowledge") or {}).get(k) for k, _ in KNOWLEDGE_COLUMNS},
+                     **{f"ssim_{k.replace('-', '_')}": (r.get("by_knowledge") or {}).get(k)
+                        for k, _ in (*KNOWLEDGE_COLUMNS, MALICIOUS_COLUMN)},
                      "still_improving_per_100": max((t["per_100"] for t in r.get("still_improving") or []), default=None),
                      "seeds": " ".join(map(str, r.get("seeds", []))), "not_tried": "; ".join(r.get("not_tried", [])),
                      "utility_steps": u.get("steps"), "utility_loss": u.get("loss"),
