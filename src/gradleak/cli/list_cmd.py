@@ -37,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {', '.join(items) if items else '(none)'}")
     if args.what == "attacks":
         print("(SoK: threat models of Carletti et al., USENIX Security 2025; a run that replays local steps or "
-              "simulates a defense uses training details: C. Every attack here is passive.)")
+              "simulates a defense uses training details: C. Every attack but imprint is passive; imprint needs a "
+              "malicious server: F.)")
     return 0
