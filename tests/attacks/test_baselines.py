@@ -20,6 +20,7 @@ from gradleak.metrics import score_reconstruction
 from gradleak.models import build_model
 from gradleak.reporting import run_attack
 from gradleak.threat import fedavg_update, fedsgd_update
+from gradleak.threat.malicious import imprint_model
 from gradleak.types import ModelSpec, Reconstruction, ServerState
 
 SIZE = 16
@@ -55,6 +56,16 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean())
 
 
+def _case_for(name: str):
+    """A batch of 2 that ``name`` applies to: the linear model for analytic, a malicious server's model
+    (an imprint block in front of LeNet) for an attack that needs one, else LeNet."""
+    server, batch, update = _linear_case(2) if name == "analytic" else _lenet_case(2)
+    if gradleak.attacks.ATTACKS.get(name).knowledge.active_manipulation:
+        server = imprint_model(server, 16)
+        update = fedsgd_update(server, batch.images, batch.labels)
+    return server, batch, update
+
+
 def _tiny_config(name: str, tmp_path: Path) -> dict:
     """A 2-iteration config for every registered attack (others' attacks: a generic guess)."""
     if name == "cinet":
@@ -76,7 +87,7 @@ def _tiny_config(name: str, tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("name", gradleak.attacks.available())
 def test_every_attack_runs_two_iterations_through_the_registry(name: str, tmp_path: Path):
-    server, batch, update = _linear_case(2) if name == "analytic" else _lenet_case(2)
+    server, batch, update = _case_for(name)
     attack = gradleak.attacks.create(name, _tiny_config(name, tmp_path), seed=1)
     seen: list[Progress] = []
     rec = attack.reconstruct(server, update, callback=seen.append)
@@ -105,7 +116,7 @@ def test_optimization_attacks_match_a_fedavg_delta_by_replaying_the_local_steps(
 
 @pytest.mark.parametrize("name", gradleak.attacks.available())
 def test_every_attack_stops_when_the_callback_asks(name: str, tmp_path: Path):
-    server, batch, update = _linear_case(2) if name == "analytic" else _lenet_case(2)
+    server, batch, update = _case_for(name)
     config = _tiny_config(name, tmp_path)
     for key in ("iterations", "latent_iterations", "alternations"):
         if key in config:

@@ -6,6 +6,8 @@ consecutive rows of the block's weight and bias gradients; an image alone in its
 ratio. Bins whose ratio is not an image (outside [0, 1], or whose statistic falls outside the bin:
 two or more images mixed) are dropped; the rest, largest bias share first, are the reconstruction,
 padded with grey when fewer than the batch are found. No iteration, no prior, no labels needed.
+Its one reported "loss" is the share of the bins' bias gradient that the kept images do not
+explain (0: every image of the update was read off a bin of its own).
 
 A threat model beyond the honest-but-curious server: the server modified the model it sent (SoK
 threat model F, active manipulation of the model).
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
+from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import GradleakError, UpdateError
@@ -96,8 +98,11 @@ class ImprintAttack(Attack):
             y, strategy, notes = lab.labels, lab.strategy, list(lab.warnings)
         except GradleakError as e:
             y, strategy, notes = torch.zeros(update.num_samples, dtype=torch.long), "none", [f"labels: {e}"]
+        unexplained = float(info["unexplained"])
+        if callback is not None:
+            callback(Progress(iteration=1, total=1, loss=unexplained, images=images.float()))
         return Reconstruction(images=images.float(), labels=y.cpu(), label_strategy=strategy,
-                              history={"iteration": [], "loss": []}, iterations=0,
+                              history={"iteration": [1], "loss": [unexplained]}, iterations=1,
                               seconds=time.perf_counter() - start, matching="imprint bins (closed form)",
                               info={**info, "label_warnings": notes})
 
@@ -127,8 +132,10 @@ class ImprintAttack(Attack):
         order = sorted(range(len(found)), key=lambda j: -shares[j])[:n]
         images = [found[j].view(*shape) for j in order]
         images += [torch.full(shape, 0.5, dtype=torch.float64)] * (n - len(images))
+        total = float(db.abs().sum().clamp_min(1e-300))
         info = {"bins": k, "bins_hit": int((db.abs() > floor).sum()), "images_found": len(found),
-                "bins_mixed": mixed, "padded": max(0, n - len(found))}
+                "bins_mixed": mixed, "padded": max(0, n - len(found)),
+                "unexplained": 1.0 - sum(shares[j] for j in order) / total}
         return torch.stack(images), info
 
 
