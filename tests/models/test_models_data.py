@@ -132,3 +132,24 @@ def test_builtin_errors():
         load_batch("cifar10-dir", 2, root="/nonexistent")
     with pytest.raises(ConfigError, match="--data-root"):
         load_batch("folder", 2)
+
+
+def test_building_a_model_or_a_generator_leaves_every_random_generator_as_it_was(monkeypatch):
+    """The initialisation seed is set on the CPU generator inside a fork: the global CPU stream is unchanged
+    and no CUDA generator is reseeded (torch.manual_seed would reseed every CUDA device's)."""
+    import gradleak
+
+    def reseeded(*args, **kwargs):
+        raise AssertionError("a CUDA generator was reseeded")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded)
+    before = torch.get_rng_state()
+    build_model(ModelSpec("lenet"), seed=3)
+    server = ServerState.from_spec(build_model(ModelSpec("lenet", image_size=16), seed=1), ModelSpec("lenet", image_size=16))
+    batch = builtin_batch(1, source="cifar10", size=16)
+    update = gradleak.threat.fedsgd_update(server, batch.images, batch.labels)
+    gradleak.attacks.create("cinet", {"iterations": 1, "channels": 4}, seed=5).reconstruct(server, update)
+    assert torch.equal(torch.get_rng_state(), before)
+    a, b = build_model(ModelSpec("lenet"), seed=3), build_model(ModelSpec("lenet"), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -160,7 +160,7 @@ class CINetAttack(Attack):
                                  batch_size=update.num_samples, image_size=h, out_channels=c, nz=cfg.nz, norm=cfg.norm)
         rng = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            torch.default_generator.manual_seed(self.seed)  # the CPU's alone: CUDA generators stay as they were
             gen = CINetGenerator(channels=choice.channels, image_size=h, out_channels=c, nz=cfg.nz,
                                  upsample=cfg.upsample, norm=cfg.norm, spectral=cfg.spectral,
                                  checkpoint=cfg.activation_checkpointing).to(dev)

@@ -169,7 +169,7 @@ def build_model(spec: ModelSpec, *, seed: int | None = 42, device: torch.device 
         model = factory(spec)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's alone: CUDA generators stay as they were
             model = factory(spec)
     model.train(spec.bn_mode == "train")
     return model.to(device)
