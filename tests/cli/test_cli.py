@@ -333,3 +333,33 @@ def test_resume_of_a_folder_without_a_checkpoint_is_a_clear_error(client_files, 
     capsys.readouterr()
     assert main(["attack", "--resume", str(run)]) == 2
     assert "no checkpoint" in _err(capsys)
+
+
+def test_device_strings_are_checked_against_this_machine(monkeypatch):
+    from gradleak.cli.common import check_device
+    from gradleak.errors import ConfigError
+
+    assert check_device("cpu") == "cpu"
+    for bad, message in (("tpu", "expected cpu, cuda or cuda:N"), ("cuda:x", "expected cpu, cuda or cuda:N")):
+        with pytest.raises(ConfigError, match=message):
+            check_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1" and check_device("cuda") == "cuda"
+    with pytest.raises(ConfigError, match=r"expected cuda:0 to cuda:1 \(this machine has 2 GPUs\), got 'cuda:2'"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device found"):
+        check_device("cuda")
+
+
+def test_a_sweep_grid_names_a_device_ray_can_give_it(tmp_path):
+    from gradleak.errors import ConfigError
+    from gradleak.sweep.runner import SweepGrid, run_sweep
+
+    with pytest.raises(ConfigError, match="sweep device: expected cpu, cuda or cuda:N, got 'gpu'"):
+        SweepGrid.from_dict({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], "device": "gpu"})
+    grid = SweepGrid.from_dict({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], "device": "cuda"})
+    with pytest.raises(ConfigError, match="expected num_gpus > 0"):
+        run_sweep(grid, out=tmp_path / "sw", backend="ray")
+    assert not (tmp_path / "sw").exists()

@@ -152,13 +152,25 @@ def attack_config(args: argparse.Namespace) -> Any:
         raise
 
 
-def check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device: expected a device this machine has, got '{device}' (no CUDA device found)")
+def check_device(device: str, *, what: str = "--device") -> str:
+    """``device`` if this machine has it: ``cpu``, ``cuda``, or ``cuda:N`` with N below the device count.
+
+    Raises:
+        ConfigError: a malformed device, no CUDA, or an index past the last GPU.
+    """
     try:
-        torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got '{device}'") from None
+        raise ConfigError(f"{what}: expected cpu, cuda or cuda:N, got '{device}'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what}: expected cpu, cuda or cuda:N, got '{device}'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what}: expected a device this machine has, got '{device}' (no CUDA device found)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"{what}: expected cuda:0 to cuda:{count - 1} (this machine has {count} GPU"
+                              f"{'s' if count > 1 else ''}), got '{device}'")
     return device
 
 

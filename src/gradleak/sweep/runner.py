@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gradleak.audit.engine import cell_finished
 from gradleak.audit.execute import check_backend, execute
 from gradleak.audit.plan import AuditCell, ProtocolSetting, audit_grid
@@ -130,6 +132,12 @@ class SweepGrid:
             raise ConfigError(f"sweep attacks: expected distinct attacks (give each a 'label'), got '{dup}' twice")
         if self.labels not in ("recovered", "given"):
             raise ConfigError(f"sweep labels: expected 'recovered' or 'given', got {self.labels!r}")
+        try:
+            kind = torch.device(self.device).type
+        except (RuntimeError, TypeError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ConfigError(f"sweep device: expected cpu, cuda or cuda:N, got {self.device!r}")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ConfigError(f"sweep resources: expected num_cpus > 0 and num_gpus >= 0, got {self.num_cpus}, "
                               f"{self.num_gpus}")
@@ -333,6 +341,13 @@ def run_sweep(grid: SweepGrid, *, out: str | Path, backend: str = "local", addre
         ConfigError: an unknown backend, or a trial folder made with other settings.
     """
     check_backend(backend, workers)
+    if grid.device.startswith("cuda") and backend == "ray" and grid.num_gpus <= 0:
+        raise ConfigError(f"sweep device {grid.device!r} on Ray: expected num_gpus > 0 per trial (Ray hides the GPUs "
+                          "from a task that requests none), got 0")
+    if grid.device.startswith("cuda") and backend == "local":
+        from gradleak.cli.common import check_device
+
+        check_device(grid.device, what="sweep device")
     out = Path(out)
     trials = grid.trials()
     created = not out.exists()
