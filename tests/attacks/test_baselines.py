@@ -336,3 +336,23 @@ def test_an_iteration_budget_covers_every_gias_stage(restarts, generator_iterati
     assert resolve_config("cinet", iterations=7).iterations == 7
     with pytest.raises(ConfigError, match="analytic has no iteration count"):
         resolve_config("analytic", iterations=7)
+
+
+def test_a_wall_clock_budget_without_iterations_sizes_the_schedule_to_fit(tmp_path: Path):
+    """fill_budget: a 5-iteration probe sizes IG's iteration count to the seconds left, so its decays at 3/8,
+    5/8 and 7/8 of the run fall inside the budget; the count is recorded and a resume keeps it."""
+    server, batch, update = _lenet_case(2)
+    config = {"iterations": 100000, "restarts": 1, "log_every": 10}
+    run = run_attack(server, update, attack="ig", config=config, out=tmp_path / "fit", truth_images=batch.images,
+                     truth_labels=batch.labels, progress=False, time_budget=2.0, fill_budget=True)
+    doc = json.loads((tmp_path / "fit" / "config.json").read_text())
+    fitted = doc["fitted_budget"]
+    assert fitted["probe_iterations"] == 5 and 5 <= fitted["iterations"] < 100000
+    assert doc["attack_config"]["iterations"] == fitted["iterations"]
+    # the schedule was sized to the budget: the run ends by finishing it (or at most one step past the deadline)
+    assert run.reconstruction.iterations <= fitted["iterations"]
+    assert run.metrics["summary"]["seconds"] < 2.0 + 1.0
+    plain = run_attack(server, update, attack="ig", config=config, out=tmp_path / "cut", truth_images=batch.images,
+                       truth_labels=batch.labels, progress=False, time_budget=0.5)
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["fitted_budget"] == {}
+    assert plain.reconstruction.stopped_early == "stopped by the callback"  # 100000 iterations cut by the clock
