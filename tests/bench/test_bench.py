@@ -130,3 +130,26 @@ def test_bench_adaptive_and_labels_under_defenses_write_their_rows(tmp_path, one
     assert {r["defense"] for r in rows} == {"none", "prune:0.9"}
     # batch 1: iDLG's one negative bias entry is also the largest, so it survives top-k pruning
     assert all(r["accuracy"] == 1.0 for r in rows if r["batch"] == 1 and r["strategy"] == "idlg")
+
+
+def test_bench_imprint_counts_exact_recoveries_and_the_checks_score(tmp_path, capsys):
+    out = tmp_path / "imprint.json"
+    assert main(["bench", "imprint", "--model", "lenet", "--batches", "8", "--bins", "256", "--activations", "relu",
+                 "--evasion", "0,2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["noise"] for r in rows] == [0.0, 2.0]
+    clean, noisy = rows
+    assert clean["exact"] >= 6 and clean["check_score"] == pytest.approx(1.0) and clean["flagged"]
+    assert noisy["exact"] < clean["exact"] and 0.3 < noisy["check_score"] < 0.6
+    assert "PSNR >= 40 dB" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_audit_splits_the_wall_time_into_runs_and_overhead(tmp_path):
+    out = tmp_path / "audit.json"
+    assert main(["bench", "audit", "--backends", "local", "--batch-sizes", "1", "--defenses", "none", "--attacks",
+                 "cinet", "--iterations", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["backend"] == "local" and row["runs"] == 2 and row["failed"] == 0
+    assert row["overhead_s"] == pytest.approx(row["wall_s"] - row["runs_s"])
+    assert 0 <= row["overhead_share"] <= 1
