@@ -63,3 +63,27 @@ def test_bf16_without_native_support_warns_and_is_recorded(flags, one_thread):
 def test_matmul_gflops_is_a_positive_measurement(one_thread):
     fp32 = hardware.matmul_gflops(torch.float32, size=128, seconds=0.05)
     assert 0.1 < fp32 < 1e6
+
+
+def test_float32_on_cuda_means_tf32_off_and_the_switches_are_restored(tmp_path):
+    """Checked without a GPU: the policy only sets torch's two TF32 switches, which exist on every build."""
+    from gradleak.reporting import run_attack
+
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as a user may have set
+        with hardware.float32_policy("cuda") as policy:
+            assert policy == {"tf32": False}
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with hardware.float32_policy("cuda:0", tf32=True) as policy:
+            assert policy == {"tf32": True} and torch.backends.cudnn.allow_tf32
+        with hardware.float32_policy("cpu") as policy:
+            assert policy == {"tf32": None}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    server, update, images, labels = make_case("lenet", 1, size=16)
+    run = run_attack(server, update, attack="cinet", config={"iterations": 1, "channels": 4}, out=tmp_path / "r",
+                     truth_images=images, truth_labels=labels, progress=False)
+    assert run.metrics["summary"]["tf32"] is None  # a CPU run records that the switch does not apply
+    assert '"tf32": null' in (tmp_path / "r" / "config.json").read_text()

@@ -9,10 +9,12 @@ the throughput itself, which is also the peak that ``gradleak bench step`` compa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -100,3 +102,24 @@ def memory_bytes() -> int | None:
         return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+@contextlib.contextmanager
+def float32_policy(device: str | torch.device, *, tf32: bool = False) -> Iterator[dict[str, bool | None]]:
+    """Float32 that is float32 on a GPU: TF32 off for CUDA matrix products and convolutions (or on, if asked).
+
+    PyTorch lets cuDNN convolutions use TF32 by default (10-bit mantissa on Ampere and later), so a
+    CUDA run would not compute the float32 it records. Inside the block both switches are set to
+    ``tf32`` and restored after. On a CPU nothing changes. Yields what the run records:
+    ``{"tf32": tf32}`` on CUDA, ``{"tf32": None}`` elsewhere.
+    """
+    if torch.device(device).type != "cuda":
+        yield {"tf32": None}
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield {"tf32": tf32}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

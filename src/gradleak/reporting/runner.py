@@ -29,6 +29,7 @@ from gradleak.attacks.checkpoint import FILES as CHECKPOINT_FILES
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.threat_model import run_threat_model
 from gradleak.errors import ConfigError
+from gradleak.hardware import float32_policy
 from gradleak.metrics import score_reconstruction
 from gradleak.metrics.image import ssim
 from gradleak.metrics.pairing import pair_images
@@ -255,7 +256,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
                give_labels: bool = False, case: dict[str, Any] | None = None, device: str = "cpu",
                seed: int = 0, resume: bool = False, progress: bool = True, pairing: str = "hungarian",
                time_budget: float | None = None, fill_budget: bool = False, write_images: bool = True,
-               force: bool = False) -> AttackRun:
+               force: bool = False, tf32: bool = False) -> AttackRun:
     """Run ``attack`` on ``update`` and write the run folder ``out``.
 
     Args:
@@ -284,6 +285,9 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
             checkpoint (which can regenerate the images) is removed once the run is finished.
             Reconstructions of real client data are themselves sensitive.
         force: replace a run already in ``out`` (otherwise refused, :func:`check_out`).
+        tf32: on CUDA, let matrix products and convolutions use TF32 (default off: the run computes
+            the float32 it records, :func:`gradleak.hardware.float32_policy`); recorded as
+            ``float32.tf32`` in config.json and ``tf32`` in the summary.
 
     Everything is validated (the folder, the config, the update against the model, the truth)
     before anything is written. If the attack then fails before its first checkpoint, what this
@@ -312,8 +316,9 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
             att.config = replace(att.config, **type(att).budget(int(fitted["iterations"]), att.config))
         else:
             try:
-                att.config, fitted = fit_budget(att, server, update, truth_labels if give_labels else None,
-                                                time_budget)
+                with float32_policy(dev, tf32=tf32):  # the probe computes as the run will
+                    att.config, fitted = fit_budget(att, server, update, truth_labels if give_labels else None,
+                                                    time_budget)
             except Exception:
                 _remove_written(run_dir, created)
                 raise
@@ -325,7 +330,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     config_doc = {
         "attack": attack, "attack_config": att.config, "seed": seed, "device": str(dev),
         "labels": "given" if give_labels else "recovered", "pairing": pairing, "case": case or {},
-        "fitted_budget": fitted,
+        "fitted_budget": fitted, "float32": {"tf32": tf32 if dev.type == "cuda" else None},
         "update": update.meta_dict(),
         "versions": {"gradleak": gradleak.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
@@ -347,8 +352,8 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     t0 = time.perf_counter()
     caught: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:  # recorded in metrics.json, and shown below
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught, float32_policy(dev, tf32=tf32):
+            warnings.simplefilter("always")  # the warnings are recorded in metrics.json, and shown below
             rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,
                                   run_dir=run_dir, resume=resume)
     except Exception:
@@ -385,7 +390,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         "defense": (rec.info.get("adaptive") or {}).get("defense") or ("+".join(update.defenses) or "none"),
         "iterations": rec.iterations, "seconds": (rec.seconds or wall) - bar.spent,
         "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": peak_memory_mb(dev),
-        "peak_memory_scope": memory_scope,
+        "peak_memory_scope": memory_scope, "tf32": config_doc["float32"]["tf32"],
     })
     threat = run_threat_model(att.knowledge, update, rec.info, bn_mode=server.bn_mode, labels=config_doc["labels"])
     summary["threat_model"] = threat["sok"]
