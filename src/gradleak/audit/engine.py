@@ -33,7 +33,15 @@ from gradleak.attacks import ATTACKS
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.audit.cell import cell_seed, cell_update, check_victim, utility
 from gradleak.audit.execute import check_backend, execute
-from gradleak.audit.plan import Attacker, AttackPlan, AuditCell, KnowledgeAxes, attackers_for, untried_knowledge
+from gradleak.audit.plan import (
+    Attacker,
+    AttackPlan,
+    AuditCell,
+    KnowledgeAxes,
+    attackers_for,
+    run_name,
+    untried_knowledge,
+)
 from gradleak.audit.verdicts import load_row
 from gradleak.data import load_batch
 from gradleak.errors import ConfigError, GradleakError
@@ -190,11 +198,10 @@ def run_job(job: RunJob) -> str:
     if (folder / "metrics.json").is_file():
         return str(folder)
     server, batch, update = _case(job)
-    run_attack(server, update, attack=job.attacker.attack, config=job.attacker.config(job.attack_config), out=folder,
-               seed=job.seed, case={**job.case, "attacker": asdict(job.attacker), "attacker_id": job.attacker.id},
-               truth_images=batch.images, truth_labels=batch.labels, give_labels=job.attacker.labels == "known",
-               device=job.device, progress=job.progress, pairing=job.pairing, time_budget=job.time_budget,
-               fill_budget=job.fill_budget, write_images=job.write_images, resume=Checkpointer(folder, 0).exists(), force=True)
+    run_attackers(server, update, attackers=[job.attacker], attack_config=job.attack_config, folder=folder.parent,
+                  seeds=[job.seed], case=job.case, truth_images=batch.images, truth_labels=batch.labels,
+                  device=job.device, progress=job.progress, pairing=job.pairing, time_budget=job.time_budget,
+                  fill_budget=job.fill_budget, write_images=job.write_images)
     return str(folder)
 
 
@@ -207,7 +214,7 @@ def run_attackers(server: ServerState, update: ClientUpdate, *, attackers: Seque
     """
     for attacker in attackers:
         for seed in seeds:
-            run_dir = folder / f"{attacker.id}-s{seed}"
+            run_dir = folder / run_name(attacker.id, seed)
             if (run_dir / "metrics.json").is_file():
                 continue
             run_attack(server, update, attack=attacker.attack, config=attacker.config(attack_config), out=run_dir,
@@ -223,7 +230,7 @@ def cell_finished(folder: str | Path) -> bool:
         return False
     info = json.loads(info_path.read_text())
     seeds = (info.get("settings") or {}).get("seeds") or []
-    return bool(seeds) and all((Path(folder) / f"{a}-s{s}" / "metrics.json").is_file()
+    return bool(seeds) and all((Path(folder) / run_name(a, s) / "metrics.json").is_file()
                                for a in info.get("attacker_names", []) for s in seeds)
 
 
@@ -325,7 +332,7 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
         for attacker_id in info["attacker_names"]:
             attacker = Attacker.parse(attacker_id)
             for s in settings["seeds"]:
-                run_dir = folder / f"{attacker_id}-s{s}"
+                run_dir = folder / run_name(attacker_id, s)
                 if (run_dir / "metrics.json").is_file():
                     continue
                 jobs.append(RunJob(

@@ -271,6 +271,11 @@ class Attacker:
         return dataclasses.replace(attack_config, adaptive=mode)
 
 
+def run_name(attacker_id: str, seed: int) -> str:
+    """A run's folder in its cell: ``<attacker id>-s<seed>`` (what :func:`gradleak.audit.verdicts.load_runs` reads)."""
+    return f"{attacker_id}-s{seed}"
+
+
 @dataclass(frozen=True)
 class AttackPlan:
     """The attacks of an audit with their resolved configs (:func:`plan_attacks`), and those left out."""
@@ -403,4 +408,4 @@ def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool) -> list[str]:
 
 __all__ = ["AttackPlan", "Attacker", "AuditCell", "DEFENSE_KNOWLEDGE", "KNOWLEDGE_TOKENS", "KnowledgeAxes",
            "LABEL_KNOWLEDGE", "ProtocolSetting", "attackers_for", "audit_grid", "parse_int_list", "plan_attacks",
-           "untried_knowledge"]
+           "run_name", "untried_knowledge"]
