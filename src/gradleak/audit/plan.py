@@ -331,6 +331,7 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
                           f"({', '.join(wanted)}), got one of {stray[0]}")
     configs: dict[str, Any] = {}
     left_out: dict[str, str] = {}
+    used: set[str] = set()  # the overrides some planned attack took
     for name in dict.fromkeys(wanted):
         cls = ATTACKS.get(name)
         fields = {f.name for f in dataclasses.fields(cls.Config)}
@@ -349,13 +350,13 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         reason = next((r for s in local_steps if (r := cls.applicability(victim, config, local_steps=s))), None)
         if reason is None:
             configs[name] = config
+            used.update(mine)
         elif auto:
             left_out[name] = reason
         else:
             raise ConfigError(f"--attacks {name}: expected an attack that applies to this victim and protocol; "
                               f"{name} {reason}")
-    unused = [k for k in overrides if not any(k in {f.name for f in dataclasses.fields(ATTACKS.get(n).Config)}
-                                              for n in configs)]
+    unused = [k for k in overrides if k not in used]
     if unused:
         raise ConfigError(f"--set {unused[0]}: expected a config field of an audited attack ({', '.join(configs)}), "
                           "got one none of them has")
