@@ -116,6 +116,13 @@ class ClientUpdate:
         num_clients: how many client updates were averaged (aggregate).
         defenses: names of the defenses applied, in order.
         metadata: anything else, JSON-serialisable.
+        buffers: BatchNorm running statistics the client shared, as the change its local training
+            made to them (``buffer name -> after - before``; ``running_mean`` and ``running_var``
+            of each train-mode BatchNorm layer). A FedAvg client that uploads its whole
+            ``state_dict`` (Flower's examples do) shares them; a FedSGD client that shares them
+            sends the change its one forward pass made. Over one step the change of ``running_mean``
+            is ``momentum * (batch mean - running_mean)``: the batch means of every BatchNorm layer's
+            input (:func:`gradleak.threat.batchnorm.batch_statistics`). Empty: not shared.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -128,6 +135,7 @@ class ClientUpdate:
     num_clients: int = 1
     defenses: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ("gradient", "delta"):
@@ -157,13 +165,15 @@ class ClientUpdate:
             "defenses": list(self.defenses),
             "metadata": self.metadata,
             "parameters": {n: list(t.shape) for n, t in self.tensors.items()},
+            "buffers": {n: list(t.shape) for n, t in self.buffers.items()},
         }
 
     def replace(self, **changes: Any) -> ClientUpdate:
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str) -> ClientUpdate:
-        return self.replace(tensors={n: t.to(device) for n, t in self.tensors.items()})
+        return self.replace(tensors={n: t.to(device) for n, t in self.tensors.items()},
+                            buffers={n: t.to(device) for n, t in self.buffers.items()})
 
 
 @dataclass(frozen=True)

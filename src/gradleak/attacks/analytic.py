@@ -220,6 +220,70 @@ class _Solver:
         return a
 
 
+@dataclass
+class LayerSolution:
+    """A solve of Proposition 1's equations for one softmax layer (:func:`solve_softmax_layer`)."""
+
+    x_aug: torch.Tensor
+    """(N, D + 1): the layer's inputs with the bias column (ideally all ones)."""
+    softmax: torch.Tensor
+    p_hat: torch.Tensor
+    rank: int
+    """The numerical rank of ``G``."""
+    attempts: int
+    notes: list[str]
+
+
+def solve_softmax_layer(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, onehot: torch.Tensor,
+                        cfg: AnalyticConfig, *, rng: torch.Generator,
+                        log: _Log | None = None) -> LayerSolution:
+    """Solve ``G = P_hat^T [x | 1]`` for the inputs ``x`` of a linear layer followed by softmax cross-entropy.
+
+    Args:
+        g: ``N [grad_W | grad_b]``, shape (C, D + 1), float64.
+        weight: the layer's weight (C, D); ``bias``: its bias (C,).
+        onehot: the labels, (N, C) one-hot, float64.
+        cfg: the solve's settings (alternations, refine steps, tolerances, restarts).
+        rng: seeds the starts' perturbations.
+        log: called with each step's residual and current ``[x | 1]``; returns True to stop.
+
+    The layer may be a whole 1-layer model (the images) or a deep model's last layer (its input
+    features, :mod:`gradleak.attacks.features`): the equations are the same.
+    """
+    dt, dev = g.dtype, g.device
+    n = onehot.shape[0]
+    wa = torch.cat([weight.to(dev, dt), bias.to(dev, dt)[:, None]], 1)
+    u, sv, vh = torch.linalg.svd(g, full_matrices=False)
+    rank_g = int((sv > cfg.rank_tol * sv[0]).sum()) if sv[0] > 0 else 0
+    r = max(1, min(n, rank_g))
+    us, basis = u[:, :r] * sv[:r], vh[:r]  # G ~ us @ basis
+    solver = _Solver(us, basis @ wa.T, basis[:, -1], onehot)
+    notes: list[str] = []
+    step_log: _Log = (lambda value, a: False) if log is None else (lambda value, a: log(value, a @ basis))
+    if n * r > _MAX_LM_UNKNOWNS and cfg.refine_steps:
+        notes.append(f"Levenberg-Marquardt skipped: {n * r} unknowns exceed {_MAX_LM_UNKNOWNS}")
+    best_cost, a, attempts = math.inf, torch.empty(0), 0
+    stopped = False
+
+    def logged(value: float, cand: torch.Tensor) -> bool:
+        nonlocal stopped
+        stopped = stopped or step_log(value, cand)
+        return stopped
+
+    for attempts in range(1, cfg.restarts + 1):
+        cand = solver.alternate(solver.start(rng), cfg.alternations, cfg.tol, logged)
+        if n * r <= _MAX_LM_UNKNOWNS and not stopped:
+            cand = solver.refine(cand, cfg.refine_steps, cfg.tol, logged)
+        cost = solver.cost(cand)
+        if attempts == 1 or cost < best_cost:
+            best_cost, a = cost, cand
+        if math.sqrt(best_cost) < _converged(cfg.tol) or stopped:  # converged: no start can do better
+            break
+    _, s, p = solver.residual(a)
+    return LayerSolution(x_aug=a @ basis, softmax=s, p_hat=p, rank=rank_g, attempts=attempts, notes=notes)
+
+
+
 @ATTACKS.register("analytic")
 class AnalyticAttack(Attack):
     """Exact reconstruction for 1-layer softmax models from ``N grad_W = P_hat^T x`` (Proposition 1).
@@ -275,43 +339,24 @@ class AnalyticAttack(Attack):
         grads = target_gradients(update)
         dt = torch.float64
         g = n * torch.cat([grads[wi].to(self.device, dt), grads[bi].to(self.device, dt)[:, None]], 1)  # (C, D+1)
-        wa = torch.cat([lin.weight.detach().to(self.device, dt), lin.bias.detach().to(self.device, dt)[:, None]], 1)
         onehot = F.one_hot(y.to(self.device), c).to(dt)
-
-        u, sv, vh = torch.linalg.svd(g, full_matrices=False)
-        rank_g = int((sv > cfg.rank_tol * sv[0]).sum()) if sv[0] > 0 else 0
-        r = max(1, min(n, rank_g))
-        us, basis = u[:, :r] * sv[:r], vh[:r]  # G ~ us @ basis
-        solver = _Solver(us, basis @ wa.T, basis[:, -1], onehot)
         history: dict[str, list[float]] = {"iteration": [], "loss": []}
         total = cfg.restarts * (cfg.alternations + cfg.refine_steps)
-
         stopped = False
 
-        def log(value: float, a: torch.Tensor) -> bool:
+        def log(value: float, x_aug: torch.Tensor) -> bool:
             nonlocal stopped
             history["iteration"].append(len(history["iteration"]))
             history["loss"].append(value)
             if callback is not None and not stopped:
-                progress = Progress(len(history["iteration"]), total, value, self._images(a @ basis, server))
+                progress = Progress(len(history["iteration"]), total, value, self._images(x_aug, server))
                 stopped = bool(callback(progress))
             return stopped
 
-        if n * r > _MAX_LM_UNKNOWNS and cfg.refine_steps:
-            notes.append(f"Levenberg-Marquardt skipped: {n * r} unknowns exceed {_MAX_LM_UNKNOWNS}")
-        rng = torch.Generator().manual_seed(self.seed)
-        best_cost, a, attempts = math.inf, torch.empty(0), 0
-        for attempts in range(1, cfg.restarts + 1):
-            cand = solver.alternate(solver.start(rng), cfg.alternations, cfg.tol, log)
-            if n * r <= _MAX_LM_UNKNOWNS and not stopped:
-                cand = solver.refine(cand, cfg.refine_steps, cfg.tol, log)
-            cost = solver.cost(cand)
-            if attempts == 1 or cost < best_cost:
-                best_cost, a = cost, cand
-            if math.sqrt(best_cost) < _converged(cfg.tol) or stopped:  # converged: no start can do better
-                break
-        _, s, p = solver.residual(a)
-        x_aug = a @ basis
+        sol = solve_softmax_layer(g, lin.weight.detach(), lin.bias.detach(), onehot, cfg,
+                                  rng=torch.Generator().manual_seed(self.seed), log=log)
+        notes.extend(sol.notes)
+        x_aug, s, p, rank_g, attempts = sol.x_aug, sol.softmax, sol.p_hat, sol.rank, sol.attempts
         info = self._diagnose(x_aug, s, p, g, grads[bi].to(self.device, dt), onehot, rank_g, n, c)
         info.update({"attack": self.name, "config": asdict(cfg), "label_notes": notes, "label_info": lab.info,
                      "attempts": attempts})

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from gradleak.attacks.auxiliary import Auxiliary
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
@@ -186,7 +187,7 @@ class CINetAttack(Attack):
             with loop.restoring():
                 self._restore(*restored, gen, opt, sched, z, rng)
         gen.train()
-        step = _Stepper(cfg, gen, z, gparams, opt, sched, matcher, y)
+        step = _Stepper(cfg, gen, z, gparams, opt, sched, matcher, y, setup.auxiliary)
         loop.steps(step, start=loop.done + 1, stop=cfg.iterations)
         if loop.done > loop.resumed_from:
             loop.save()  # before the last forward, which moves the buffers: a longer resume continues exactly
@@ -194,7 +195,7 @@ class CINetAttack(Attack):
             images = gen(z)
         return loop.outcome(images, y, setup.labels.strategy, {
             "channel_choice": choice.to_dict(), "label_notes": setup.labels.warnings,
-            "label_info": setup.labels.info, "precision_note": precision_note})
+            "label_info": setup.labels.info, "precision_note": precision_note}, setup.auxiliary)
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], gen: torch.nn.Module,
                  opt: torch.optim.Optimizer, sched: Any, z: torch.Tensor, rng: torch.Generator) -> None:
@@ -221,25 +222,37 @@ class _Stepper:
     """
 
     def __init__(self, cfg: CINetConfig, gen: torch.nn.Module, z: torch.Tensor, params: list[torch.Tensor],
-                 opt: torch.optim.Optimizer, sched: Any, matcher: Matcher, y: torch.Tensor) -> None:
+                 opt: torch.optim.Optimizer, sched: Any, matcher: Matcher, y: torch.Tensor, aux: Auxiliary) -> None:
         self.cfg, self.gen, self.z, self.params, self.opt, self.sched = cfg, gen, z, params, opt, sched
-        self.matcher, self.y = matcher, y
+        self.matcher, self.y, self.aux = matcher, y, aux
         self.amp = _PRECISIONS[cfg.precision]
 
     def __call__(self, it: int) -> Step:
         cfg = self.cfg
         autocast = (contextlib.nullcontext() if self.amp is None
                     else torch.autocast(self.z.device.type, dtype=self.amp))
-        with autocast:
-            x = self.gen(self.z)
-            grads = self.matcher.simulate(x, self.y)
-        if self.amp is not None:
-            grads = [g.float() for g in grads]
-        loss = self.matcher.distance(cfg.loss, grads)
+        match: float | None = None
+        if it <= cfg.feature_init:  # the features alone: an initialisation target, no simulation
+            with autocast:
+                x = self.gen(self.z)
+                init = self.aux.loss(x, features_only=True)
+            assert init is not None
+            loss, match = init.float(), float("inf")  # not a matching loss: never at the noise floor
+        else:
+            with autocast, self.aux.watching():
+                x = self.gen(self.z)
+                grads = self.matcher.simulate(x, self.y)
+            if self.amp is not None:
+                grads = [g.float() for g in grads]
+            loss = self.matcher.distance(cfg.loss, grads)
+            extra = self.aux.loss(x)
+            if extra is not None:
+                match = float(loss.detach()) if self.matcher.floor is not None else None
+                loss = loss + extra.float()
         if cfg.tv > 0:
             loss = loss + cfg.tv * total_variation(x.float())
         for p, g in zip(self.params, torch.autograd.grad(loss, self.params)):
             p.grad = g.sign() if cfg.update != "adam" else g
         self.opt.step()
         self.sched.step()
-        return Step(loss=loss.detach(), images=x.detach().float())
+        return Step(loss=loss.detach(), match=match, images=x.detach().float())

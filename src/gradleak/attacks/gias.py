@@ -272,6 +272,9 @@ class GIASAttack(Attack):
                     callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
                     resume: bool = False) -> Reconstruction:
         cfg = self.config
+        if cfg.feature_init:
+            raise ConfigError("gias feature_init: expected 0 (the latent search starts from the generator's prior, "
+                              "not from features), got " + str(cfg.feature_init) + "; use features for the term")
         setup = prepare(self, server, update, labels, strategy=cfg.label_strategy, adaptive=cfg.adaptive)
         base = _copy(self.generator if self.generator is not None else load_generator(cfg, device=self.device))
         base = base.to(self.device).eval()
@@ -288,9 +291,14 @@ class GIASAttack(Attack):
                 raise ConfigError(f"gias: expected the generator to output {expected}, got {tuple(x.shape)}")
             return (x + 1) / 2 if cfg.output_range == "tanh" else x
 
+        aux = setup.auxiliary
+
         def objective(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            match = matcher.distance(cfg.loss, matcher.simulate(x, y))
-            return (match + cfg.tv * total_variation(x) if cfg.tv > 0 else match), match
+            with aux.watching():
+                match = matcher.distance(cfg.loss, matcher.simulate(x, y))
+            extra = aux.loss(x)
+            total = match if extra is None else match + extra
+            return (total + cfg.tv * total_variation(x) if cfg.tv > 0 else total), match
 
         rng = torch.Generator().manual_seed(self.seed)
         run = _Run(z=torch.randn(zshape, generator=rng).to(self.device))
@@ -309,7 +317,8 @@ class GIASAttack(Attack):
             loop.save()
         return loop.outcome(out, y, setup.labels.strategy, {
             "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": run.scores,
-            "latent_shape": list(zshape[1:]), "generator_parameters": sum(p.numel() for p in base.parameters())})
+            "latent_shape": list(zshape[1:]), "generator_parameters": sum(p.numel() for p in base.parameters())},
+            aux)
 
     def _latent_search(self, loop: Loop, run: _Run, rng: torch.Generator, objective: Objective,
                        images: Callable[[torch.Tensor], torch.Tensor], zshape: tuple[int, ...]) -> None:

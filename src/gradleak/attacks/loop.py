@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from gradleak.attacks.adaptive import check_adaptive
+from gradleak.attacks.auxiliary import Auxiliary
 from gradleak.attacks.base import Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.matching import Matcher, build_matcher
@@ -69,17 +70,28 @@ class LoopConfig:
         checkpoint_every: iterations between checkpoints when a run folder is given (0: none).
         adaptive: ``"auto"`` (simulate the update's recorded defense, :mod:`gradleak.attacks.adaptive`),
             ``"on"`` (the same; refuse an undefended update) or ``"off"`` (the unaware attacker).
+        features: weight of the last-layer feature-matching term (0: off): the input of the victim's
+            last linear layer, recovered from the update (:mod:`gradleak.attacks.features`), matched
+            by the candidates' (:mod:`gradleak.attacks.auxiliary`).
+        feature_init: iterations at the start that match only those features (an initialisation
+            target; they count in the budget).
+        bn_stats: weight of the BatchNorm-statistics term, used whenever the update shares the
+            client's running statistics (0: ignore them).
     """
 
     label_strategy: str = "auto"
     log_every: int = 25
     checkpoint_every: int = 100
     adaptive: str = "auto"
+    features: float = 0.0
+    feature_init: int = 0
+    bn_stats: float = 0.1
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_adaptive(owner, self.adaptive)
-        check_ranges(owner, self, log_every=(1, None), checkpoint_every=(0, None))
+        check_ranges(owner, self, log_every=(1, None), checkpoint_every=(0, None), features=(0, None),
+                     feature_init=(0, None), bn_stats=(0, None))
 
 
 @dataclass
@@ -89,6 +101,7 @@ class Setup:
     labels: LabelResult
     victim: nn.Module
     matcher: Matcher
+    auxiliary: Auxiliary
 
 
 def prepare(attack: Attack, server: ServerState, update: ClientUpdate, labels: torch.Tensor | None, *,
@@ -105,8 +118,9 @@ def prepare(attack: Attack, server: ServerState, update: ClientUpdate, labels: t
         lab = attack.resolve_labels(server, update, labels, strategy)
     victim = copy.deepcopy(server.model).to(attack.device)
     victim.train(server.bn_mode == "train")
-    return Setup(labels=lab, victim=victim, matcher=build_matcher(update, victim, device=attack.device,
-                                                                  adaptive=adaptive))
+    matcher = build_matcher(update, victim, device=attack.device, adaptive=adaptive)
+    aux = Auxiliary.build(attack.config, server, update, victim, lab.labels, seed=attack.seed, device=attack.device)
+    return Setup(labels=lab, victim=victim, matcher=matcher, auxiliary=aux)
 
 
 def check_size(update: ClientUpdate, server: ServerState) -> None:
@@ -285,7 +299,7 @@ class Loop:
             raise
 
     def outcome(self, images: torch.Tensor, labels: torch.Tensor, label_strategy: str,
-                info: dict[str, Any]) -> Reconstruction:
+                info: dict[str, Any], auxiliary: Auxiliary | None = None) -> Reconstruction:
         """The run's :class:`Reconstruction`: the common fields, and the attack's own ``info``."""
         cfg = self.attack.config
         return Reconstruction(
@@ -293,7 +307,8 @@ class Loop:
             history=self.history, iterations=self.done, seconds=self.seconds, stopped_early=self.stop_reason,
             resumed_from=self.resumed_from, matching=self.matcher.mode,
             info={"attack": self.attack.name, "config": dataclasses.asdict(cfg), "adaptive": self.matcher.adaptive,
-                  "matching_loss": self.matcher.loss_name(cfg.loss), **info})
+                  "matching_loss": self.matcher.loss_name(cfg.loss),
+                  "auxiliary": auxiliary.info if auxiliary is not None else {}, **info})
 
 
 _STOPS = {signal.SIGINT: (KeyboardInterrupt, b"Ctrl-C", b"Ctrl-C again"),

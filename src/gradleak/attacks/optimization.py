@@ -167,9 +167,21 @@ class OptimizationAttack(Attack):
         loop = Loop(self, total=cfg.restarts * cfg.iterations, matcher=matcher, callback=callback, run_dir=run_dir)
         shape = (update.num_samples,) + tuple(server.input_shape)
 
+        aux = setup.auxiliary
+        stage = {"features_only": False}
+
         def objective(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            match = matcher.distance(cfg.loss, matcher.simulate(x, torch.softmax(v, -1) if soft else y_hard))
-            return (match + cfg.tv * total_variation(x) if cfg.tv > 0 else match), match
+            if stage["features_only"]:  # feature_init: the features alone, no simulation
+                match = aux.loss(x, features_only=True)
+                assert match is not None
+                total = match
+                match = torch.full_like(match, float("inf"))  # not a matching loss: never at the noise floor
+            else:
+                with aux.watching():
+                    match = matcher.distance(cfg.loss, matcher.simulate(x, torch.softmax(v, -1) if soft else y_hard))
+                extra = aux.loss(x)
+                total = match if extra is None else match + extra
+            return (total + cfg.tv * total_variation(x) if cfg.tv > 0 else total), match
 
         rng = torch.Generator().manual_seed(self.seed)
         run = self._trial(shape, server.num_classes, soft, rng)
@@ -181,6 +193,7 @@ class OptimizationAttack(Attack):
             return tensors, {**run.meta(), "optimizer": opt_meta, "scheduler": scheduler_state(run.sched)}
 
         def step(it: int) -> Step:
+            stage["features_only"] = it <= cfg.feature_init
             value, match = self._step(run.opt, run.sched, run.x, run.v, soft, objective)
             if not (math.isfinite(value) and bool(torch.isfinite(run.x).all())):
                 logger.warning("%s: restart %d diverged at iteration %d; keeping its last finite images",
@@ -203,7 +216,7 @@ class OptimizationAttack(Attack):
         scores = run.scores + partial
         return loop.outcome(run.best_x.clamp(0, 1), y_out, setup.labels.strategy, {
             "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": scores,
-            "best_restart": int(min(range(len(scores)), key=scores.__getitem__)), "diverged": run.diverged})
+            "best_restart": int(min(range(len(scores)), key=scores.__getitem__)), "diverged": run.diverged}, aux)
 
     def _restarts(self, loop: Loop, run: _Run, step: Callable[[int], Step],
                   objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],

@@ -59,7 +59,8 @@ def aggregate_updates(updates: Sequence[ClientUpdate], *, weighting: Weighting =
         total N, ``num_clients`` K. ``local_steps`` is the largest client's count (so a one-step
         check stays conservative), ``local_lr`` and ``local_batch_size`` the common value or
         ``None`` when clients differ; ``defenses`` lists every defense any client applied, in
-        first-seen order. ``metadata["clients"]`` holds each client's header (without tensors) and
+        first-seen order. Shared BatchNorm statistics are not aggregated (a secure aggregate hides
+        them per client). ``metadata["clients"]`` holds each client's header (without tensors) and
         its weight, in order, so that :func:`simulate_update` can replay each client. When every
         client ran DP-SGD, ``metadata["privacy"]`` holds the weakest client's (epsilon, delta): an
         average is post-processing, so each client's own guarantee still holds, and no better one.
@@ -103,6 +104,7 @@ def aggregate_updates(updates: Sequence[ClientUpdate], *, weighting: Weighting =
     for w, u in zip(weights, updates):
         header = u.meta_dict()
         header.pop("parameters")
+        header.pop("buffers")
         clients.append({**header, "weight": w})
     metadata: dict[str, Any] = {"weighting": weighting, "client_protocol": first.protocol, "clients": clients}
     privacy = [u.metadata.get("privacy") for u in updates]

@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gradleak.errors import ConfigError
+from gradleak.threat import batchnorm
 from gradleak.threat.fedsgd import check_batch
 from gradleak.types import ClientUpdate, ServerState
 
@@ -113,13 +114,14 @@ def fedavg_update(
     lr: float,
     batch_size: int,
     shuffle_seed: int | None = 0,
+    share_bn_stats: bool = False,
 ) -> ClientUpdate:
     """The FedAvg update of a client holding ``(images, labels)``: ``theta_S - theta_0``.
 
     Local training is plain SGD (no momentum, no weight decay) on the mean cross-entropy of each
     mini-batch, on a copy of the server model in ``server.bn_mode``; the server model is not
-    modified. Only trainable parameters are in the update (BatchNorm running statistics, which
-    the copy updates in train mode, are not uploaded).
+    modified. Only trainable parameters are in the update's tensors; the BatchNorm running
+    statistics, which the copy updates in train mode, are uploaded only with ``share_bn_stats``.
 
     Args:
         server: the global model and its public metadata.
@@ -131,6 +133,8 @@ def fedavg_update(
         batch_size: local mini-batch size B.
         shuffle_seed: seed of the mini-batch order (:func:`local_schedule`); ``None`` keeps the
             data order.
+        share_bn_stats: also upload the change of the BatchNorm running statistics, as a client
+            that sends its whole ``state_dict`` does (:attr:`ClientUpdate.buffers`).
 
     Returns:
         A ``ClientUpdate`` with ``kind="delta"``, ``protocol="fedavg"``, ``num_samples=N``, the
@@ -163,6 +167,7 @@ def fedavg_update(
     params = [p for _, p in named]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=float(lr), momentum=0.0, weight_decay=0.0)
+    stats_before = batchnorm.snapshot(model)
     for batch in schedule:
         index = torch.as_tensor(batch, device=images.device)
         optimizer.zero_grad(set_to_none=True)
@@ -170,6 +175,7 @@ def fedavg_update(
         loss.backward()
         optimizer.step()
     tensors = {name: (p.detach() - b).clone() for (name, p), b in zip(named, before)}
+    shared = batchnorm.changes(model, stats_before) if share_bn_stats else {}
     metadata = {
         "num_samples": n,
         "local_steps": len(schedule),
@@ -181,7 +187,7 @@ def fedavg_update(
     }
     return ClientUpdate(tensors=tensors, kind="delta", num_samples=n, protocol="fedavg",
                         local_steps=len(schedule), local_lr=float(lr), local_batch_size=int(batch_size),
-                        metadata=metadata)
+                        metadata=metadata, buffers=shared)
 
 
 def simulate_local_delta(

@@ -6,10 +6,12 @@ import torch
 
 from gradleak.errors import DataError
 from gradleak.functional import model_gradients
+from gradleak.threat import batchnorm
 from gradleak.types import ClientUpdate, ServerState
 
 
-def fedsgd_update(server: ServerState, images: torch.Tensor, labels: torch.Tensor) -> ClientUpdate:
+def fedsgd_update(server: ServerState, images: torch.Tensor, labels: torch.Tensor, *,
+                  share_bn_stats: bool = False) -> ClientUpdate:
     """Compute the FedSGD update a client with the private batch ``(images, labels)`` uploads.
 
     Args:
@@ -17,19 +19,24 @@ def fedsgd_update(server: ServerState, images: torch.Tensor, labels: torch.Tenso
             (BatchNorm running statistics are restored after the forward pass).
         images: private batch, shape (N, C, H, W), range [0, 1].
         labels: private labels, shape (N,), int64 in [0, C).
+        share_bn_stats: also upload the change the forward pass made to the BatchNorm running
+            statistics (:attr:`ClientUpdate.buffers`; :mod:`gradleak.threat.batchnorm`).
 
     Returns:
         A ``ClientUpdate`` with ``kind="gradient"``, ``protocol="fedsgd"``, ``num_samples=N``.
 
     Raises:
         DataError: the batch does not fit the model's input shape or class count.
+        ConfigError: ``share_bn_stats`` for a model without train-mode BatchNorm layers.
     """
     check_batch(server, images, labels)
     model = server.model
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     model.train(server.bn_mode == "train")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    before = batchnorm.snapshot(model)
     grads = model_gradients(model, images, labels)
+    shared = batchnorm.changes(model, before) if share_bn_stats else {}
     with torch.no_grad():
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
@@ -38,6 +45,7 @@ def fedsgd_update(server: ServerState, images: torch.Tensor, labels: torch.Tenso
         kind="gradient",
         num_samples=int(images.shape[0]),
         protocol="fedsgd",
+        buffers=shared,
     )
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from gradleak.config import check_value, short
 from gradleak.errors import ConfigError, DataError, UpdateError
+from gradleak.threat import batchnorm
 from gradleak.types import Batch, ClientUpdate, ModelSpec
 
 _FORMAT = "gradleak-update/1"
@@ -51,6 +52,7 @@ def save_update(update: ClientUpdate, path: str | Path) -> None:
     """Write ``update`` to ``path`` (safetensors, metadata as JSON in the header)."""
     header = {"format": _FORMAT, **update.meta_dict()}
     tensors = {n: t.detach().contiguous().cpu() for n, t in update.tensors.items()}
+    tensors.update({n: t.detach().contiguous().cpu() for n, t in update.buffers.items()})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"gradleak": json.dumps(header)})
 
@@ -67,9 +69,20 @@ def load_update(path: str | Path, *, model: nn.Module | None = None) -> ClientUp
         raise UpdateError(f"update file '{path}': expected header format '{_FORMAT}', got {header.get('format')!r}")
     fields = _header_fields(header, path)
     order = list(fields.pop("parameters"))
-    if sorted(order) != sorted(tensors):
-        raise UpdateError(f"update file '{path}': the header lists {len(order)} parameters, the file holds {len(tensors)}")
-    update = ClientUpdate(tensors={n: tensors[n] for n in order}, **fields)
+    buffers = list(fields.pop("buffers"))
+    overlap = sorted(set(order) & set(buffers))
+    if overlap:
+        raise UpdateError(f"update file '{path}': expected parameter and BatchNorm statistic names to differ, got "
+                          f"'{overlap[0]}' in both")
+    if sorted(order + buffers) != sorted(tensors):
+        raise UpdateError(f"update file '{path}': the header lists {len(order)} parameters and {len(buffers)} "
+                          f"BatchNorm statistics, the file holds {len(tensors)} tensors")
+    for name in buffers:
+        shape = header["buffers"][name]
+        if not isinstance(shape, list) or list(tensors[name].shape) != shape:
+            raise UpdateError(f"update file '{path}': BatchNorm statistic '{name}': the header says shape "
+                              f"{short(shape)}, the file holds {list(tensors[name].shape)}")
+    update = ClientUpdate(tensors={n: tensors[n] for n in order}, buffers={n: tensors[n] for n in buffers}, **fields)
     check_update(update, model=model)
     return update
 
@@ -87,6 +100,7 @@ _HEADER: dict[str, tuple[Any, Any, tuple[int, int] | None]] = {
     "defenses": (tuple[str, ...], (), None),
     "metadata": (dict, {}, None),
     "parameters": (dict, REQUIRED, None),
+    "buffers": (dict[str, list[int]], {}, None),
 }
 
 
@@ -140,6 +154,7 @@ def check_update(update: ClientUpdate, *, model: nn.Module | None = None) -> Non
             raise UpdateError(f"update tensor '{n}': expected shape {shape}, got {got[n]}")
     if list(got) != list(expected):
         raise UpdateError("update does not fit the model: parameters are in a different order than the model's")
+    batchnorm.check_buffers(update, model)
 
 
 def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
