@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from gradleak.cli.main import main
 
 SMALL = ["--model", "lenet", "--batch-size", "2"]
-MALFORMED_INPUTS = 65
+MALFORMED_INPUTS = 70
 """How many malformed inputs the table holds; README.md states the same number (checked below)."""
 
 
@@ -197,6 +197,31 @@ def _other_cases(client: Path, tmp: Path) -> list[tuple[list[str], str]]:
     ]
 
 
+def _bn_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    """Shared BatchNorm statistics that do not fit the model, and the terms asked for where they cannot apply."""
+    client = tmp / "bn-client"
+    assert main(["simulate", "--model", "convnet", "--batch-size", "2", "--share-bn-stats", "--out", str(client)]) == 0
+    tensors, header = _read(client / "update.safetensors")
+    name = next(iter(header["buffers"]))
+    renamed = {("nosuch." + k if k == name else k): v for k, v in tensors.items()}
+    renamed_header = {**header, "buffers": {("nosuch." + k if k == name else k): v for k, v in header["buffers"].items()}}
+    short = {**tensors, name: tensors[name][:-1]}
+    short_header = {**header, "buffers": {**header["buffers"], name: [len(tensors[name]) - 1]}}
+    m = str(client / "model.safetensors")
+    out = ["--out", str(tmp / "out"), "--no-progress"]
+    return [
+        (["attack", "--update", str(_write(tmp / "bn1.safetensors", renamed, renamed_header)), "--model-state", m, *out],
+         "expected names of the model's running statistics"),
+        (["attack", "--update", str(_write(tmp / "bn2.safetensors", short, short_header)), "--model-state", m, *out],
+         f"'{name}': expected shape"),
+        (["attack", "--update", str(_write(tmp / "bn3.safetensors", tensors, {**header, "buffers": [1]})),
+          "--model-state", m, *out], "buffers: expected dict"),
+        (["simulate", *SMALL, "--share-bn-stats", "--out", str(tmp / "s5")], "BatchNorm layers in train mode"),
+        (["compare", *SMALL, "--clients", "2", "--attacks", "ig", "--set", "ig.features=1", "--dry-run",
+          "--out", str(tmp / "c3")], "feature term: expected one client's update"),
+    ]
+
+
 def _grid(tmp: Path, name: str, **changes) -> Path:
     path = tmp / f"{name}.json"
     path.write_text(json.dumps({"model": "lenet", "attacks": ["cinet"], "batch_sizes": [1], **changes}))
@@ -204,12 +229,12 @@ def _grid(tmp: Path, name: str, **changes) -> Path:
 
 
 def test_malformed_inputs_exit_2_with_one_line_and_leave_nothing(client, tmp_path, capsys):
-    cases = _other_cases(client, tmp_path)
+    cases = _other_cases(client, tmp_path) + _bn_cases(tmp_path)
     assert len(cases) + len(HEADER_CASES) == MALFORMED_INPUTS  # the README's count
     for argv, message in cases:
         assert main(argv) == 2, argv
         _one_line(capsys, message)
-    for made in ("out", "s1", "s2", "s3", "s4", "c1", "c2", "sw1", "sw2", "sw3", "sw4", "sw5"):
+    for made in ("out", "s1", "s2", "s3", "s4", "s5", "c1", "c2", "sw1", "sw2", "sw3", "sw4", "sw5"):
         assert not (tmp_path / made).exists(), made  # a clean error leaves no folder behind
 
 

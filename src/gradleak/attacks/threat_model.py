@@ -38,7 +38,9 @@ class Knowledge:
             with the images, DLG) or ``"none"`` (not needed).
         batchnorm_statistics: ``"batch"`` (train-mode BatchNorm is simulated with the candidates'
             own statistics: nothing of the client's is known), or ``"running"`` when the client
-            runs BatchNorm in eval mode (its running statistics are part of the weights).
+            runs BatchNorm in eval mode (its running statistics are part of the weights). A run
+            records "shared by the client" instead when the update carried the client's statistics
+            (:mod:`gradleak.threat.batchnorm`), and whether the attack matched them.
         surrogate_data: a model trained on public data (GIAS's pretrained generator).
         sok: the SoK threat model of the attack without training details.
         active_manipulation: the server changed the model it sent (a malicious server, SoK F).
@@ -86,10 +88,22 @@ def run_threat_model(knowledge: Knowledge, update: ClientUpdate, info: dict[str,
     if training and sok in ("A", "B"):
         sok = "C"
     return {**asdict(knowledge), "labels": "given (ground truth)" if labels == "given" else knowledge.labels,
-            "batchnorm_statistics": "running (in the weights)" if bn_mode == "eval" else knowledge.batchnorm_statistics,
+            "batchnorm_statistics": _bn_knowledge(knowledge, info, bn_mode),
+            "last_layer_features": bool((info.get("auxiliary") or {}).get("features")),
             "adaptive": adaptive, "training_details": training, "defense_known": adaptive,
             "sok": sok, "sok_reference": "Carletti et al., USENIX Security 2025, threat models A-H",
             "active_manipulation": knowledge.active_manipulation}
+
+
+def _bn_knowledge(knowledge: Knowledge, info: dict[str, Any], bn_mode: str) -> str:
+    if bn_mode == "eval":
+        return "running (in the weights)"
+    shared = (info.get("auxiliary") or {}).get("bn_stats")
+    if shared:
+        if shared.get("layers"):
+            return f"shared by the client, matched ({shared['layers']} layers, weight {shared['weight']})"
+        return "shared by the client, ignored"
+    return knowledge.batchnorm_statistics
 
 
 __all__ = ["Knowledge", "run_threat_model"]

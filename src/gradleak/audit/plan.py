@@ -30,7 +30,7 @@ from gradleak.attacks import ATTACKS
 from gradleak.attacks.base import resolve_config
 from gradleak.defenses import Defense, parse_defense
 from gradleak.errors import ConfigError
-from gradleak.threat import fedavg_update
+from gradleak.threat import fedavg_update, fedsgd_update
 from gradleak.threat.malicious import imprint_model
 from gradleak.types import ClientUpdate, ServerState
 
@@ -45,6 +45,8 @@ class ProtocolSetting:
         local_lr: local learning rate (FedAvg only).
         local_batch_size: local mini-batch size (FedAvg; ``None``: each client's whole batch).
         clients: K clients, each with its own batch; the server sees their average.
+        share_bn_stats: the client also uploads the change of its BatchNorm running statistics
+            (:mod:`gradleak.threat.batchnorm`), as a FedAvg client sending its ``state_dict`` does.
     """
 
     protocol: str = "fedsgd"
@@ -52,6 +54,7 @@ class ProtocolSetting:
     local_lr: float | None = None
     local_batch_size: int | None = None
     clients: int = 1
+    share_bn_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in ("fedsgd", "fedavg"):
@@ -70,14 +73,15 @@ class ProtocolSetting:
         if self.protocol == "fedavg":
             text = f"fedavg-s{self.local_steps}-lr{self.local_lr:g}"
             text += f"-b{self.local_batch_size}" if self.local_batch_size else ""
-        return text + (f"-k{self.clients}" if self.clients > 1 else "")
+        text += f"-k{self.clients}" if self.clients > 1 else ""
+        return text + ("-bnstats" if self.share_bn_stats else "")
 
     def client(self, batch_size: int) -> Callable[..., ClientUpdate] | None:
-        """The client protocol for :func:`gradleak.defenses.defended_update` (``None``: FedSGD)."""
+        """The client protocol for :func:`gradleak.defenses.defended_update` (``None``: plain FedSGD)."""
         if self.protocol == "fedsgd":
-            return None
+            return functools.partial(fedsgd_update, share_bn_stats=True) if self.share_bn_stats else None
         return functools.partial(fedavg_update, local_steps=self.local_steps, lr=float(self.local_lr),  # type: ignore[arg-type]
-                                 batch_size=self.local_batch_size or batch_size)
+                                 batch_size=self.local_batch_size or batch_size, share_bn_stats=self.share_bn_stats)
 
 
 @dataclass(frozen=True)

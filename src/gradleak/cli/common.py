@@ -55,6 +55,9 @@ def add_threat(p: argparse.ArgumentParser, *, grid: bool = False) -> None:
     p.add_argument("--local-batch-size", type=int, default=None,
                    help="FedAvg local mini-batch (default: the whole batch)")
     p.add_argument("--clients", default="1", help=f"K clients averaged by the server{many} (default 1)")
+    p.add_argument("--share-bn-stats", action="store_true",
+                   help="the client also uploads the change of its BatchNorm running statistics (as a FedAvg client "
+                        "sending its state_dict does); the attacks then match them (bn_stats)")
     if not grid:
         p.add_argument("--defense", default="none",
                        help="the client's defense, e.g. noise:1e-3, clip:1+noise:1e-3, prune:0.9, dpsgd:1.0 "
@@ -74,7 +77,8 @@ def protocol_settings(args: argparse.Namespace) -> list[ProtocolSetting]:
             for k in clients:
                 settings.append(ProtocolSetting(proto, local_steps=s, clients=k,
                                                 local_lr=args.local_lr if proto == "fedavg" else None,
-                                                local_batch_size=args.local_batch_size if proto == "fedavg" else None))
+                                                local_batch_size=args.local_batch_size if proto == "fedavg" else None,
+                                                share_bn_stats=bool(getattr(args, "share_bn_stats", False))))
     return list(dict.fromkeys(settings))
 
 
