@@ -114,7 +114,7 @@ def test_the_feature_term_is_zero_at_the_true_images(protocol):
     x, y = _batch(3), torch.tensor([4, 0, 7])
     update = (fedsgd_update(server, x, y) if protocol == "fedsgd"
               else fedavg_update(server, x, y, local_steps=1, lr=0.1, batch_size=3, shuffle_seed=5))
-    victim = build_model(server.spec)  # type: ignore[arg-type]
+    victim = build_model(server.spec)
     victim.train()
     aux = Auxiliary.build(LoopConfig(features=1.0), server, update, victim, y, seed=0, device=torch.device("cpu"))
     from gradleak.attacks.matching import build_matcher
@@ -122,8 +122,29 @@ def test_the_feature_term_is_zero_at_the_true_images(protocol):
     matcher = build_matcher(update, victim, device=torch.device("cpu"))
     with aux.watching():
         matcher.simulate(x, y)
-    at_truth = float(aux.loss(x).detach())  # type: ignore[union-attr]
+    at_truth = float(aux.loss(x).detach())
     with aux.watching():
         matcher.simulate(x.flip(0), y)
-    assert at_truth < 1e-8 < float(aux.loss(x.flip(0)).detach())  # type: ignore[union-attr]
+    assert at_truth < 1e-8 < float(aux.loss(x.flip(0)).detach())
     assert aux.info["features"]["exact"] and aux.info["features"]["weight"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_feature_term_breaks_a_relu_victim_the_plain_attack_does_not(make_case, one_thread):
+    """LeNet-ReLU, 4 built-in photos, IG for 300 iterations, seeds 0 and 1: the recovered features
+    (as a term and a 50-iteration initialisation target) lift the mean SSIM by well over the
+    seeds' spread. Measured: plain 0.287 / 0.353, with the features 0.470 / 0.488."""
+    from gradleak.metrics import score_reconstruction
+
+    server, update, images, labels = make_case("lenet", 4, activation="relu")
+
+    def mean_ssim(config: dict) -> float:
+        scores = []
+        for seed in (0, 1):
+            rec = gradleak.attacks.create("ig", {"iterations": 300, **config}, seed=seed).reconstruct(server, update)
+            scores.append(score_reconstruction(rec.images, images, recon_labels=rec.labels, truth_labels=labels,
+                                               with_lpips=False).summary["ssim_mean"])
+        return sum(scores) / len(scores)
+
+    plain, with_features = mean_ssim({}), mean_ssim({"features": 1.0, "feature_init": 50})
+    assert with_features >= 0.42 and with_features - plain >= 0.08, (plain, with_features)

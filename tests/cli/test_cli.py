@@ -71,6 +71,9 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "cinet" in out and "resnet18" in out and "cinet:paper" in out
+    for attack in ("cinet", "ig", "dlg", "idlg", "gias"):  # the feature and BatchNorm-statistics terms' options
+        line = next(t for t in out.splitlines() if t.startswith(f"options {attack}:"))
+        assert "features=0.0" in line and "feature_init=0" in line and "bn_stats=0.1" in line, line
 
 
 def _err(capsys) -> str:

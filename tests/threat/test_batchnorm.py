@@ -95,7 +95,7 @@ def test_a_multi_step_delta_mixes_the_steps_and_the_replay_matches_it():
     update = fedavg_update(server, x, y, local_steps=3, lr=0.1, batch_size=2, share_bn_stats=True)
     with pytest.raises(UpdateError, match="expected one local step, got 3"):
         batchnorm.batch_statistics(update, server.model)
-    victim = build_model(server.spec)  # type: ignore[arg-type]
+    victim = build_model(server.spec)
     victim.train()
     aux = Auxiliary.build(LoopConfig(), server, update, victim, torch.empty(0, dtype=torch.long), seed=0,
                           device=torch.device("cpu"))
@@ -107,3 +107,30 @@ def test_a_multi_step_delta_mixes_the_steps_and_the_replay_matches_it():
             matcher.simulate(candidate, y)
         values.append(float(aux._bn_term(candidate)))
     assert values[0] < 1e-4 < values[1]
+
+
+def test_a_captured_state_dict_carries_the_statistics_change():
+    """What a Flower client that sends its state_dict uploads: the capture records the same change."""
+    import copy
+
+    from gradleak.integrations.capture import LocalTraining, update_from_parameters
+
+    server = _server("convnet")
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    client = copy.deepcopy(server.model).train()
+    opt = torch.optim.SGD(client.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(client(x), y).backward()
+    opt.step()
+    received = client.state_dict()
+    update = update_from_parameters(server, received, num_examples=2,
+                                    training=LocalTraining(lr=0.1, local_steps=1, batch_size=2))
+    expected = fedavg_update(server, x, y, local_steps=1, lr=0.1, batch_size=2, shuffle_seed=None,
+                             share_bn_stats=True)
+    assert set(update.buffers) == set(expected.buffers)
+    assert all(torch.allclose(update.buffers[k], expected.buffers[k], atol=1e-6) for k in update.buffers)
+    partial = {k: v for k, v in received.items() if not k.endswith("running_var")}
+    with pytest.raises(UpdateError, match="expected all .* running statistics or none"):
+        update_from_parameters(server, partial, num_examples=2, training=LocalTraining(lr=0.1, local_steps=1))
+    weights_only = {k: v for k, v in received.items() if "running" not in k and "num_batches" not in k}
+    assert not update_from_parameters(server, weights_only, num_examples=2,
+                                      training=LocalTraining(lr=0.1, local_steps=1, batch_size=2)).buffers

@@ -26,14 +26,18 @@ from torch import nn
 
 from gradleak.audit.plan import AuditCell
 from gradleak.defenses import defended_update
-from gradleak.errors import UnsupportedModelError
+from gradleak.errors import ConfigError, UnsupportedModelError
 from gradleak.threat import simulate_clients
 from gradleak.types import ClientUpdate, ServerState
 
 
 def check_victim(server: ServerState, cells: Sequence[AuditCell]) -> None:
-    """Refuse, before anything runs, a client-side defense on a victim whose train-mode BatchNorm couples samples."""
+    """Refuse, before anything runs, a client-side defense on a victim whose train-mode BatchNorm couples
+    samples, and shared BatchNorm statistics on a victim that has none to share."""
     bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in server.model.modules())
+    if any(c.protocol.share_bn_stats for c in cells) and (not bn or server.bn_mode != "train"):
+        raise ConfigError("--share-bn-stats: expected a victim with BatchNorm layers in train mode, got "
+                          + ("none" if not bn else "bn_mode 'eval'"))
     dp = [c.defense for c in cells if any(p.client_side for p in c.parsed().parts())]
     if bn and dp and server.bn_mode == "train":
         raise UnsupportedModelError(f"audit defense '{dp[0]}': expected a victim without train-mode BatchNorm "

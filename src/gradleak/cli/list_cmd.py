@@ -1,4 +1,5 @@
-"""``gradleak list``: what is registered (attacks, presets, models, label strategies, defenses)."""
+"""``gradleak list``: what is registered (attacks, presets, models, label strategies, defenses), and
+each attack's options with their defaults (``--set KEY=VALUE``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import importlib
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("list", help="list attacks, presets, models, label strategies, defenses")
+    p = sub.add_parser("list", help="list attacks, presets, models, label strategies, defenses, attack options")
     p.add_argument("what", nargs="?", default="all",
-                   choices=["all", "attacks", "presets", "models", "labels", "defenses"])
+                   choices=["all", "attacks", "presets", "models", "labels", "defenses", "options"])
     return p
 
 
@@ -35,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{attack:9s} {ATTACKS.get(attack).knowledge.describe(adaptive=supports_adaptive(attack))}")
         elif args.what in ("all", name):
             print(f"{name}: {', '.join(items) if items else '(none)'}")
+    if args.what in ("all", "options"):
+        import dataclasses
+
+        for attack in ATTACKS.available():
+            cfg = ATTACKS.get(attack).Config()
+            fields = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg))
+            print(f"options {attack}: {fields}")
     if args.what == "attacks":
         print("(SoK: threat models of Carletti et al., USENIX Security 2025; a run that replays local steps or "
               "simulates a defense uses training details: C. Every attack but imprint is passive; imprint needs a "

@@ -126,6 +126,9 @@ def update_from_parameters(server: ServerState, received: Mapping[str, torch.Ten
     Args:
         server: the model the server sent this client (its parameters are ``theta_sent``).
         received: the client's parameters after local training, keyed like ``server.model.state_dict()``.
+            When it holds the BatchNorm running statistics too (a client that sends its whole
+            ``state_dict``), their change is recorded in the update's ``buffers``, and the attacks
+            match them (:mod:`gradleak.threat.batchnorm`).
         num_examples: the number of examples the client reported (N).
         training: the local hyperparameters; S is ``local_steps``, else ``epochs * ceil(N / B)``, else
             one epoch.
@@ -168,6 +171,7 @@ def update_from_parameters(server: ServerState, received: Mapping[str, torch.Ten
         tensors[name] = value - p.detach().float().cpu()
         if not torch.isfinite(tensors[name]).all():
             raise UpdateError(f"client parameter '{name}': expected finite values, got NaN/Inf")
+    buffers = _shared_statistics(server, received)
     meta: dict[str, Any] = {"num_samples": n, "local_steps": steps, "local_lr": training.lr,
                             "local_batch_size": batch, "epochs": training.epochs, **dict(metadata or {})}
     if assumptions:
@@ -177,7 +181,37 @@ def update_from_parameters(server: ServerState, received: Mapping[str, torch.Ten
         meta["schedule"] = local_schedule(n, batch_size=batch, local_steps=steps, shuffle_seed=int(training.shuffle_seed))
     return ClientUpdate(tensors=tensors, kind="delta", num_samples=n, protocol="fedavg", local_steps=steps,
                         local_lr=None if training.lr is None else float(training.lr), local_batch_size=batch,
-                        metadata=meta)
+                        metadata=meta, buffers=buffers)
+
+
+def _shared_statistics(server: ServerState, received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The change of the BatchNorm running statistics, when the client sent them with its weights.
+
+    A client that sends its whole ``state_dict`` (Flower's examples do) shares them; the server
+    holds the ones it sent, so their change is known (:mod:`gradleak.threat.batchnorm`). All or
+    none: a client that sent some of them is refused.
+    """
+    from gradleak.threat import batchnorm
+
+    if server.bn_mode != "train":
+        return {}
+    names = batchnorm.buffer_names(server.model)
+    present = [k for k in names if k in received]
+    if not present:
+        return {}
+    if len(present) != len(names):
+        missing = [k for k in names if k not in received]
+        raise UpdateError(f"client BatchNorm statistics: expected all {len(names)} running statistics or none, "
+                          f"missing {', '.join(missing[:3])}")
+    before = batchnorm.snapshot(server.model)
+    out = {}
+    for k in names:
+        value = torch.as_tensor(received[k]).detach().float().cpu()
+        if tuple(value.shape) != tuple(before[k].shape) or not torch.isfinite(value).all():
+            raise UpdateError(f"client BatchNorm statistic '{k}': expected {tuple(before[k].shape)} finite values, "
+                              f"got {tuple(value.shape)}")
+        out[k] = value - before[k].float().cpu()
+    return out
 
 
 def update_from_gradients(server: ServerState, gradients: Mapping[str, torch.Tensor], *, num_examples: int,
