@@ -76,8 +76,27 @@ def test_knowledge_axes_and_attackers():
                                                                                                  "channels": 8}
 
 
+def test_shared_batchnorm_statistics_are_tried_used_and_ignored():
+    """Where the client shares them, each attack that can match them runs with and without them."""
+    attackers, missing = attackers_for("cinet", defended=False, shares_bn=True,
+                                       knowledge=KnowledgeAxes(labels=("known",)))
+    assert [a.id for a in attackers] == ["cinet_labels-known_bn-used", "cinet_labels-known_bn-ignored"] and not missing
+    assert Attacker.parse(attackers[1].id) == attackers[1]
+    assert attackers[1].config({"bn_stats": 0.1, "adaptive": "auto"}) == {"bn_stats": 0.0, "adaptive": "auto"}
+    assert attackers[0].config({"bn_stats": 0.1, "adaptive": "auto"}) == {"bn_stats": 0.1, "adaptive": "auto"}
+    _, missing = attackers_for("analytic", defended=False, shares_bn=True)
+    assert missing == ["analytic with the shared BatchNorm statistics (it cannot match them)"]
+    assert [a.bn for a in attackers_for("ig", defended=False)[0]] == ["none", "none"]  # nothing shared: no axis
+    only = KnowledgeAxes.parse("bn-used")
+    assert only.bn == ("used",) and untried_knowledge(only, defended=False, shares_bn=True) == [
+        "BatchNorm statistics ignored"]
+    assert untried_knowledge(only, defended=False) == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--attacks", "nope"], "unknown attack 'nope'"),
+    (["--knowledge", "bn-maybe"], "unknown assumption 'bn-maybe'"),
+    (["--share-bn-stats"], "--share-bn-stats: expected a victim with BatchNorm layers in train mode"),
     (["--attacks", "analytic"], "analytic needs a one-layer softmax victim"),
     (["--knowledge", "labels-guessed"], "unknown assumption"),
     (["--knowledge", "labels-known", "--labels", "given"], "--knowledge: expected it alone"),

@@ -78,6 +78,15 @@ def test_the_verdict_names_the_assumption_that_broke_the_cell():
     assert "labels recovered exactly" not in text and "50% of labels recovered (by cinet)" in text
 
 
+def test_the_verdict_says_when_the_shared_batchnorm_statistics_decided():
+    row = worst_case({"ig_labels-recovered_bn-used": [_run([0.62, 0.58])],
+                      "ig_labels-recovered_bn-ignored": [_run([0.05, 0.07])]}, defended=False)
+    assert row["verdict_attacker"] == "ig_labels-recovered_bn-used"
+    text = verdict(row)
+    assert "(ig, labels recovered, BatchNorm statistics used)" in text, text
+    assert "if the attacker matches the shared BatchNorm statistics: SSIM 0.600; ignoring them: 0.060" in text
+
+
 def test_a_tie_is_credited_to_the_attacker_who_knows_less():
     same = [_run([0.6, 0.6])]
     row = worst_case({"ig_aware_labels-known": same, "ig_unaware_labels-recovered": same,

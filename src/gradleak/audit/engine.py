@@ -239,14 +239,15 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
     return _plain({"model": spec.to_dict(), "model_seed": o.model_seed, "data": o.data, "data_seed": o.data_seed,
                    "data_root": str(o.data_root) if o.data_root else None, "attacks": plan.names,
                    "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},
-                   "knowledge": o.knowledge.tokens(), "seed": o.seed, "seeds": o.attack_seeds(),
+                   "knowledge": [t for t in o.knowledge.tokens() if not t.startswith("bn-")],
+                   "bn_knowledge": list(o.knowledge.bn), "seed": o.seed, "seeds": o.attack_seeds(),
                    "pairing": o.pairing, "time_budget": o.time_budget, "fill_budget": o.fill_budget,
                    "threat": ["honest", "malicious"] if o.imprint_bins else ["honest"], "imprint_bins": o.imprint_bins,
                    "images": o.write_images,
                    "utility": {"steps": o.utility_steps, "lr": o.utility_lr}})
 
 
-LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None}
+LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None, "bn_knowledge": ["used", "ignored"]}
 """Settings recorded since an earlier version, with the value a folder without them was made with."""
 
 
@@ -265,10 +266,11 @@ def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Pa
     attackers: list[Attacker] = []
     not_tried = [f"{n} ({why})" for n, why in plan.left_out.items()]
     for name, config in plan.configs.items():
-        mine, missing = attackers_for(name, defended=cell.defended, knowledge=o.knowledge, attack_config=config)
+        mine, missing = attackers_for(name, defended=cell.defended, knowledge=o.knowledge, attack_config=config,
+                                      shares_bn=cell.protocol.share_bn_stats)
         attackers += mine
         not_tried += missing
-    not_tried += untried_knowledge(o.knowledge, defended=cell.defended)
+    not_tried += untried_knowledge(o.knowledge, defended=cell.defended, shares_bn=cell.protocol.share_bn_stats)
     seed = cell_seed(o.seed, cell)
     update = cell_update(server, batch.images, batch.labels, cell=cell, generator=torch.Generator().manual_seed(seed))
     info: dict[str, Any] = {

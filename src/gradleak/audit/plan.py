@@ -172,7 +172,13 @@ DEFENSE_KNOWLEDGE = ("unaware", "aware")
 """``unaware``: the attack matches the raw update; ``aware``: it simulates the recorded defense
 (the adaptive attacker, :mod:`gradleak.attacks.adaptive`)."""
 
-KNOWLEDGE_TOKENS = tuple(f"labels-{v}" for v in LABEL_KNOWLEDGE) + tuple(f"defense-{v}" for v in DEFENSE_KNOWLEDGE)
+BN_KNOWLEDGE = ("used", "ignored")
+"""Where the client shares its BatchNorm statistics (:mod:`gradleak.threat.batchnorm`): ``used``: the
+attack matches them (``bn_stats`` > 0, the attacks' default); ``ignored``: it does not (``bn_stats=0``).
+A term with the wrong weight can hurt, so the worst case takes both."""
+
+KNOWLEDGE_TOKENS = (tuple(f"labels-{v}" for v in LABEL_KNOWLEDGE) + tuple(f"defense-{v}" for v in DEFENSE_KNOWLEDGE)
+                    + tuple(f"bn-{v}" for v in BN_KNOWLEDGE))
 
 
 @dataclass(frozen=True)
@@ -181,19 +187,20 @@ class KnowledgeAxes:
 
     Example:
         >>> KnowledgeAxes.parse("all")
-        KnowledgeAxes(labels=('recovered', 'known'), defense=('unaware', 'aware'))
+        KnowledgeAxes(labels=('recovered', 'known'), defense=('unaware', 'aware'), bn=('used', 'ignored'))
         >>> KnowledgeAxes.parse("labels-known,defense-aware")
-        KnowledgeAxes(labels=('known',), defense=('aware',))
-        >>> KnowledgeAxes.parse("labels-recovered")  # an axis not named keeps all its values
-        KnowledgeAxes(labels=('recovered',), defense=('unaware', 'aware'))
+        KnowledgeAxes(labels=('known',), defense=('aware',), bn=('used', 'ignored'))
+        >>> KnowledgeAxes.parse("labels-recovered,bn-used")  # an axis not named keeps all its values
+        KnowledgeAxes(labels=('recovered',), defense=('unaware', 'aware'), bn=('used',))
     """
 
     labels: tuple[str, ...] = LABEL_KNOWLEDGE
     defense: tuple[str, ...] = DEFENSE_KNOWLEDGE
+    bn: tuple[str, ...] = BN_KNOWLEDGE
 
     def __post_init__(self) -> None:
         for what, values, allowed in (("labels", self.labels, LABEL_KNOWLEDGE),
-                                      ("defense", self.defense, DEFENSE_KNOWLEDGE)):
+                                      ("defense", self.defense, DEFENSE_KNOWLEDGE), ("bn", self.bn, BN_KNOWLEDGE)):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ConfigError(f"knowledge {what}: expected some of {', '.join(allowed)}, got "
@@ -209,7 +216,7 @@ class KnowledgeAxes:
         items = [t.strip() for t in (text.split(",") if isinstance(text, str) else (text or ["all"])) if t.strip()]
         if not items or items == ["all"]:
             return cls()
-        chosen: dict[str, list[str]] = {"labels": [], "defense": []}
+        chosen: dict[str, list[str]] = {"labels": [], "defense": [], "bn": []}
         for t in items:
             if t not in KNOWLEDGE_TOKENS:
                 raise ConfigError(f"--knowledge: unknown assumption {t!r}; expected 'all' or some of: "
@@ -217,10 +224,12 @@ class KnowledgeAxes:
             axis, value = t.split("-", 1)
             chosen[axis].append(value)
         return cls(labels=tuple(dict.fromkeys(chosen["labels"])) or LABEL_KNOWLEDGE,
-                   defense=tuple(dict.fromkeys(chosen["defense"])) or DEFENSE_KNOWLEDGE)
+                   defense=tuple(dict.fromkeys(chosen["defense"])) or DEFENSE_KNOWLEDGE,
+                   bn=tuple(dict.fromkeys(chosen["bn"])) or BN_KNOWLEDGE)
 
     def tokens(self) -> list[str]:
-        return [f"labels-{v}" for v in self.labels] + [f"defense-{v}" for v in self.defense]
+        return ([f"labels-{v}" for v in self.labels] + [f"defense-{v}" for v in self.defense]
+                + [f"bn-{v}" for v in self.bn])
 
 
 @dataclass(frozen=True, order=True)
@@ -231,6 +240,8 @@ class Attacker:
         attack: registered attack name.
         labels: ``"recovered"`` or ``"known"``.
         defense: ``"unaware"``, ``"aware"``, or ``"none"`` (an undefended update: the two are one attack).
+        bn: ``"used"`` or ``"ignored"``: the client's shared BatchNorm statistics; ``"none"`` where
+            the update does not share them (or the attack cannot use them).
 
     Example:
         >>> a = Attacker("cinet", labels="known", defense="aware")
@@ -238,41 +249,49 @@ class Attacker:
         ('cinet_aware_labels-known', True, 'cinet, defense-aware, labels known')
         >>> Attacker.parse("ig_labels-recovered").describe()
         'ig, labels recovered'
+        >>> Attacker.parse("ig_labels-known_bn-ignored").describe()
+        'ig, labels known, BatchNorm statistics ignored'
     """
 
     attack: str
     labels: str = "recovered"
     defense: str = "none"
+    bn: str = "none"
 
     @property
     def id(self) -> str:
-        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>`` (then ``-s<seed>``)."""
+        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>[_bn-<bn>]`` (then ``-s<seed>``)."""
         middle = "" if self.defense == "none" else f"_{self.defense}"
-        return f"{self.attack}{middle}_labels-{self.labels}"
+        return f"{self.attack}{middle}_labels-{self.labels}" + ("" if self.bn == "none" else f"_bn-{self.bn}")
 
     @classmethod
     def parse(cls, text: str) -> Attacker:
-        m = re.fullmatch(r"(.+?)(?:_(aware|unaware))?_labels-(recovered|known)", text)
+        m = re.fullmatch(r"(.+?)(?:_(aware|unaware))?_labels-(recovered|known)(?:_bn-(used|ignored))?", text)
         if not m:
-            raise ConfigError(f"audit attacker: expected '<attack>[_aware|_unaware]_labels-<recovered|known>', "
-                              f"got {text!r}")
-        return cls(m.group(1), labels=m.group(3), defense=m.group(2) or "none")
+            raise ConfigError(f"audit attacker: expected '<attack>[_aware|_unaware]_labels-<recovered|known>"
+                              f"[_bn-<used|ignored>]', got {text!r}")
+        return cls(m.group(1), labels=m.group(3), defense=m.group(2) or "none", bn=m.group(4) or "none")
 
     def describe(self) -> str:
         parts = [self.attack]
         if self.defense != "none":
             parts.append(f"defense-{self.defense}")
         parts.append(f"labels {self.labels}")
+        if self.bn != "none":
+            parts.append(f"BatchNorm statistics {self.bn}")
         return ", ".join(parts)
 
     def config(self, attack_config: Any) -> Any:
-        """``attack_config`` for this attacker: ``adaptive="off"`` when unaware, ``"auto"`` otherwise."""
-        if not ATTACKS.get(self.attack).adaptive:
-            return attack_config
-        mode = "off" if self.defense == "unaware" else "auto"
+        """``attack_config`` for this attacker: ``adaptive="off"`` when unaware, ``"auto"`` otherwise;
+        ``bn_stats=0`` when it ignores shared BatchNorm statistics."""
+        changes: dict[str, Any] = {}
+        if ATTACKS.get(self.attack).adaptive:
+            changes["adaptive"] = "off" if self.defense == "unaware" else "auto"
+        if self.bn == "ignored":
+            changes["bn_stats"] = 0.0
         if isinstance(attack_config, Mapping):
-            return {**attack_config, "adaptive": mode}
-        return dataclasses.replace(attack_config, adaptive=mode)
+            return {**attack_config, **changes}
+        return dataclasses.replace(attack_config, **changes) if changes else attack_config
 
 
 def run_name(attacker_id: str, seed: int) -> str:
@@ -371,19 +390,24 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
 
 
 def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = KnowledgeAxes(),
-                  attack_config: Any = None) -> tuple[list[Attacker], list[str]]:
+                  attack_config: Any = None, shares_bn: bool = False) -> tuple[list[Attacker], list[str]]:
     """The attackers of ``attack`` for one cell, and what is not tried (stated with the verdict).
 
     A defended update is attacked by the unaware and the defense-aware attacker (as ``knowledge``
     selects); an undefended one once per label assumption. An attack without an adaptive mode, or
-    a config with ``adaptive="off"``, has no defense-aware attacker, and the verdict says so.
+    a config with ``adaptive="off"``, has no defense-aware attacker, and the verdict says so. Where
+    the client shares its BatchNorm statistics (``shares_bn``), an attack that can match them
+    (its config has ``bn_stats``) is tried using and ignoring them, as ``knowledge.bn`` selects.
 
     Example:
         >>> [a.id for a in attackers_for("cinet", defended=True)[0]]  # doctest: +NORMALIZE_WHITESPACE
         ['cinet_unaware_labels-recovered', 'cinet_aware_labels-recovered', 'cinet_unaware_labels-known',
          'cinet_aware_labels-known']
         >>> attackers_for("analytic", defended=True, knowledge=KnowledgeAxes(labels=("recovered",)))
-        ([Attacker(attack='analytic', labels='recovered', defense='unaware')], ['analytic defense-aware (no adaptive mode)'])
+        ([Attacker(attack='analytic', labels='recovered', defense='unaware', bn='none')], ['analytic defense-aware (no adaptive mode)'])
+        >>> [a.id for a in attackers_for("ig", defended=False, shares_bn=True,
+        ...                              knowledge=KnowledgeAxes(labels=("recovered",)))[0]]
+        ['ig_labels-recovered_bn-used', 'ig_labels-recovered_bn-ignored']
     """
     not_tried: list[str] = []
     cls = ATTACKS.get(attack)
@@ -400,14 +424,25 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
             not_tried.append(f"{attack} defense-aware ({why})")
             if not defenses:
                 defenses = ["unaware"]
-    return [Attacker(attack, labels=lab, defense=d) for lab in labels for d in defenses], not_tried
+    bns = ["none"]
+    if shares_bn:
+        fields = (set(attack_config) if isinstance(attack_config, Mapping) else
+                  {f.name for f in dataclasses.fields(attack_config)} if dataclasses.is_dataclass(attack_config)
+                  else {f.name for f in dataclasses.fields(cls.Config)})
+        if "bn_stats" in fields:
+            bns = list(knowledge.bn)
+        else:
+            not_tried.append(f"{attack} with the shared BatchNorm statistics (it cannot match them)")
+    return [Attacker(attack, labels=lab, defense=d, bn=b) for lab in labels for d in defenses for b in bns], not_tried
 
 
-def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool) -> list[str]:
+def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bool = False) -> list[str]:
     """The assumptions the audit's ``knowledge`` leaves out (named beside the verdict)."""
     out = [f"labels {v}" for v in LABEL_KNOWLEDGE if v not in knowledge.labels]
     if defended:
         out += [f"defense-{v}" for v in DEFENSE_KNOWLEDGE if v not in knowledge.defense]
+    if shares_bn:
+        out += [f"BatchNorm statistics {v}" for v in BN_KNOWLEDGE if v not in knowledge.bn]
     return out
 
 

@@ -3,7 +3,8 @@
 Expands the grid batch size x defense (x protocol settings), simulates each client update on the
 case's data (built-in photos by default), applies the defense on the client, and attacks it with
 every attack that applies to the victim (``--attacks auto``), each under every assumption about
-what the attacker knows (``--knowledge``: labels recovered or known, defense ignored or simulated)
+what the attacker knows (``--knowledge``: labels recovered or known, defense ignored or simulated,
+shared BatchNorm statistics used or ignored where ``--share-bn-stats`` has the client share them)
 and with every ``--seeds`` seed, each a full run folder under ``--out/<cell>/``. The verdict is the
 worst case, names the attacker that broke the cell, and reads "inconclusive" where a run was still
 improving at the end of its budget. It writes ``audit.md``, ``audit.csv``, ``ssim_vs_defense.png``,
@@ -80,7 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "comma-separated names. An attack named that cannot apply is refused")
     p.add_argument("--knowledge", default=None,
                    help="the attacker assumptions to try: all (default) or some of labels-recovered, labels-known, "
-                        "defense-unaware, defense-aware; an axis not named keeps all its values")
+                        "defense-unaware, defense-aware, bn-used, bn-ignored (with --share-bn-stats); an axis not "
+                        "named keeps all its values")
     p.add_argument("--backend", default="local", choices=list(BACKENDS),
                    help="local: this process (--workers 1, default) or a process pool; ray: one Ray task per run")
     p.add_argument("--workers", type=int, default=1,
@@ -172,9 +174,9 @@ def _knowledge(args: argparse.Namespace) -> KnowledgeAxes:
     knowledge = KnowledgeAxes.parse(args.knowledge)
     if args.labels is not None:
         knowledge = KnowledgeAxes(labels=("known",) if args.labels == "given" else ("recovered",),
-                                  defense=knowledge.defense)
+                                  defense=knowledge.defense, bn=knowledge.bn)
     if args.adaptive == "off":
-        knowledge = KnowledgeAxes(labels=knowledge.labels, defense=("unaware",))
+        knowledge = KnowledgeAxes(labels=knowledge.labels, defense=("unaware",), bn=knowledge.bn)
     return knowledge
 
 
