@@ -53,7 +53,11 @@ class CINetConfig(LoopConfig):
             layer's large share of the update's norm does not drown the convolutions; measured no
             faster on the demo case at batch 8 or 64, README, Performance).
         tv: weight of a total-variation prior on the images (0: none).
-        lr_decay: ``"none"``, ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the run) or ``"cosine"``.
+        lr_decay: ``"none"``, ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the run), ``"cosine"`` or
+            ``"warmup-cosine"`` (a 5% linear warm-up, then cosine).
+        beta1: Adam's first-moment decay for ``update="sign-adam"``/``"adam"``: 0.9 (PyTorch's
+            default, what the published code runs) or 0.5 (the value its config file states and its
+            code never passes to Adam).
         channels: over-parameterization rule ``"auto"`` (measured default), ``"paper"``,
             ``"reference"`` or an explicit count (:func:`gradleak.generators.choose_channels`).
         nz: latent size.
@@ -81,6 +85,7 @@ class CINetConfig(LoopConfig):
     loss: str = "cosine"
     tv: float = 0.0
     lr_decay: str = "none"
+    beta1: float = 0.9
     channels: str | int = "auto"
     nz: int = 100
     latent: str = "fixed"
@@ -106,7 +111,8 @@ class CINetConfig(LoopConfig):
             raise ConfigError(f"cinet precision: expected one of {', '.join(_PRECISIONS)}, got {self.precision!r}")
         if self.lr_decay not in DECAYS:
             raise ConfigError(f"cinet lr_decay: expected one of {', '.join(DECAYS)}, got {self.lr_decay!r}")
-        check_ranges("cinet", self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), nz=(1, 4096))
+        check_ranges("cinet", self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), nz=(1, 4096),
+                     beta1=(0, 0.999))
         if isinstance(self.channels, int) and not 1 <= self.channels <= 4096:
             raise ConfigError(f"cinet channels: expected 1 to 4096 or a rule (auto, paper, reference), got {self.channels}")
 
@@ -171,7 +177,7 @@ class CINetAttack(Attack):
             z.requires_grad_(True)
             gparams.append(z)
         opt: torch.optim.Optimizer = (torch.optim.SGD(gparams, lr=cfg.lr) if cfg.update == "sign-sgd"
-                                      else torch.optim.Adam(gparams, lr=cfg.lr))
+                                      else torch.optim.Adam(gparams, lr=cfg.lr, betas=(cfg.beta1, 0.999)))
         sched = make_scheduler(opt, cfg.lr_decay, cfg.iterations)
 
         def state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

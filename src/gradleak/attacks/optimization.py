@@ -31,7 +31,7 @@ import torch
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
-from gradleak.attacks.schedules import make_scheduler, scheduler_state
+from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError
@@ -41,7 +41,7 @@ from gradleak.types import ClientUpdate, Reconstruction, ServerState
 logger = logging.getLogger(__name__)
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "optimizer": ("lbfgs", "adam", "sgd"), "loss": ("l2", "cosine", "cosine-layer"), "lr_decay": ("none", "step"),
+    "optimizer": ("lbfgs", "adam", "sgd"), "loss": ("l2", "cosine", "cosine-layer"), "lr_decay": DECAYS,
     "init": ("randn", "rand", "zeros"), "line_search": (None, "strong_wolfe")}
 
 
@@ -59,7 +59,10 @@ class OptimizationConfig(LoopConfig):
         tv: weight of the total-variation prior (0: none).
         signed: feed the sign of the image gradient to the optimiser (IG); not with L-BFGS.
         boxed: clamp the images to [0, 1] after every step (IG).
-        lr_decay: ``"none"`` or ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the iterations; IG).
+        lr_decay: ``"none"``, ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the iterations; IG),
+            ``"cosine"`` or ``"warmup-cosine"`` (:func:`gradleak.attacks.schedules.make_scheduler`).
+        beta1: Adam's first-moment decay (0.9, PyTorch's default; 0.5 is common in generative
+            inversion).
         restarts: independent trials; the one with the lowest matching loss is returned.
         init: image initialisation: ``"randn"`` (N(0, 1), the papers'), ``"rand"`` (U(0, 1)) or ``"zeros"``.
         soft_labels: optimise soft labels jointly with the images (DLG) instead of recovering them.
@@ -85,6 +88,7 @@ class OptimizationConfig(LoopConfig):
     soft_labels: bool = False
     line_search: str | None = "strong_wolfe"
     lbfgs_max_iter: int = 20
+    beta1: float = 0.9
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -97,7 +101,7 @@ class OptimizationConfig(LoopConfig):
         if self.signed and self.optimizer == "lbfgs":
             raise ConfigError(f"{name}: signed gradients need a first-order optimizer ('adam' or 'sgd'), got 'lbfgs'")
         check_ranges(name, self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000),
-                     lbfgs_max_iter=(1, None))
+                     lbfgs_max_iter=(1, None), beta1=(0, 0.999))
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,7 @@ class OptimizationAttack(Attack):
             opt = torch.optim.LBFGS(variables, lr=cfg.lr, max_iter=cfg.lbfgs_max_iter, tolerance_grad=0.0,
                                     tolerance_change=0.0, line_search_fn=cfg.line_search)
         elif cfg.optimizer == "adam":
-            opt = torch.optim.Adam(variables, lr=cfg.lr)
+            opt = torch.optim.Adam(variables, lr=cfg.lr, betas=(cfg.beta1, 0.999))
         else:
             opt = torch.optim.SGD(variables, lr=cfg.lr)
         return opt, make_scheduler(opt, cfg.lr_decay, cfg.iterations)
