@@ -62,3 +62,23 @@ def test_bad_input_is_refused():
     with pytest.raises(UpdateError, match="imprint block"):
         gradleak.attacks.create("imprint").reconstruct(honest, update)
     assert "imprint block" in gradleak.attacks.ATTACKS.get("imprint").applicability(honest, None)
+
+
+def test_a_fedavg_delta_keeps_the_images_at_the_blocks_default_gain():
+    """delta = theta_after - theta_before cancels a gain-1 block's tiny gradient in float32; the
+    default gain keeps it. One full-batch step: every image alone in its bin, as from a gradient."""
+    from gradleak.threat import fedavg_update
+
+    batch = builtin_batch(16, source="builtin")
+    scores = {}
+    for gain in (1.0, 1e-3):
+        server = imprint_model(_honest(activation="relu"), bins=256, gain=gain)
+        block = find_imprint(server.model)
+        assert block is not None and block.gain == pytest.approx(gain)
+        update = fedavg_update(server, batch.images, batch.labels, local_steps=1, lr=0.1, batch_size=16)
+        rec = gradleak.attacks.create("imprint").reconstruct(server, update)
+        scored = score_reconstruction(rec.images, batch.images, with_lpips=False)
+        scores[gain] = sum(p["psnr"] >= 40 for p in scored.per_image)
+    bins = torch.bucketize(block.statistic(batch.images), block.thresholds(), right=False)
+    alone = sum(int((bins == b).sum()) == 1 and int(b) > 0 for b in bins)
+    assert alone >= 10 and scores[1.0] == 0 and scores[1e-3] >= 0.8 * alone, (scores, alone)  # measured: 0 and 15 of 16

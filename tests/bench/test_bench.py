@@ -135,12 +135,17 @@ def test_bench_adaptive_and_labels_under_defenses_write_their_rows(tmp_path, one
 def test_bench_imprint_counts_exact_recoveries_and_the_checks_score(tmp_path, capsys):
     out = tmp_path / "imprint.json"
     assert main(["bench", "imprint", "--model", "lenet", "--batches", "8", "--bins", "256", "--activations", "relu",
-                 "--evasion", "0,2", "--json", str(out)]) == 0
+                 "--evasion", "0,2", "--protocols", "fedsgd,fedavg:1x8", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["noise"] for r in rows] == [0.0, 2.0]
-    clean, noisy = rows
+    assert [(r["protocol"], r["noise"]) for r in rows] == [("fedsgd", 0.0), ("fedsgd", 2.0), ("fedavg:1x8", 0.0),
+                                                          ("fedavg:1x8", 2.0)]
+    clean, noisy, delta, _ = rows
     assert clean["exact"] >= 6 and clean["check_score"] == pytest.approx(1.0) and clean["flagged"]
     assert noisy["exact"] < clean["exact"] and 0.3 < noisy["check_score"] < 0.6
+    assert delta["exact"] >= clean["exact"] - 1  # a one-step delta keeps the images (the block's gain)
+    with pytest.raises(SystemExit) as bad:
+        main(["bench", "imprint", "--protocols", "fedavg:x"])
+    assert bad.value.code == 2
     assert "PSNR >= 40 dB" in capsys.readouterr().out
 
 

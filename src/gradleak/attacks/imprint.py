@@ -1,6 +1,7 @@
 """The imprint attack: images read off a malicious model's bins, in closed form (Robbing the Fed).
 
-Given a FedSGD gradient of a model that starts with an imprint block
+Given a FedSGD gradient (or a FedAvg delta, of one or several local steps) of a model that starts
+with an imprint block
 (:mod:`gradleak.threat.malicious`), bin ``i``'s share of the update is the difference of
 consecutive rows of the block's weight and bias gradients; an image alone in its bin is their
 ratio. Bins whose ratio is not an image (outside [0, 1], or whose statistic falls outside the bin:
@@ -73,8 +74,6 @@ class ImprintAttack(Attack):
     def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
         if find_imprint(server.model) is None:
             return "needs a model with an imprint block (a malicious server: --threat malicious)"
-        if local_steps > 1:
-            return f"needs a gradient or a one-step delta, not {local_steps} local steps"
         return None
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
@@ -87,9 +86,12 @@ class ImprintAttack(Attack):
         if block is None or reason is not None:
             raise UpdateError(f"imprint attack: expected an update of a model with an imprint block, got one that "
                               f"{reason}")
-        from gradleak.attacks.base import target_gradients
-
-        grads = dict(zip([n for n, p in server.model.named_parameters() if p.requires_grad], target_gradients(update)))
+        # A FedAvg delta is -lr times the sum of the local steps' gradients: an image alone in its bin
+        # adds g_s x to the bin's weight rows and g_s to its bias at every step s, so the ratio is x
+        # whatever the steps' g_s (exact for one step; for several, as long as the block's rows move
+        # too little to change which bin an image falls in: the small rate of local SGD).
+        tensors = update.gradients() if update.kind == "gradient" else [-t for t in update.gradients()]
+        grads = dict(zip([n for n, p in server.model.named_parameters() if p.requires_grad], tensors))
         prefix = next(n for n, m in server.model.named_children() if m is block)
         gw, gb = grads[f"{prefix}.encoder.weight"].double(), grads[f"{prefix}.encoder.bias"].double()
         images, info = self._bins(block, gw, gb, update.num_samples, server.input_shape)
@@ -114,7 +116,7 @@ class ImprintAttack(Attack):
         db = gb - torch.cat([gb[1:], torch.zeros_like(gb[:1])])
         c = block.thresholds().double()
         upper = torch.cat([c[1:], torch.tensor([float("inf")], dtype=c.dtype)])
-        w = block.encoder.weight[0].detach().double()
+        w = block.encoder.weight[0].detach().double() / block.gain
         floor = self.config.tolerance * float(db.abs().max().clamp_min(1e-300))
         found, shares = [], []
         mixed = 0

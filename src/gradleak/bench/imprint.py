@@ -10,11 +10,17 @@ Usage:
     gradleak bench imprint                                  # batch 64 and 256, 1024 bins, both activations
     gradleak bench imprint --batches 64 --bins 64,256,1024 --activations relu --evasion 0,1,2,4   # the check vs noise
     gradleak bench imprint --batches 64 --bins 256,1024 --activations relu
+    gradleak bench imprint --batches 64 --activations relu --protocols fedsgd,fedavg:1x64,fedavg:4x16,fedavg:5x64
+
+A FedAvg setting ``fedavg:SxB`` is S local SGD steps (lr 0.1) at mini-batch B; the attack reads the
+delta as it reads a gradient (the block's default gain keeps the delta's images, see
+:class:`gradleak.threat.malicious.ImprintBlock`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
@@ -31,14 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--evasion", default="0",
                    help="noise on the imprint rows, as a multiple of a row's norm (the check's evasion test)")
+    p.add_argument("--protocols", default="fedsgd",
+                   help="fedsgd and/or fedavg:SxB (S local steps at mini-batch B, lr 0.1), comma-separated")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    protocols = [t.strip() for t in args.protocols.split(",") if t.strip()]
+    for t in protocols:
+        if t != "fedsgd" and not re.fullmatch(r"fedavg:\d+x\d+", t):
+            p.error(f"--protocols: expected fedsgd or fedavg:SxB (e.g. fedavg:4x16), got {t!r}")
 
     import gradleak
     from gradleak.data import builtin_batch
     from gradleak.metrics import score_reconstruction
     from gradleak.models import build_model
-    from gradleak.threat import fedsgd_update
+    from gradleak.threat import fedavg_update, fedsgd_update
     from gradleak.threat.inspect import inspect_model
     from gradleak.threat.malicious import find_imprint, imprint_model
     from gradleak.types import ModelSpec, ServerState
@@ -50,37 +62,41 @@ def main(argv: list[str] | None = None) -> int:
         for n in (int(b) for b in args.batches.split(",")):
             batch = builtin_batch(n, source="builtin" if n <= 68 else "photos")
             for k in (int(b) for b in args.bins.split(",")):
-                server = imprint_model(honest, bins=k)
-                update = fedsgd_update(server, batch.images, batch.labels)
-                t0 = time.perf_counter()
-                for noise in (float(v) for v in args.evasion.split(",")):
-                    block = find_imprint(server.model)
-                    assert block is not None
-                    if noise:
-                        with torch.no_grad():
-                            g = torch.Generator().manual_seed(0)
-                            w = block.encoder.weight
-                            n_ = torch.randn(w.shape, generator=g)
-                            w.add_(noise * w.norm(dim=1, keepdim=True) * n_ / n_.norm(dim=1, keepdim=True))
-                    update = fedsgd_update(server, batch.images, batch.labels)
-                    t0 = time.perf_counter()
-                    rec = gradleak.attacks.create("imprint").reconstruct(server, update)
-                    seconds = time.perf_counter() - t0
-                    scored = score_reconstruction(rec.images, batch.images, with_lpips=False)
-                    exact = sum(p["psnr"] >= 40 for p in scored.per_image)
-                    rows = next(f for f in inspect_model(server.model, server.input_shape) if f.kind == "imprint-rows")
-                    results.append({"model": args.model, "activation": activation, "batch": n, "bins": k,
-                                    "noise": noise, "exact": exact, "fraction": exact / n,
-                                    "found": rec.info["images_found"], "mixed_bins": rec.info["bins_mixed"],
-                                    "ssim_mean": scored.summary["ssim_mean"], "seconds": seconds,
-                                    "check_score": rows.score, "flagged": rows.flagged,
-                                    "threads": torch.get_num_threads()})
-                    print(f"  {activation} N={n} k={k} noise {noise:g}: {exact}/{n} at PSNR >= 40 dB in "
-                          f"{seconds:.2f} s; check {rows.score:.3f}", flush=True)
-                    server = imprint_model(honest, bins=k)  # a fresh block for the next noise level
-    print_table(["model", "activation", "batch", "bins", "row noise", "PSNR >= 40 dB", "fraction", "bins mixed",
+                for protocol in protocols:
+                    for noise in (float(v) for v in args.evasion.split(",")):
+                        server = imprint_model(honest, bins=k)  # a fresh block for each setting
+                        block = find_imprint(server.model)
+                        assert block is not None
+                        if noise:
+                            with torch.no_grad():
+                                g = torch.Generator().manual_seed(0)
+                                w = block.encoder.weight
+                                n_ = torch.randn(w.shape, generator=g)
+                                w.add_(noise * w.norm(dim=1, keepdim=True) * n_ / n_.norm(dim=1, keepdim=True))
+                        if protocol == "fedsgd":
+                            update = fedsgd_update(server, batch.images, batch.labels)
+                        else:
+                            steps, size = (int(v) for v in protocol.split(":")[1].split("x"))
+                            update = fedavg_update(server, batch.images, batch.labels, local_steps=steps, lr=0.1,
+                                                   batch_size=size)
+                        t0 = time.perf_counter()
+                        rec = gradleak.attacks.create("imprint").reconstruct(server, update)
+                        seconds = time.perf_counter() - t0
+                        scored = score_reconstruction(rec.images, batch.images, with_lpips=False)
+                        exact = sum(p["psnr"] >= 40 for p in scored.per_image)
+                        rows = next(f for f in inspect_model(server.model, server.input_shape)
+                                    if f.kind == "imprint-rows")
+                        results.append({"model": args.model, "activation": activation, "batch": n, "bins": k,
+                                        "protocol": protocol, "noise": noise, "exact": exact, "fraction": exact / n,
+                                        "found": rec.info["images_found"], "mixed_bins": rec.info["bins_mixed"],
+                                        "ssim_mean": scored.summary["ssim_mean"], "seconds": seconds,
+                                        "check_score": rows.score, "flagged": rows.flagged,
+                                        "threads": torch.get_num_threads()})
+                        print(f"  {activation} N={n} k={k} {protocol} noise {noise:g}: {exact}/{n} at PSNR >= 40 dB "
+                              f"in {seconds:.2f} s; check {rows.score:.3f}", flush=True)
+    print_table(["model", "activation", "batch", "bins", "protocol", "row noise", "PSNR >= 40 dB", "fraction", "bins mixed",
                  "mean SSIM", "attack s", "check score", "flagged"],
-                [[r["model"], r["activation"], r["batch"], r["bins"], f"{r['noise']:g}", f"{r['exact']}/{r['batch']}",
+                [[r["model"], r["activation"], r["batch"], r["bins"], r["protocol"], f"{r['noise']:g}", f"{r['exact']}/{r['batch']}",
                   f"{r['fraction']:.2f}", r["mixed_bins"], f"{r['ssim_mean']:.3f}", f"{r['seconds']:.2f}",
                   f"{r['check_score']:.3f}", "yes" if r["flagged"] else "no"] for r in results])
     if args.json:

@@ -42,7 +42,15 @@ class ImprintBlock(nn.Module):
         bins: k, the number of ReLU units (bins).
         thresholds: the k increasing thresholds ``c_i`` (default: quantiles of :data:`BRIGHTNESS`
             at ``(i + 1) / (k + 1)``).
-        scale: the decoder's constant weight; small, so the victim's input barely changes.
+        scale: the decoder's constant weight at gain 1; small, so the victim's input barely changes.
+        gain: the encoder's scale: its rows are ``gain / D`` and its biases ``-gain * c_i``, the
+            decoder's weight ``scale / gain``, so the block computes the same function at any gain.
+            A FedAvg client uploads ``theta_after - theta_before``, and the block's gradient is then
+            below float32's resolution of its weights at gain 1 (they cancel); a small gain makes the
+            weights small and their gradient large (``gain^-2`` relative), and the delta keeps the images.
+            Default 1e-3: measured on LeNet-ReLU, 64 built-in images, 1024 bins, a one-step full-batch
+            FedAvg delta (lr 0.1) gives 0 images at PSNR >= 40 dB at gain 1, 5 at 1e-2, 50 at 1e-3;
+            a FedSGD gradient gives 60 at each.
 
     Example:
         >>> block = ImprintBlock((3, 8, 8), bins=16)
@@ -52,7 +60,7 @@ class ImprintBlock(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, int, int], bins: int, *, thresholds: torch.Tensor | None = None,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, gain: float = 1e-3) -> None:
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
             raise ConfigError(f"imprint bins: expected an integer of at least 2, got {bins!r}")
@@ -65,33 +73,41 @@ class ImprintBlock(nn.Module):
         if thresholds.shape != (bins,) or not bool((thresholds[1:] > thresholds[:-1]).all()):
             raise ConfigError(f"imprint thresholds: expected {bins} increasing values, got shape "
                               f"{tuple(thresholds.shape)}")
+        if not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0):
+            raise ConfigError(f"imprint gain: expected a positive number, got {gain!r}")
         with torch.no_grad():
-            self.encoder.weight.fill_(1.0 / d)  # every row measures the mean brightness
-            self.encoder.bias.copy_(-thresholds.float())
-            self.decoder.weight.fill_((1e-2 / bins) if scale is None else scale)
+            self.encoder.weight.fill_(gain / d)  # every row measures the mean brightness (times the gain)
+            self.encoder.bias.copy_(-gain * thresholds.float())
+            self.decoder.weight.fill_(((1e-2 / bins) if scale is None else scale) / gain)
 
     @property
     def bins(self) -> int:
         return int(self.encoder.out_features)
 
+    @property
+    def gain(self) -> float:
+        """The encoder's scale, read off its first row (``gain / D`` per entry)."""
+        return float(self.encoder.weight[0].detach().sum())
+
     def thresholds(self) -> torch.Tensor:
-        return -self.encoder.bias.detach()
+        return -self.encoder.bias.detach() / self.gain
 
     def statistic(self, images: torch.Tensor) -> torch.Tensor:
-        """``h(x)`` per image: the quantity the bins cut (the first encoder row)."""
-        return images.flatten(1) @ self.encoder.weight[0].detach()
+        """``h(x)`` per image: the quantity the bins cut (the first encoder row, over the gain)."""
+        return images.flatten(1) @ self.encoder.weight[0].detach() / self.gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.decoder(torch.relu(self.encoder(x.flatten(1)))).view_as(x)
 
 
-def imprint_model(server: ServerState, bins: int, *, thresholds: torch.Tensor | None = None) -> ServerState:
+def imprint_model(server: ServerState, bins: int, *, thresholds: torch.Tensor | None = None,
+                  gain: float = 1e-3) -> ServerState:
     """The model a malicious server sends instead of ``server.model``: an imprint block in front of it.
 
     The victim's own weights are unchanged; its parameter names gain the prefix ``1.``, the block's
     are ``0.encoder.weight``, ``0.encoder.bias`` and ``0.decoder.weight``.
     """
-    block = ImprintBlock(server.input_shape, bins, thresholds=thresholds)
+    block = ImprintBlock(server.input_shape, bins, thresholds=thresholds, gain=gain)
     model = nn.Sequential(block, server.model)
     return ServerState(model=model, input_shape=server.input_shape, num_classes=server.num_classes,
                        bn_mode=server.bn_mode, spec=None)
