@@ -81,3 +81,19 @@ def test_a_malicious_server_column_beside_the_honest_one(tmp_path):
     assert row["verdict_attacker"] == "imprint_labels-recovered" and float(row["ssim_server_malicious"]) > 0.99
     assert "broken if the attacker is the server and sends a modified model: SSIM 1.000" in row["verdict"]
     assert "SSIM malicious server" in (out / "audit.md").read_text()
+
+
+def test_a_client_that_shares_its_batchnorm_statistics_is_attacked_using_and_ignoring_them(tmp_path):
+    """--share-bn-stats: each attack runs with the statistics matched and ignored; each run records which."""
+    out = tmp_path / "bn"
+    assert main(["audit", "--model", "convnet", "--activation", "relu", "--width", "8", "--batch-sizes", "2",
+                 "--defenses", "none", "--attacks", "ig", "--share-bn-stats", "--iterations", "3",
+                 "--knowledge", "labels-recovered", "--utility-steps", "0", "--no-progress", "--out", str(out)]) == 0
+    cell = next(p for p in out.iterdir() if p.is_dir() and (p / "cell.json").is_file())
+    assert json.loads((cell / "cell.json").read_text())["attacker_names"] == [
+        "ig_labels-recovered_bn-used", "ig_labels-recovered_bn-ignored"]
+    used = json.loads((cell / "ig_labels-recovered_bn-used-s0" / "metrics.json").read_text())
+    ignored = json.loads((cell / "ig_labels-recovered_bn-ignored-s0" / "metrics.json").read_text())
+    assert used["threat_model"]["batchnorm_statistics"].startswith("shared by the client, matched")
+    assert ignored["threat_model"]["batchnorm_statistics"] == "shared by the client, ignored"
+    assert used["info"]["auxiliary"]["bn_stats"]["layers"] > 0
