@@ -212,35 +212,24 @@ class AuditStrategy(Strategy):
             iterable = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
             given[key] = list(value) if iterable else value
         o = from_dict(FlowerAuditOptions, given, what="audit options")
-        rounds, node_ids, max_clients_per_round, label_strategy = o.rounds, o.node_ids, o.max_clients_per_round, o.label_strategy
-        executor, max_workers, threads, wait_at_end = o.executor, o.max_workers, o.threads, o.wait_at_end
-        keys, gradient_key, input_shape, num_classes, bn_mode = o.keys, o.gradient_key, o.input_shape, o.num_classes, o.bn_mode
-        seed, device, time_budget, seeds, defense, fail_if = o.seed, o.device, o.time_budget, o.seeds, o.defense, o.fail_if
-        self.options = o
+        if o.input_shape is not None:
+            o = dataclasses.replace(o, input_shape=tuple(int(v) for v in o.input_shape))
+        self.options = o  # the one copy: what is audited and how
         name, preset = split_preset(attack)  # "cinet" or "cinet:reference", as gradleak list presets prints it
         if attack_config is None or isinstance(attack_config, Mapping):  # the one resolver; fails before the federation
             attack_config = resolve_config(name, preset=preset, overrides=attack_config)
-        attack = name
-        if defense:
-            parse_defense(defense)
-        self.conditions = [Condition.parse(c) for c in fail_if]
-        self.seeds = tuple(int(v) for v in (seeds if seeds is not None else [seed]))
-        self.defense = defense
-        if executor not in ("process", "inline"):
-            raise ConfigError(f"audit executor: expected 'process' or 'inline', got {executor!r}")
-        if max_workers < 1:
-            raise ConfigError(f"audit max_workers: expected a positive integer, got {max_workers}")
+        if o.defense:
+            parse_defense(o.defense)
+        self.conditions = [Condition.parse(c) for c in o.fail_if]
+        self.seeds = tuple(int(v) for v in (o.seeds if o.seeds is not None else [o.seed]))
+        if o.executor not in ("process", "inline"):
+            raise ConfigError(f"audit executor: expected 'process' or 'inline', got {o.executor!r}")
+        if o.max_workers < 1:
+            raise ConfigError(f"audit max_workers: expected a positive integer, got {o.max_workers}")
         self.strategy = strategy
-        self.model, self.out, self.attack = model, Path(out), attack
-        self.attack_config = attack_config
-        self.rounds = None if rounds is None else {int(r) for r in rounds}
-        self.node_ids = None if node_ids is None else {int(n) for n in node_ids}
-        self.max_clients_per_round = max_clients_per_round
-        self.truth, self.label_strategy, self.keys, self.gradient_key = truth, label_strategy, keys, gradient_key
-        self.executor, self.max_workers, self.threads, self.wait_at_end = executor, max_workers, threads, wait_at_end
-        self.input_shape = None if input_shape is None else tuple(int(v) for v in input_shape)
-        self.num_classes, self.bn_mode = num_classes, bn_mode
-        self.seed, self.device, self.time_budget = seed, device, time_budget
+        self.model, self.out, self.attack, self.attack_config, self.truth = model, Path(out), name, attack_config, truth
+        self.rounds = None if o.rounds is None else {int(r) for r in o.rounds}
+        self.node_ids = None if o.node_ids is None else {int(n) for n in o.node_ids}
         self._sent: dict[tuple[int, int], tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         self._pool: ProcessPoolExecutor | None = None
         self._pending: list[tuple[int, int, str, Future[dict[str, Any]]]] = []
@@ -258,7 +247,7 @@ class AuditStrategy(Strategy):
         self.strategy.summary()
         log.info("gradleak audit: attack %s into %s, rounds %s, clients %s, executor %s", self.attack, self.out,
                  "all" if self.rounds is None else sorted(self.rounds),
-                 "all" if self.node_ids is None else sorted(self.node_ids), self.executor)
+                 "all" if self.node_ids is None else sorted(self.node_ids), self.options.executor)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -311,7 +300,7 @@ class AuditStrategy(Strategy):
         try:
             return type(self.strategy).start(self, *args, **kwargs)
         finally:
-            if self.wait_at_end:
+            if self.options.wait_at_end:
                 self.wait()
 
     # -- auditing ----------------------------------------------------------------------------
@@ -320,8 +309,8 @@ class AuditStrategy(Strategy):
 
     def server_state(self, state: dict[str, torch.Tensor]) -> Any:
         """The model the server sent, as a gradleak ``ServerState``."""
-        return server_state(self.model, state, input_shape=self.input_shape,  # type: ignore[arg-type]
-                            num_classes=self.num_classes, bn_mode=self.bn_mode)
+        return server_state(self.model, state, input_shape=self.options.input_shape,  # type: ignore[arg-type]
+                            num_classes=self.options.num_classes, bn_mode=self.options.bn_mode)
 
     def _array_record(self, content: RecordDict, *, skip: str | None = None) -> ArrayRecord | None:
         records = {k: v for k, v in _records(content, "array").items() if k != skip}
@@ -343,8 +332,8 @@ class AuditStrategy(Strategy):
             if (server_round, node) in self._sent and not msg.has_error():
                 picked.append((node, msg))
         picked.sort(key=lambda item: item[0])
-        if self.max_clients_per_round is not None:
-            picked = picked[: self.max_clients_per_round]
+        if self.options.max_clients_per_round is not None:
+            picked = picked[: self.options.max_clients_per_round]
         out: list[tuple[int, AuditJob | None, str | None]] = []
         for node, msg in picked:
             sent_state, config = self._sent.pop((server_round, node))
@@ -363,29 +352,29 @@ class AuditStrategy(Strategy):
         metrics: dict[str, Any] = {}
         for record in _records(content, "metric").values():
             metrics.update(_plain(record))
-        num_key = (getattr(self.strategy, "weighted_by_key", None),) + self.keys.num_examples
+        num_key = (getattr(self.strategy, "weighted_by_key", None),) + self.options.keys.num_examples
         num_examples = self._value(tuple(k for k in num_key if k), metrics, config)
         if num_examples is None:
-            raise ConfigError(f"client reply: expected its number of examples under {', '.join(self.keys.num_examples)}, "
+            raise ConfigError(f"client reply: expected its number of examples under {', '.join(self.options.keys.num_examples)}, "
                               f"got metrics {sorted(metrics)}")
         meta = {"round": server_round, "node_id": node, "source": "flower"}
-        gradients = _records(content, "array").get(self.gradient_key)
+        gradients = _records(content, "array").get(self.options.gradient_key)
         if gradients is not None:
             update = update_from_gradients(server, _arrays(gradients), num_examples=int(num_examples), metadata=meta)
         else:
-            received = self._array_record(content, skip=self.gradient_key)
+            received = self._array_record(content, skip=self.options.gradient_key)
             if received is None:
                 raise ConfigError("client reply: expected an ArrayRecord of parameters, got none")
             training = LocalTraining(
-                lr=self._value(self.keys.lr, metrics, config),
-                local_steps=self._value(self.keys.local_steps, metrics, config),
-                epochs=self._value(self.keys.epochs, metrics, config),
-                batch_size=self._value(self.keys.batch_size, metrics, config),
-                shuffle_seed=self._value(self.keys.shuffle_seed, metrics, config))
+                lr=self._value(self.options.keys.lr, metrics, config),
+                local_steps=self._value(self.options.keys.local_steps, metrics, config),
+                epochs=self._value(self.options.keys.epochs, metrics, config),
+                batch_size=self._value(self.options.keys.batch_size, metrics, config),
+                shuffle_seed=self._value(self.options.keys.shuffle_seed, metrics, config))
             named = name_arrays(_arrays(received), server.model, what="client parameters")
             update = update_from_parameters(server, named, num_examples=int(num_examples), training=training,
                                             metadata=meta)
-        defense = self._value(self.keys.defense, metrics, config) or self.defense
+        defense = self._value(self.options.keys.defense, metrics, config) or self.options.defense
         if defense:
             update = declare_defense(update, parse_defense(str(defense)))
         capture = {**meta, "num_examples": int(num_examples), "config": config, "metrics": metrics,
@@ -394,8 +383,8 @@ class AuditStrategy(Strategy):
                    "bn_mode": server.bn_mode, "update": update.meta_dict()}
         write_capture(folder, server=server, update=update, capture=capture, truth=self._truth(server_round, node))
         return AuditJob(folder=str(folder), attack=self.attack, attack_config=self.attack_config,
-                        label_strategy=self.label_strategy, model=self.model, seeds=self.seeds, device=self.device,
-                        threads=self.threads, time_budget=self.time_budget)
+                        label_strategy=self.options.label_strategy, model=self.model, seeds=self.seeds, device=self.options.device,
+                        threads=self.options.threads, time_budget=self.options.time_budget)
 
     def _template_model(self) -> nn.Module:
         if isinstance(self.model, ModelSpec):
@@ -419,11 +408,11 @@ class AuditStrategy(Strategy):
     def _dispatch(self, server_round: int, node: int, job: AuditJob | None, error: str | None) -> None:
         if job is None:
             self._records.append(AuditRecord(server_round, node, "", "failed", error=error))
-        elif self.executor == "inline":
+        elif self.options.executor == "inline":
             self._records.append(_finish(server_round, node, job.folder, lambda: _inline(job)))
         else:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(max_workers=self.max_workers,
+                self._pool = ProcessPoolExecutor(max_workers=self.options.max_workers,
                                                  mp_context=multiprocessing.get_context("spawn"))
             self._pending.append((server_round, node, job.folder, self._pool.submit(run_audit_job, job)))
             log.info("audit round %d node %d submitted (%s)", server_round, node, job.folder)
