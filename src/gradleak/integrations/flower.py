@@ -352,6 +352,8 @@ class AuditStrategy(Strategy):
         metrics: dict[str, Any] = {}
         for record in _records(content, "metric").values():
             metrics.update(_plain(record))
+        for record in _records(content, "config").values():  # a client's declarations (gradleak's defense_mod)
+            metrics.update({k: v for k, v in _plain(record).items() if k not in metrics})
         num_key = (getattr(self.strategy, "weighted_by_key", None),) + self.options.keys.num_examples
         num_examples = self._value(tuple(k for k in num_key if k), metrics, config)
         if num_examples is None:
