@@ -366,3 +366,28 @@ def test_a_sweep_grid_names_a_device_ray_can_give_it(tmp_path):
     with pytest.raises(ConfigError, match="expected num_gpus > 0"):
         run_sweep(grid, out=tmp_path / "sw", backend="ray")
     assert not (tmp_path / "sw").exists()
+
+
+def test_train_writes_a_victim_that_weights_loads(tmp_path, capsys):
+    """gradleak train, then --weights: the client's model is the trained one; another architecture is refused."""
+    from gradleak.threat import load_model_state
+
+    weights = tmp_path / "lenet.safetensors"
+    assert main(["train", "--model", "lenet", "--activation", "relu", "--images", "32", "--epochs", "3",
+                 "--out", str(weights)]) == 0
+    record = json.loads(weights.with_suffix(".json").read_text())
+    assert len(record["history"]) == 3 and record["history"][-1]["loss"] < record["history"][0]["loss"]
+    assert main(["simulate", "--model", "lenet", "--activation", "relu", "--weights", str(weights), "--batch-size", "2",
+                 "--out", str(tmp_path / "s")]) == 0
+    trained, _ = load_model_state(weights)
+    sent, _ = load_model_state(tmp_path / "s" / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), sent.state_dict().values()))
+    assert json.loads((tmp_path / "s" / "case.json").read_text())["weights"] == str(weights)
+    capsys.readouterr()
+    assert main(["simulate", "--model", "lenet", "--weights", str(weights), "--out", str(tmp_path / "s2")]) == 2
+    assert "activation 'relu' (flags: 'sigmoid')" in _err(capsys)
+    assert main(["audit", "--model", "lenet", "--weights", str(weights), "--batch-sizes", "1",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "--weights" in _err(capsys) and not (tmp_path / "a").exists()
+    assert main(["train", "--model", "lenet", "--out", str(weights)]) == 2
+    assert "it exists" in _err(capsys)

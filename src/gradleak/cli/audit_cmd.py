@@ -110,6 +110,10 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         raise ConfigError(f"--batch-size: the audit takes a list, expected --batch-sizes, got --batch-size {args.batch_size}")
+    if args.weights is not None:
+        raise ConfigError("--weights: the audit builds its victim from --model-seed in every worker; expected no "
+                          "--weights (audit a trained model through gradleak compare --weights, or a live federation "
+                          "through AuditStrategy)")
     device = check_device(args.device)
     cells = audit_grid(batch_sizes=parse_int_list(args.batch_sizes, what="--batch-sizes"),
                        defenses=split_defenses(args.defenses),

@@ -40,6 +40,34 @@ def add_case(p: argparse.ArgumentParser) -> None:
                    help="builtin (default: 68 real images, then crops)|cifar10|cifar100|imagenet|photos (built-in, offline), cifar10-dir|cifar100-dir|folder (with --data-root)")
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--data-seed", type=int, default=0, help="which images to draw from a dataset")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="the victim's weights: a model-state file (gradleak train, or a simulate folder's "
+                        "model.safetensors) instead of a fresh initialisation; the architecture flags must match it")
+
+
+def case_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The victim of the case flags: ``(model, spec)``, freshly initialised or loaded from ``--weights``.
+
+    Raises:
+        ConfigError: ``--weights`` holds another architecture than the flags name.
+        UpdateError: the file is not a model state that fits its own spec.
+    """
+    from gradleak.models import build_model
+    from gradleak.threat import load_model_state
+    from gradleak.types import ModelSpec
+
+    spec = ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
+                     activation=args.activation, bn_mode=args.bn_mode, width=args.width)
+    weights = getattr(args, "weights", None)
+    if weights is None:
+        return build_model(spec, seed=args.model_seed), spec
+    model, stored = load_model_state(weights)
+    if stored.to_dict() != {**spec.to_dict(), "bn_mode": stored.bn_mode}:
+        differ = [f"{k} {stored.to_dict()[k]!r} (flags: {v!r})" for k, v in spec.to_dict().items()
+                  if k != "bn_mode" and stored.to_dict().get(k) != v]
+        raise ConfigError(f"--weights '{weights}': expected the architecture the flags name, got a file with "
+                          + ", ".join(differ))
+    return model, spec  # the client's BatchNorm mode is the flags'
 
 
 def add_threat(p: argparse.ArgumentParser, *, grid: bool = False) -> None:

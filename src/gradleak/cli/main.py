@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from gradleak.errors import GradleakError, Terminated
 
-SUBCOMMANDS = ("demo", "simulate", "attack", "compare", "audit", "labels", "inspect", "sweep", "bench", "list")
+SUBCOMMANDS = ("demo", "simulate", "attack", "compare", "audit", "labels", "inspect", "sweep", "bench", "train", "list")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,13 +14,12 @@ from typing import Any
 import torch
 
 from gradleak.audit.cell import cell_update, check_victim
-from gradleak.cli.common import add_case, add_threat, default_out, threat_cell
+from gradleak.cli.common import add_case, add_threat, case_model, default_out, threat_cell
 from gradleak.data import load_batch
-from gradleak.models import build_model
 from gradleak.reporting.runner import check_folder
 from gradleak.threat import save_model_state, save_truth, save_update
 from gradleak.threat.malicious import imprint_model
-from gradleak.types import ModelSpec, ServerState
+from gradleak.types import ServerState
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,9 +41,7 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     FedSGD or FedAvg local steps, K clients averaged, the client's defense.
     """
     cell = threat_cell(args)
-    spec = ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
-                     activation=args.activation, bn_mode=args.bn_mode, width=args.width)
-    model = build_model(spec, seed=args.model_seed)
+    model, spec = case_model(args)
     server = ServerState.from_spec(model, spec)
     bins = getattr(args, "imprint_bins", None)
     if bins is not None:
@@ -61,7 +58,9 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     save_update(update, files["update"])
     save_model_state(model, spec, files["model_state"])
     save_truth(batch.images, batch.labels, files["truth"], names=batch.names)
-    case = {"model": spec.to_dict(), "model_seed": args.model_seed, "protocol": cell.protocol.protocol,
+    weights = getattr(args, "weights", None)
+    case = {"model": spec.to_dict(), "model_seed": args.model_seed, "weights": str(weights) if weights else None,
+            "protocol": cell.protocol.protocol,
             "local_steps": cell.protocol.local_steps, "local_lr": cell.protocol.local_lr,
             "local_batch_size": cell.protocol.local_batch_size, "clients": cell.protocol.clients,
             "defense": cell.defense, "batch_size": args.batch_size, "data": args.data, "imprint_bins": bins,
