@@ -65,3 +65,4 @@ def test_fedavg_replay_on_cuda_matches_cpu():
     torch.testing.assert_close(deltas["cpu"][1], deltas["cuda"][1], rtol=1e-3, atol=1e-6)
     for a, t in zip(deltas["cpu"][0], update.gradients()):  # the replay reproduces the client's delta
         torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-6)
+

@@ -35,7 +35,7 @@ import gradleak
 from gradleak.bench.common import Timer, demo_case, print_table, sync, write_json
 from gradleak.functional import cosine_distance
 from gradleak.generators import CINetGenerator
-from gradleak.hardware import matmul_gflops, native_bf16
+from gradleak.hardware import float32_policy, matmul_gflops, native_bf16
 
 
 def step_flops(gen: torch.nn.Module, victim: torch.nn.Module, z: torch.Tensor, y: torch.Tensor,
@@ -72,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-generator", action="store_true", help="torch.compile the generator (floor only)")
     p.add_argument("--no-mkldnn", action="store_true", help="CPU convolutions without oneDNN (im2col + GEMM)")
     p.add_argument("--no-attack", action="store_true", help="time the floor only (no CINetAttack rounds)")
+    p.add_argument("--tf32", action="store_true",
+                   help="on CUDA, let matrix products and convolutions use TF32 (default off, as runs compute)")
     p.add_argument("--json", default="bench-results/step.json")
     args = p.parse_args(argv)
+    with float32_policy(args.device, tf32=args.tf32):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     dev = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(["floor (bare loop)", floor * 1000, 100.0])
     rows.append(["CINetAttack.reconstruct", full * 1000, 100 * full / floor])
     threads = torch.get_num_threads()
-    print(f"CI-Net step, ResNet-18-sigmoid, batch {args.batch}, {args.size} px, {args.channels} channels, {dev}, "
+    print(f"CI-Net step, ResNet-18-sigmoid, batch {args.batch}, {args.size} px, {args.channels} channels, {dev}"
+          f"{', TF32' if args.tf32 and dev.startswith('cuda') else ''}, "
           f"{threads} threads{', channels_last' if args.channels_last else ''}"
           f"{', compiled generator' if args.compile_generator else ''}{', no oneDNN' if args.no_mkldnn else ''}")
     print_table(["phase", "ms / iteration", "% of phases (floor rows: % of floor)"], rows)
