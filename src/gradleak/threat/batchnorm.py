@@ -37,15 +37,19 @@ def tracked_layers(model: nn.Module) -> dict[str, _BatchNorm]:
             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None}
 
 
+def _statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's running statistics by the names they are shared under (``<layer>.running_mean``, ...)."""
+    return {f"{name}.{stat}": getattr(m, stat) for name, m in tracked_layers(model).items() for stat in STATS}
+
+
 def buffer_names(model: nn.Module) -> list[str]:
     """The names the shared statistics carry: ``<layer>.running_mean`` and ``<layer>.running_var``."""
-    return [f"{name}.{stat}" for name in tracked_layers(model) for stat in STATS]
+    return list(_statistics(model))
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the model's running statistics (before local training)."""
-    layers = tracked_layers(model)
-    return {f"{name}.{stat}": getattr(m, stat).detach().clone() for name, m in layers.items() for stat in STATS}
+    return {k: t.detach().clone() for k, t in _statistics(model).items()}
 
 
 def changes(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,8 +71,7 @@ def check_buffers(update: ClientUpdate, model: nn.Module) -> None:
     """Raise :class:`UpdateError` unless the update's statistics are the model's, finite, of their shapes."""
     if not update.buffers:
         return
-    layers = tracked_layers(model)
-    expected = {f"{name}.{stat}": tuple(getattr(m, stat).shape) for name, m in layers.items() for stat in STATS}
+    expected = {k: tuple(t.shape) for k, t in _statistics(model).items()}
     unexpected = [n for n in update.buffers if n not in expected]
     if unexpected:
         example = next(iter(expected), None)
