@@ -65,6 +65,9 @@ class Attack(ABC):
     """It needs a pretrained generator (the attacker's surrogate data)."""
     uses_labels: ClassVar[bool] = True
     """Its images depend on the labels it is given (an audit tries it with labels recovered and known)."""
+    matches_bn_stats: ClassVar[bool] = False
+    """It matches BatchNorm statistics the client shared (its config's ``bn_stats``; an audit tries it
+    using and ignoring them)."""
 
     @classmethod
     def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:

@@ -226,6 +226,7 @@ class GIASAttack(Attack):
     knowledge = Knowledge(surrogate_data=True, sok="D")
     adaptive = True
     needs_generator = True
+    matches_bn_stats = True
     presets = {
         # The published CIFAR-10 DCGAN script.
         "cifar10-dcgan": {},  # the defaults

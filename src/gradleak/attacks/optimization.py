@@ -158,6 +158,7 @@ class OptimizationAttack(Attack):
 
     name = "optimization"
     adaptive = True
+    matches_bn_stats = True
     Config = OptimizationConfig
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,

@@ -397,7 +397,7 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
     selects); an undefended one once per label assumption. An attack without an adaptive mode, or
     a config with ``adaptive="off"``, has no defense-aware attacker, and the verdict says so. Where
     the client shares its BatchNorm statistics (``shares_bn``), an attack that can match them
-    (its config has ``bn_stats``) is tried using and ignoring them, as ``knowledge.bn`` selects.
+    (``Attack.matches_bn_stats``) is tried using and ignoring them, as ``knowledge.bn`` selects.
 
     Example:
         >>> [a.id for a in attackers_for("cinet", defended=True)[0]]  # doctest: +NORMALIZE_WHITESPACE
@@ -425,14 +425,10 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
             if not defenses:
                 defenses = ["unaware"]
     bns = ["none"]
-    if shares_bn:
-        fields = (set(attack_config) if isinstance(attack_config, Mapping) else
-                  {f.name for f in dataclasses.fields(attack_config)} if dataclasses.is_dataclass(attack_config)
-                  else {f.name for f in dataclasses.fields(cls.Config)})
-        if "bn_stats" in fields:
-            bns = list(knowledge.bn)
-        else:
-            not_tried.append(f"{attack} with the shared BatchNorm statistics (it cannot match them)")
+    if shares_bn and cls.matches_bn_stats:
+        bns = list(knowledge.bn)
+    elif shares_bn:
+        not_tried.append(f"{attack} with the shared BatchNorm statistics (it cannot match them)")
     return [Attacker(attack, labels=lab, defense=d, bn=b) for lab in labels for d in defenses for b in bns], not_tried
 
 
