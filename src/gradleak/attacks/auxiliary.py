@@ -49,7 +49,6 @@ class Auxiliary:
 
     victim: nn.Module
     feature_weight: float = 0.0
-    feature_init: int = 0
     bn_weight: float = 0.0
     feature: FeatureRecovery | None = None
     feature_module: nn.Module | None = None
@@ -72,8 +71,7 @@ class Auxiliary:
             UnsupportedModelError / UpdateError: ``features`` on a victim or update they do not fit
                 (:func:`~gradleak.attacks.features.recover_features`).
         """
-        aux = cls(victim=victim, feature_weight=float(cfg.features), feature_init=int(cfg.feature_init),
-                  bn_weight=float(cfg.bn_stats))
+        aux = cls(victim=victim, feature_weight=float(cfg.features), bn_weight=float(cfg.bn_stats))
         if cfg.features > 0 or cfg.feature_init > 0:
             if labels.numel() != update.num_samples:
                 raise ConfigError("features: expected labels to recover the features with (recovered or given), got "
@@ -86,7 +84,7 @@ class Auxiliary:
             aux.feature_index = torch.as_tensor(order, device=device)
             aux.feature.features = aux.feature.features.to(device)
             aux.info["features"] = {**aux.feature.describe(), "weight": aux.feature_weight,
-                                    "init_iterations": aux.feature_init}
+                                    "init_iterations": int(cfg.feature_init)}
         if update.buffers and cfg.bn_stats > 0:
             batchnorm.check_buffers(update, server.model)
             if update.protocol == "aggregate":
@@ -112,10 +110,6 @@ class Auxiliary:
     @property
     def active(self) -> bool:
         return self.feature_module is not None or bool(self.bn_layers)
-
-    @property
-    def bn_used(self) -> bool:
-        return bool(self.bn_layers)
 
     def _hook(self) -> None:
         watched = dict(self.bn_layers)

@@ -45,7 +45,6 @@ class LastLayer:
     name: str
     weight_index: int
     bias_index: int
-    in_features: int
 
 
 def last_linear(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> LastLayer:
@@ -85,7 +84,7 @@ def last_linear(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
     if id(layer.weight) not in index or id(layer.bias) not in index:
         raise UnsupportedModelError(f"feature term: expected the last linear layer '{name}' to be trainable (its "
                                     f"gradient is in the update), got a frozen layer; set features=0")
-    return LastLayer(name, index[id(layer.weight)], index[id(layer.bias)], int(layer.in_features))
+    return LastLayer(name, index[id(layer.weight)], index[id(layer.bias)])
 
 
 @dataclass
@@ -174,10 +173,10 @@ def recover_features(server: ServerState, update: ClientUpdate, labels: torch.Te
         feats, method = ratios[labels], "class-ratio"
         notes.append(f"N = {n} > C - 1 = {c - 1}: the update fixes only the per-class weighted sums; each image "
                      f"gets its class's grad_W[c] / grad_b[c]")
-    logits = torch.cat([feats, torch.ones(n, 1, dtype=dt)], 1) @ torch.cat(
-        [module.weight.detach().cpu().to(dt), module.bias.detach().cpu().to(dt)[:, None]], 1).T
+    f_aug = torch.cat([feats, torch.ones(n, 1, dtype=dt)], 1)
+    logits = f_aug @ torch.cat([module.weight.detach().cpu().to(dt), module.bias.detach().cpu().to(dt)[:, None]], 1).T
     p_hat = torch.softmax(logits, -1) - onehot
-    implied = p_hat.T @ torch.cat([feats, torch.ones(n, 1, dtype=dt)], 1)
+    implied = p_hat.T @ f_aug
     residual = float(torch.linalg.norm(implied - g) / torch.linalg.norm(g).clamp_min(1e-300))
     converged = residual < 1e-4
     exact = method != "class-ratio" and converged and len(set(labels.tolist())) == n

@@ -36,6 +36,7 @@ from gradleak.cli.common import (
     add_case,
     add_common,
     add_threat,
+    case_spec,
     check_device,
     default_out,
     parse_overrides,
@@ -123,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epsilon_rounds < 1:
         raise ConfigError(f"--epsilon-rounds: expected a positive integer, got {args.epsilon_rounds}")
     knowledge = _knowledge(args)
-    spec = ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
-                     activation=args.activation, bn_mode=args.bn_mode, width=args.width)
+    spec = case_spec(args)
     threats = _threats(args)
     plan = _plan(args, spec, cells, threats)
     out = args.out or default_out("audit")

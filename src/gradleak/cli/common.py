@@ -45,6 +45,14 @@ def add_case(p: argparse.ArgumentParser) -> None:
                         "model.safetensors) instead of a fresh initialisation; the architecture flags must match it")
 
 
+def case_spec(args: argparse.Namespace) -> Any:
+    """The :class:`~gradleak.types.ModelSpec` the case flags name."""
+    from gradleak.types import ModelSpec
+
+    return ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
+                     activation=args.activation, bn_mode=args.bn_mode, width=args.width)
+
+
 def case_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The victim of the case flags: ``(model, spec)``, freshly initialised or loaded from ``--weights``.
 
@@ -54,10 +62,8 @@ def case_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """
     from gradleak.models import build_model
     from gradleak.threat import load_model_state
-    from gradleak.types import ModelSpec
 
-    spec = ModelSpec(name=args.model, num_classes=args.num_classes, image_size=args.image_size,
-                     activation=args.activation, bn_mode=args.bn_mode, width=args.width)
+    spec = case_spec(args)
     weights = getattr(args, "weights", None)
     if weights is None:
         return build_model(spec, seed=args.model_seed), spec
