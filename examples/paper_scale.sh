@@ -16,10 +16,12 @@
 # and sign-Adam, the `auto` width), with the paper's iteration counts where it gives them (150k for
 # batch 256) and otherwise 20k.
 #
-# Expected cost, estimated from the FLOPs torch counts per step (gradleak bench step) and not yet
-# measured on a GPU: a CIFAR step is about 12.5 GFLOP per image (800 GFLOP at batch 64), so at an
-# achieved 20 TFLOP/s float32 (a third of an H100/H200's non-tensor peak) batch 64 takes ~0.04 s
-# per step (20k steps: ~15 min) and batch 256 ~0.16 s (150k steps: ~7 h). The ImageNet cases at
+# Expected cost, from the device check on one NVIDIA H200 (2026-12-04, torch 2.11, float32 with TF32
+# off, 128 generator channels; docs/measured/gpu-h200-2026-12-04): a batch-64 step took 92 ms (20k
+# steps: ~31 min; the default reached SSIM 0.95 at batch 64 after 1875 steps, 130 s) and a batch-256
+# step 268 ms (150k steps: ~11 h; with TF32 on, `gradleak bench step --tf32`, the bare step took
+# 105 ms: ~4.4 h, a speed attack runs do not take yet: they compute in float32). The
+# ImageNet cases at
 # 256 px use 512 generator channels; their CPU peak was 15 GB resident at batch 32 in fp32
 # (README, Memory; the paper needed 39.6 GB on an A100 with its wider generator). Add
 # `--set precision=bf16 --set activation_checkpointing=true` to halve the memory.

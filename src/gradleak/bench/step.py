@@ -55,7 +55,10 @@ def step_flops(gen: torch.nn.Module, victim: torch.nn.Module, z: torch.Tensor, y
 
 
 def gemm_peak(device: str) -> float:
-    """The float32 matrix-product peak on the current threads, GFLOP/s (best of two sizes)."""
+    """The float32 matrix-product peak on the current threads or GPU, GFLOP/s (best of two sizes).
+
+    On CUDA it is TF32's peak where TF32 is on (``--tf32``).
+    """
     return max(matmul_gflops(torch.float32, size=n, device=device) for n in (1024, 2048))
 
 
@@ -154,6 +157,9 @@ def _run(args: argparse.Namespace) -> int:
     rows.append(["floor (bare loop)", floor * 1000, 100.0])
     rows.append(["CINetAttack.reconstruct", full * 1000, 100 * full / floor])
     threads = torch.get_num_threads()
+    cuda = dev.startswith("cuda")
+    where = torch.cuda.get_device_name(torch.device(dev)) if cuda else f"{threads} threads"
+    kind = "TF32" if args.tf32 and cuda else "fp32"
     print(f"CI-Net step, ResNet-18-sigmoid, batch {args.batch}, {args.size} px, {args.channels} channels, {dev}"
           f"{', TF32' if args.tf32 and dev.startswith('cuda') else ''}, "
           f"{threads} threads{', channels_last' if args.channels_last else ''}"
@@ -161,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     print_table(["phase", "ms / iteration", "% of phases (floor rows: % of floor)"], rows)
     print(f"step/floor = {full / floor:.3f}")
     print(f"work: {flops / 1e9:.1f} GFLOP per step (torch.utils.flop_counter); floor achieves {achieved:.1f} GFLOP/s "
-          f"= {100 * achieved / peak:.0f}% of the fp32 GEMM peak {peak:.1f} GFLOP/s measured now on {threads} threads "
+          f"= {100 * achieved / peak:.0f}% of the {kind} GEMM peak {peak:.1f} GFLOP/s measured now on {where} "
           f"(native bf16: {native_bf16(dev)})")
     write_json(args.json, {"args": vars(args), "threads": threads, "phases_ms": {k: v / args.iters * 1000 for k, v in timer.totals.items()},
                            "floor_ms": floor * 1000, "attack_ms": full * 1000, "ratio": full / floor,
