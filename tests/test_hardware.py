@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 
 import pytest
@@ -73,13 +75,13 @@ def test_float32_on_cuda_means_tf32_off_and_the_switches_are_restored(tmp_path):
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as a user may have set
         with hardware.float32_policy("cuda") as policy:
-            assert policy == {"tf32": False}
+            assert policy == {"tf32": False, "deterministic": False}
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         with hardware.float32_policy("cuda:0", tf32=True) as policy:
-            assert policy == {"tf32": True} and torch.backends.cudnn.allow_tf32
+            assert policy == {"tf32": True, "deterministic": False} and torch.backends.cudnn.allow_tf32
         with hardware.float32_policy("cpu") as policy:
-            assert policy == {"tf32": None}
+            assert policy == {"tf32": None, "deterministic": None}
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
     server, update, images, labels = make_case("lenet", 1, size=16)
@@ -87,3 +89,38 @@ def test_float32_on_cuda_means_tf32_off_and_the_switches_are_restored(tmp_path):
                      truth_images=images, truth_labels=labels, progress=False)
     assert run.metrics["summary"]["tf32"] is None  # a CPU run records that the switch does not apply
     assert '"tf32": null' in (tmp_path / "r" / "config.json").read_text()
+
+
+def test_deterministic_cuda_sets_every_switch_and_puts_them_back(monkeypatch):
+    """Checked without a GPU: torch's deterministic switches and cuBLAS's variable exist on every build."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    with hardware.float32_policy("cuda", deterministic=True) as policy:
+        assert policy == {"tf32": False, "deterministic": True}
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own setting is kept
+    with hardware.float32_policy("cuda", deterministic=True):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    with hardware.float32_policy("cpu", deterministic=True) as policy:
+        assert policy["deterministic"] is None and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_resume_computes_as_the_run_did(tmp_path, monkeypatch):
+    """--resume takes TF32 and determinism from config.json, not from its own (absent) flags."""
+    from gradleak.cli import attack_cmd
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "attack": "cinet", "attack_config": {}, "device": "cuda", "case": {"files": {"update": "u", "model_state": "m"}},
+        "float32": {"tf32": True, "deterministic": True}}))
+    monkeypatch.setattr(attack_cmd.Checkpointer, "exists", lambda self: True)
+    seen = {}
+    monkeypatch.setattr(attack_cmd, "attack_files", lambda files, **kw: seen.update(kw))
+    attack_cmd.resume_run(tmp_path, progress=False)
+    assert seen["tf32"] is True and seen["deterministic"] is True and seen["resume"] is True

@@ -104,22 +104,72 @@ def memory_bytes() -> int | None:
         return None
 
 
+def device_memory(device: str | torch.device) -> tuple[int, int] | None:
+    """``(free, total)`` bytes of a CUDA device (``torch.cuda.mem_get_info``); None on a CPU.
+
+    A CPU's run is checked against the machine's memory elsewhere (:func:`memory_bytes`); on a GPU
+    the allocator's free memory is what a run can still take.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(dev)
+    return int(free), int(total)
+
+
 @contextlib.contextmanager
-def float32_policy(device: str | torch.device, *, tf32: bool = False) -> Iterator[dict[str, bool | None]]:
+def counting_saved_bytes() -> Iterator[list[int]]:
+    """Count the bytes autograd saves for the backward inside the block (``saved_tensors_hooks``).
+
+    Yields a one-element list that holds the running total. A tensor saved by several operations
+    counts each time, so the total errs high, as a memory estimate should.
+    """
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+
+
+@contextlib.contextmanager
+def float32_policy(device: str | torch.device, *, tf32: bool = False,
+                   deterministic: bool = False) -> Iterator[dict[str, bool | None]]:
     """Float32 that is float32 on a GPU: TF32 off for CUDA matrix products and convolutions (or on, if asked).
 
     PyTorch lets cuDNN convolutions use TF32 by default (10-bit mantissa on Ampere and later), so a
     CUDA run would not compute the float32 it records. Inside the block both switches are set to
-    ``tf32`` and restored after. On a CPU nothing changes. Yields what the run records:
-    ``{"tf32": tf32}`` on CUDA, ``{"tf32": None}`` elsewhere.
+    ``tf32`` and restored after.
+
+    ``deterministic=True`` also makes a CUDA run repeat itself bit for bit on the same GPU, driver
+    and versions: ``torch.use_deterministic_algorithms(True)`` (an operation without a deterministic
+    CUDA kernel then raises instead of running), cuDNN's deterministic algorithms without autotuning,
+    and cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` where unset; cuBLAS reads it
+    when it starts, so set it yourself before anything touches the GPU if the process already has).
+    A CPU run is deterministic already (same machine, same threads), so on a CPU nothing changes.
+
+    Yields what the run records: ``{"tf32": tf32, "deterministic": deterministic}`` on CUDA, both
+    None elsewhere.
     """
     if torch.device(device).type != "cuda":
-        yield {"tf32": None}
+        yield {"tf32": None, "deterministic": None}
         return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True)
     try:
-        yield {"tf32": tf32}
+        yield {"tf32": tf32, "deterministic": deterministic}
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4])
+        if saved[5] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

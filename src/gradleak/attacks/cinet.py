@@ -24,7 +24,7 @@ import torch
 from gradleak.attacks.auxiliary import Auxiliary
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
-from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
+from gradleak.attacks.loop import Loop, LoopConfig, Step, check_memory, prepare
 from gradleak.attacks.matching import Matcher
 from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
 from gradleak.attacks.threat_model import Knowledge
@@ -188,6 +188,10 @@ class CINetAttack(Attack):
             tensors.update({"z": z.detach(), "rng": rng.get_state()})
             return tensors, {"optimizer": opt_meta, "scheduler": scheduler_state(sched), "channels": choice.channels}
 
+        amp = _PRECISIONS[cfg.precision]
+        with contextlib.nullcontext() if amp is None else torch.autocast(dev.type, dtype=amp):
+            memory_estimate = check_memory(self, lambda n: gen(z[:n]), matcher, y, update.num_samples, loss=cfg.loss,
+                                           modules=(gen, setup.victim), trainable=gparams)
         loop.state = state
         if resume:
             restored = loop.restore()
@@ -202,7 +206,8 @@ class CINetAttack(Attack):
             images = gen(z)
         return loop.outcome(images, y, setup.labels.strategy, {
             "channel_choice": choice.to_dict(), "label_notes": setup.labels.warnings,
-            "label_info": setup.labels.info, "precision_note": precision_note}, setup.auxiliary)
+            "label_info": setup.labels.info, "precision_note": precision_note,
+            "memory_estimate_bytes": memory_estimate}, setup.auxiliary)
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], gen: torch.nn.Module,
                  opt: torch.optim.Optimizer, sched: Any, z: torch.Tensor, rng: torch.Generator) -> None:

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +44,8 @@ from gradleak.attacks.base import Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.attacks.matching import Matcher, build_matcher
 from gradleak.config import check_ranges
-from gradleak.errors import CheckpointError, Terminated, UpdateError
-from gradleak.hardware import memory_bytes
+from gradleak.errors import CheckpointError, ConfigError, Terminated, UpdateError
+from gradleak.hardware import counting_saved_bytes, device_memory, memory_bytes
 from gradleak.labels import LabelResult
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
@@ -132,6 +132,76 @@ def check_size(update: ClientUpdate, server: ServerState) -> None:
         raise UpdateError(f"update num_samples: {update.num_samples} images of {server.input_shape} would need "
                           f"{need / 2**30:.1f} GiB for the images alone; expected at most half of this machine's "
                           f"{total / 2**30:.0f} GiB")
+
+
+MEMORY_FACTOR = 1.0
+"""A step's peak over what autograd saves for it. The count errs high (a tensor saved by two
+operations counts twice), about as much as the backward's own gradients and workspace add, so the
+count itself is the estimate. Calibrated on CI-Net (2026-12-04), estimate / measured attack's share:
+an H200 at batch 32, 256 px, 128 channels 1.10 in fp32 (6595 / 5993 MB) and 1.06 with bf16 +
+activation checkpointing (2379 / 2238 MB); a CPU's resident set at batch 8, 256 px, 256 channels
+1.11 (2627 / 2367 MB) and at batch 64, 32 px, 128 channels 0.9-1.1 (1942 against 1700-2100 MB, the
+process's libraries not known more closely)."""
+
+
+def estimate_step_bytes(source: Callable[[int], torch.Tensor], matcher: Matcher, labels: torch.Tensor, num: int, *,
+                        loss: str, modules: Sequence[nn.Module] = (), trainable: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes one attack step on ``num`` images takes, from steps on 2 and 4 images.
+
+    ``source(n)`` makes ``n`` images as the attack does (a generator's output, or a leaf tensor);
+    each small step runs the forward, the victim's gradient with ``create_graph`` and the matching
+    loss, counting what autograd saves (:func:`~gradleak.hardware.counting_saved_bytes`). The count
+    is linear in the batch (a fixed part and a part per image), extrapolated to ``num``, times
+    :data:`MEMORY_FACTOR`, plus the optimized tensors four times over (value, gradient, Adam's two
+    moments) and the target twice. ``modules``' states (BatchNorm statistics, spectral-norm
+    iterates) are put back afterwards, so the run that follows is the one it would have been.
+    Run it under the attack's autocast and checkpointing, as its steps run.
+    """
+    sizes = sorted({min(2, num), min(4, num)})
+    saved: list[int] = []
+    states = [copy.deepcopy(m.state_dict()) for m in modules]
+    try:
+        for n in sizes:
+            with counting_saved_bytes() as count:
+                matcher.distance(loss, matcher.simulate(source(n), labels[:n]))
+            saved.append(count[0])
+    finally:
+        for m, state in zip(modules, states):
+            m.load_state_dict(state)
+    if len(sizes) == 2:
+        per = max(0.0, (saved[1] - saved[0]) / (sizes[1] - sizes[0]))
+        fixed = max(0.0, saved[0] - per * sizes[0])
+    else:
+        per, fixed = saved[0] / sizes[0], 0.0
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    return int(MEMORY_FACTOR * (fixed + per * num) + 4 * nbytes(trainable) + 2 * nbytes(matcher.target))
+
+
+def check_memory(attack: Attack, source: Callable[[int], torch.Tensor], matcher: Matcher, labels: torch.Tensor,
+                 num: int, *, loss: str, modules: Sequence[nn.Module] = (),
+                 trainable: Sequence[torch.Tensor] = ()) -> int | None:
+    """Refuse, before the run allocates, a step that would not fit the GPU's free memory.
+
+    On a CUDA device the step's footprint is estimated (:func:`estimate_step_bytes`) and compared
+    with ``torch.cuda.mem_get_info``'s free bytes; on a CPU nothing is checked here (the host's
+    memory is checked by :func:`check_size`). Returns the estimate in bytes, or None where nothing
+    was checked (a CPU; labels optimised jointly, whose step has no labels to give).
+
+    Raises:
+        ConfigError: the estimate exceeds the free memory (exit 2, nothing allocated for the batch).
+    """
+    memory = device_memory(attack.device)
+    if memory is None or labels.numel() == 0:
+        return None
+    need = estimate_step_bytes(source, matcher, labels, num, loss=loss, modules=modules, trainable=trainable)
+    free, total = memory
+    if need > free:
+        raise ConfigError(
+            f"{attack.name} on {attack.device}: a step on {num} images needs about {need / 2**30:.1f} GiB "
+            f"(estimated from steps on 2 and 4), expected at most the {free / 2**30:.1f} GiB free of the "
+            f"device's {total / 2**30:.1f} GiB; use a smaller batch, another GPU, or (CI-Net) "
+            "precision=bf16 and activation_checkpointing=true")
+    return need
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
-from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
+from gradleak.attacks.loop import Loop, LoopConfig, Step, check_memory, prepare
 from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
@@ -190,6 +190,9 @@ class OptimizationAttack(Attack):
 
         rng = torch.Generator().manual_seed(self.seed)
         run = self._trial(shape, server.num_classes, soft, rng)
+        memory_estimate = check_memory(
+            self, lambda n: torch.full((n, *shape[1:]), 0.5, device=self.device, requires_grad=True), matcher,
+            y_hard, update.num_samples, loss=cfg.loss, modules=(setup.victim,), trainable=[run.x])
 
         def state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             opt_t, opt_meta = _flatten(run.opt)
@@ -221,7 +224,8 @@ class OptimizationAttack(Attack):
         scores = run.scores + partial
         return loop.outcome(run.best_x.clamp(0, 1), y_out, setup.labels.strategy, {
             "label_notes": setup.labels.warnings, "label_info": setup.labels.info, "restart_scores": scores,
-            "best_restart": int(min(range(len(scores)), key=scores.__getitem__)), "diverged": run.diverged}, aux)
+            "best_restart": int(min(range(len(scores)), key=scores.__getitem__)), "diverged": run.diverged,
+            "memory_estimate_bytes": memory_estimate}, aux)
 
     def _restarts(self, loop: Loop, run: _Run, step: Callable[[int], Step],
                   objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],

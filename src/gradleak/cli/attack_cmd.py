@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gradleak.attacks.checkpoint import Checkpointer
-from gradleak.cli.common import add_attack, add_common, attack_config, check_device, default_out
+from gradleak.cli.common import add_attack, add_common, add_cuda_policy, attack_config, check_device, default_out
 from gradleak.errors import CheckpointError, ConfigError
 from gradleak.reporting import AttackRun, run_attack
 from gradleak.threat import load_model_state, load_truth, load_update
@@ -32,12 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue an interrupted run")
     add_attack(p)
     add_common(p)
+    add_cuda_policy(p)
     return p
 
 
 def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, give_labels: bool,
                  case: dict[str, Any], device: str, seed: int, resume: bool, progress: bool,
-                 pairing: str, force: bool = False) -> AttackRun:
+                 pairing: str, force: bool = False, tf32: bool = False, deterministic: bool = False) -> AttackRun:
     """Load the update, model state and (optional) truth files and run the attack."""
     model, spec = load_model_state(files["model_state"])
     update = load_update(files["update"], model=model)
@@ -55,7 +56,8 @@ def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, 
     case = {**case, "files": files}
     return run_attack(server, update, attack=attack, config=config, out=out, truth_images=truth_images,
                       truth_labels=truth_labels, give_labels=give_labels, case=case, device=device, seed=seed,
-                      resume=resume, progress=progress, pairing=pairing, force=force)
+                      resume=resume, progress=progress, pairing=pairing, force=force, tf32=tf32,
+                      deterministic=deterministic)
 
 
 def read_record(path: Path, folder: str) -> Any:
@@ -81,10 +83,12 @@ def resume_run(run_dir: Path, *, progress: bool) -> AttackRun:
     if not Checkpointer(run_dir, 0).exists():
         raise CheckpointError(f"resume: '{run_dir}' holds config.json but no checkpoint (the run stopped before "
                               "its first checkpoint, or wrote numbers only); start it again with --force")
+    policy = cfg["float32"] if isinstance(cfg.get("float32"), dict) else {}  # as the run computed
     return attack_files(files, attack=cfg["attack"], config=cfg["attack_config"], out=run_dir,
                         give_labels=cfg.get("labels") == "given", case=cfg.get("case", {}),
                         device=cfg.get("device", "cpu"), seed=int(cfg.get("seed", 0)),
-                        resume=True, progress=progress, pairing=cfg.get("pairing", "hungarian"))
+                        resume=True, progress=progress, pairing=cfg.get("pairing", "hungarian"),
+                        tf32=bool(policy.get("tf32")), deterministic=bool(policy.get("deterministic")))
 
 
 def print_summary(result: AttackRun) -> None:
@@ -154,6 +158,6 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     result = attack_files(files, attack=args.attack, config=config, out=out,
                           give_labels=args.labels == "given", case={}, device=check_device(args.device),
                           seed=args.seed, resume=False, progress=not args.no_progress, pairing=args.pairing,
-                          force=args.force)
+                          force=args.force, tf32=args.tf32, deterministic=args.deterministic)
     print_summary(result)
     return 0

@@ -27,6 +27,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a run already in --out (otherwise refused)")
 
 
+def add_cuda_policy(p: argparse.ArgumentParser) -> None:
+    """``--tf32`` and ``--deterministic``: how a CUDA run computes (no effect on a CPU, recorded either way)."""
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA: let matrix products and convolutions use TF32 (faster at large batches; default "
+                        "off: the run computes in float32)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="CUDA: deterministic algorithms only, so that the run repeats bit for bit on the same GPU "
+                        "and versions (slower; a CPU run is bit-identical without it)")
+
+
 def add_case(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18", help="victim architecture (gradleak list models)")
     p.add_argument("--activation", default="sigmoid", help="relu or sigmoid (default sigmoid, as in the paper)")

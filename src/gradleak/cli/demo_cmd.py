@@ -12,7 +12,16 @@ import argparse
 from pathlib import Path
 
 from gradleak.cli.attack_cmd import attack_files, print_summary, resume_hint, resume_run
-from gradleak.cli.common import add_attack, add_case, add_common, add_threat, attack_config, check_device, default_out
+from gradleak.cli.common import (
+    add_attack,
+    add_case,
+    add_common,
+    add_cuda_policy,
+    add_threat,
+    attack_config,
+    check_device,
+    default_out,
+)
 from gradleak.cli.simulate_cmd import simulate
 from gradleak.reporting.runner import check_out
 
@@ -24,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_threat(p)
     add_attack(p, default_preset="demo")
     add_common(p)
+    add_cuda_policy(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted demo")
     return p
 
@@ -49,6 +59,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
           f"{args.image_size} px, {threat} -> {case['files']['update']}")
     result = attack_files(case["files"], attack=args.attack, config=config, out=out,
                           give_labels=args.labels == "given", case=case, device=device, seed=args.seed,
-                          resume=False, progress=not args.no_progress, pairing=args.pairing, force=args.force)
+                          resume=False, progress=not args.no_progress, pairing=args.pairing, force=args.force,
+                          tf32=args.tf32, deterministic=args.deterministic)
     print_summary(result)
     return 0

@@ -64,6 +64,15 @@ def lenet(spec: ModelSpec) -> nn.Module:
     )
 
 
+class GlobalAvgPool(nn.Module):
+    """The spatial mean, (N, C, H, W) -> (N, C, 1, 1): ``AdaptiveAvgPool2d(1)``'s result, with a
+    backward that CUDA computes deterministically (``adaptive_avg_pool2d``'s CUDA backward has no
+    deterministic kernel, so ``--deterministic`` would refuse every ResNet that used it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
 @MODELS.register("convnet")
 def convnet(spec: ModelSpec) -> nn.Module:
     """A VGG-style ConvNet of width ``width`` (default 32): conv-BN-act blocks and 3 poolings."""
@@ -76,7 +85,7 @@ def convnet(spec: ModelSpec) -> nn.Module:
     layers: list[nn.Module] = [*block(c, k), *block(k, 2 * k), nn.MaxPool2d(2),
                                *block(2 * k, 2 * k), *block(2 * k, 4 * k), nn.MaxPool2d(2),
                                *block(4 * k, 4 * k), nn.MaxPool2d(2),
-                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * k, spec.num_classes)]
+                               GlobalAvgPool(), nn.Flatten(), nn.Linear(4 * k, spec.num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -122,7 +131,7 @@ class ResNet18(nn.Module):
                 blocks.append(BasicBlock(cin, cout, stride, spec.activation))
                 cin = cout
         self.layers = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(cin, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

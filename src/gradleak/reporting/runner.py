@@ -256,7 +256,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
                give_labels: bool = False, case: dict[str, Any] | None = None, device: str = "cpu",
                seed: int = 0, resume: bool = False, progress: bool = True, pairing: str = "hungarian",
                time_budget: float | None = None, fill_budget: bool = False, write_images: bool = True,
-               force: bool = False, tf32: bool = False) -> AttackRun:
+               force: bool = False, tf32: bool = False, deterministic: bool = False) -> AttackRun:
     """Run ``attack`` on ``update`` and write the run folder ``out``.
 
     Args:
@@ -288,6 +288,10 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         tf32: on CUDA, let matrix products and convolutions use TF32 (default off: the run computes
             the float32 it records, :func:`gradleak.hardware.float32_policy`); recorded as
             ``float32.tf32`` in config.json and ``tf32`` in the summary.
+        deterministic: on CUDA, deterministic algorithms only, so that the run repeats bit for bit
+            on the same GPU and versions (slower; an operation without a deterministic kernel
+            raises); recorded as ``float32.deterministic`` and ``deterministic`` in the summary. A
+            CPU run is bit-identical without it.
 
     Everything is validated (the folder, the config, the update against the model, the truth)
     before anything is written. If the attack then fails before its first checkpoint, what this
@@ -316,7 +320,8 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
             att.config = replace(att.config, **type(att).budget(int(fitted["iterations"]), att.config))
         else:
             try:
-                with float32_policy(dev, tf32=tf32):  # the probe computes as the run will
+                # the probe computes as the run will
+                with float32_policy(dev, tf32=tf32, deterministic=deterministic):
                     att.config, fitted = fit_budget(att, server, update, truth_labels if give_labels else None,
                                                     time_budget)
             except Exception:
@@ -330,7 +335,9 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     config_doc = {
         "attack": attack, "attack_config": att.config, "seed": seed, "device": str(dev),
         "labels": "given" if give_labels else "recovered", "pairing": pairing, "case": case or {},
-        "fitted_budget": fitted, "float32": {"tf32": tf32 if dev.type == "cuda" else None},
+        "fitted_budget": fitted,
+        "float32": {"tf32": tf32 if dev.type == "cuda" else None,
+                    "deterministic": deterministic if dev.type == "cuda" else None},
         "update": update.meta_dict(),
         "versions": {"gradleak": gradleak.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
@@ -352,7 +359,8 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     t0 = time.perf_counter()
     caught: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings(record=True) as caught, float32_policy(dev, tf32=tf32):
+        policy = float32_policy(dev, tf32=tf32, deterministic=deterministic)
+        with warnings.catch_warnings(record=True) as caught, policy:
             warnings.simplefilter("always")  # the warnings are recorded in metrics.json, and shown below
             rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,
                                   run_dir=run_dir, resume=resume)
@@ -391,6 +399,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         "iterations": rec.iterations, "seconds": (rec.seconds or wall) - bar.spent,
         "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": peak_memory_mb(dev),
         "peak_memory_scope": memory_scope, "tf32": config_doc["float32"]["tf32"],
+        "deterministic": config_doc["float32"]["deterministic"],
     })
     threat = run_threat_model(att.knowledge, update, rec.info, bn_mode=server.bn_mode, labels=config_doc["labels"])
     summary["threat_model"] = threat["sok"]
