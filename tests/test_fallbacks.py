@@ -13,7 +13,7 @@ from gradleak.data import builtin_batch
 from gradleak.errors import DataError
 from gradleak.integrations.capture import LocalTraining, update_from_parameters
 from gradleak.models import build_model
-from gradleak.reporting import run_attack
+from gradleak.reporting import RunOptions, run_attack
 from gradleak.threat import fedavg_update
 from gradleak.threat.fedavg import schedule_of
 from gradleak.types import ModelSpec, ServerState
@@ -55,7 +55,7 @@ def test_a_run_records_the_warnings_of_its_attack_in_metrics_json(tmp_path):
     update, batch = _delta_without_order(server)
     with pytest.warns(UserWarning, match="shuffle seed 0"):
         run = run_attack(server, update, attack="cinet", config={"iterations": 2, "channels": 8}, out=tmp_path / "r",
-                         truth_images=batch.images, truth_labels=batch.labels, progress=False)
+                         truth_images=batch.images, truth_labels=batch.labels, options=RunOptions(progress=False))
     doc = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert any("shuffle seed 0" in w for w in doc["warnings"]) and doc["warnings"] == run.metrics["warnings"]
 

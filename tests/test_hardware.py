@@ -69,7 +69,7 @@ def test_matmul_gflops_is_a_positive_measurement(one_thread):
 
 def test_float32_on_cuda_means_tf32_off_and_the_switches_are_restored(tmp_path):
     """Checked without a GPU: the policy only sets torch's two TF32 switches, which exist on every build."""
-    from gradleak.reporting import run_attack
+    from gradleak.reporting import RunOptions, run_attack
 
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -86,7 +86,7 @@ def test_float32_on_cuda_means_tf32_off_and_the_switches_are_restored(tmp_path):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
     server, update, images, labels = make_case("lenet", 1, size=16)
     run = run_attack(server, update, attack="cinet", config={"iterations": 1, "channels": 4}, out=tmp_path / "r",
-                     truth_images=images, truth_labels=labels, progress=False)
+                     truth_images=images, truth_labels=labels, options=RunOptions(progress=False))
     assert run.metrics["summary"]["tf32"] is None  # a CPU run records that the switch does not apply
     assert '"tf32": null' in (tmp_path / "r" / "config.json").read_text()
 
@@ -123,4 +123,5 @@ def test_a_resume_computes_as_the_run_did(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(attack_cmd, "attack_files", lambda files, **kw: seen.update(kw))
     attack_cmd.resume_run(tmp_path, progress=False)
-    assert seen["tf32"] is True and seen["deterministic"] is True and seen["resume"] is True
+    options = seen["options"]
+    assert options.tf32 is True and options.deterministic is True and options.resume is True

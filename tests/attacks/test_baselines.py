@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
 from gradleak.models import build_model
-from gradleak.reporting import run_attack
+from gradleak.reporting import RunOptions, run_attack
 from gradleak.threat import fedavg_update, fedsgd_update
 from gradleak.threat.malicious import imprint_model
 from gradleak.types import ModelSpec, Reconstruction, ServerState
@@ -132,7 +133,7 @@ def test_a_wall_clock_budget_stops_an_attack_within_one_iteration(name: str, tmp
     server, batch, update = _lenet_case(2)
     config = {**_tiny_config(name, tmp_path), "iterations": 40, "log_every": 20}
     run = run_attack(server, update, attack=name, config=config, out=tmp_path / name, truth_images=batch.images,
-                     truth_labels=batch.labels, progress=False, time_budget=0.0)
+                     truth_labels=batch.labels, options=RunOptions(progress=False, time_budget=0.0))
     assert run.reconstruction.iterations == 1
     assert run.metrics["summary"]["iterations"] == 1
     assert json.loads((tmp_path / name / "config.json").read_text())["attack_config"]["log_every"] == 1
@@ -143,11 +144,13 @@ def test_a_resumed_wall_clock_budget_gets_only_what_the_checkpoint_had_left(tmp_
     the checkpoint stops one iteration after it on resume, instead of starting the clock again."""
     server, batch, update = _lenet_case(2)
     config = {**_tiny_config("cinet", tmp_path), "iterations": 100000, "checkpoint_every": 1}
-    kw = {"truth_images": batch.images, "truth_labels": batch.labels, "progress": False, "time_budget": 0.5}
-    first = run_attack(server, update, attack="cinet", config=config, out=tmp_path / "r", **kw)
+    kw = {"truth_images": batch.images, "truth_labels": batch.labels}
+    options = RunOptions(progress=False, time_budget=0.5)
+    first = run_attack(server, update, attack="cinet", config=config, out=tmp_path / "r", options=options, **kw)
     done = first.reconstruction.iterations
     assert first.reconstruction.seconds >= 0.5 and done > 1
-    resumed = run_attack(server, update, attack="cinet", config=config, out=tmp_path / "r", resume=True, **kw)
+    resumed = run_attack(server, update, attack="cinet", config=config, out=tmp_path / "r",
+                         options=replace(options, resume=True), **kw)
     assert resumed.reconstruction.resumed_from == done
     assert resumed.reconstruction.iterations == done + 1
 
@@ -344,7 +347,7 @@ def test_a_wall_clock_budget_without_iterations_sizes_the_schedule_to_fit(tmp_pa
     server, batch, update = _lenet_case(2)
     config = {"iterations": 100000, "restarts": 1, "log_every": 10}
     run = run_attack(server, update, attack="ig", config=config, out=tmp_path / "fit", truth_images=batch.images,
-                     truth_labels=batch.labels, progress=False, time_budget=2.0, fill_budget=True)
+                     truth_labels=batch.labels, options=RunOptions(progress=False, time_budget=2.0, fill_budget=True))
     doc = json.loads((tmp_path / "fit" / "config.json").read_text())
     fitted = doc["fitted_budget"]
     assert fitted["probe_iterations"] == 5 and 5 <= fitted["iterations"] < 100000
@@ -353,6 +356,6 @@ def test_a_wall_clock_budget_without_iterations_sizes_the_schedule_to_fit(tmp_pa
     assert run.reconstruction.iterations <= fitted["iterations"]
     assert run.metrics["summary"]["seconds"] < 2.0 + 1.0
     plain = run_attack(server, update, attack="ig", config=config, out=tmp_path / "cut", truth_images=batch.images,
-                       truth_labels=batch.labels, progress=False, time_budget=0.5)
+                       truth_labels=batch.labels, options=RunOptions(progress=False, time_budget=0.5))
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["fitted_budget"] == {}
     assert plain.reconstruction.stopped_early == "stopped by the callback"  # 100000 iterations cut by the clock

@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradleak.attacks import ATTACKS
-from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.audit.cell import cell_seed, cell_update, check_victim, utility
 from gradleak.audit.execute import check_backend, execute
 from gradleak.audit.plan import (
@@ -46,7 +45,7 @@ from gradleak.audit.verdicts import load_row
 from gradleak.data import load_batch
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.models import build_model
-from gradleak.reporting.runner import run_attack, write_json
+from gradleak.reporting.runner import RunFolder, RunOptions, run_attack, write_json
 from gradleak.threat import save_truth
 from gradleak.threat.malicious import imprint_model
 from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
@@ -200,27 +199,29 @@ def run_job(job: RunJob) -> str:
     server, batch, update = _case(job)
     run_attackers(server, update, attackers=[job.attacker], attack_config=job.attack_config, folder=folder.parent,
                   seeds=[job.seed], case=job.case, truth_images=batch.images, truth_labels=batch.labels,
-                  device=job.device, progress=job.progress, pairing=job.pairing, time_budget=job.time_budget,
-                  fill_budget=job.fill_budget, write_images=job.write_images)
+                  options=RunOptions(device=job.device, progress=job.progress, pairing=job.pairing,
+                                     time_budget=job.time_budget, fill_budget=job.fill_budget,
+                                     write_images=job.write_images))
     return str(folder)
 
 
 def run_attackers(server: ServerState, update: ClientUpdate, *, attackers: Sequence[Attacker], attack_config: Any,
-                  folder: Path, seeds: Sequence[int], case: dict[str, Any], **run: Any) -> None:
+                  folder: Path, seeds: Sequence[int], case: dict[str, Any], truth_images: torch.Tensor | None,
+                  truth_labels: torch.Tensor | None, options: RunOptions) -> None:
     """Every attacker x seed on an update already at hand, into ``folder/<attacker id>-s<seed>/``, in this process.
 
-    ``run`` holds :func:`gradleak.reporting.run_attack`'s other keywords (truth_images,
-    truth_labels, device, time_budget, ...). Finished runs are kept; an interrupted one resumes.
+    ``options`` applies to every run (the seed, resume and force are set per run). Finished runs
+    are kept; an interrupted one resumes.
     """
     for attacker in attackers:
         for seed in seeds:
-            run_dir = folder / run_name(attacker.id, seed)
-            if (run_dir / "metrics.json").is_file():
+            run = RunFolder(folder / run_name(attacker.id, seed))
+            if run.finished():
                 continue
-            run_attack(server, update, attack=attacker.attack, config=attacker.config(attack_config), out=run_dir,
-                       seed=seed, case={**case, "attacker": asdict(attacker), "attacker_id": attacker.id},
-                       give_labels=attacker.labels == "known", resume=Checkpointer(run_dir, 0).exists(),
-                       force=True, **run)
+            run_attack(server, update, attack=attacker.attack, config=attacker.config(attack_config), out=run.path,
+                       case={**case, "attacker": asdict(attacker), "attacker_id": attacker.id},
+                       give_labels=attacker.labels == "known", truth_images=truth_images, truth_labels=truth_labels,
+                       options=replace(options, seed=seed, resume=run.has_checkpoint(), force=True))
 
 
 def cell_finished(folder: str | Path) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 
 from gradleak.errors import ConfigError
 from gradleak.metrics.recognisable import PARTIAL_SSIM, RECOGNISABLE_SSIM
+from gradleak.reporting.runner import RunSummary
 
 
 def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,
@@ -63,18 +64,18 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
 
 def attacker_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Pool one attacker's runs (one per seed; each a run's ``metrics.json``) over images and seeds."""
-    out: dict[str, Any] = {"seeds": [r["summary"].get("seed") for r in runs], "runs": len(runs)}
+    sums = [RunSummary.from_dict(r["summary"]) for r in runs]
+    out: dict[str, Any] = {"seeds": [s.seed for s in sums], "runs": len(runs)}
     for key in ("ssim", "fsim", "psnr", "lpips"):
         values = [float(p[key]) for r in runs for p in r["per_image"] if p.get(key) is not None]
         out[f"{key}_mean"], out[f"{key}_std"] = _stats(values)
         if key == "ssim":
             out["ssim_ci"] = list(bootstrap_ci(values)) if values else None
-    accs = [r["summary"].get("label_accuracy") for r in runs if r["summary"].get("label_accuracy") is not None
-            and r["summary"].get("labels") != "given"]
+    accs = [s.label_accuracy for s in sums if s.label_accuracy is not None and s.labels != "given"]
     out["label_accuracy"] = max(accs) if accs else None
-    out["label_strategy"] = runs[0]["summary"].get("label_strategy") if runs else None
-    out["seconds"] = float(sum(r["summary"].get("seconds") or 0.0 for r in runs))
-    out["iterations"] = runs[0]["summary"].get("iterations") if runs else None
+    out["label_strategy"] = sums[0].label_strategy if sums else None
+    out["seconds"] = float(sum(s.seconds or 0.0 for s in sums))
+    out["iterations"] = sums[0].iterations if sums else None
     out["matching_loss"] = runs[0].get("info", {}).get("matching_loss") if runs else None
     return out
 

@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -34,6 +33,7 @@ def _one(backend: str, *, batch_sizes: list[int], defenses: list[str], attacks: 
     from gradleak.audit.verdicts import load_row
     from gradleak.models import build_model
     from gradleak.reporting.audit_report import write_audit_report
+    from gradleak.reporting.runner import RunFolder
     from gradleak.types import ModelSpec, ServerState
 
     out = Path(tempfile.mkdtemp(prefix=f"gradleak-bench-audit-{backend}-"))
@@ -51,7 +51,7 @@ def _one(backend: str, *, batch_sizes: list[int], defenses: list[str], attacks: 
         rows = [load_row(out / c.name) for c in cells]
         write_audit_report(out, rows, images=False)
         t3 = time.perf_counter()
-        runs = [json.loads(p.read_text())["summary"]["wall_seconds"] for p in out.glob("*/*/metrics.json")]
+        runs = [RunFolder(p.parent).summary().wall_seconds or 0.0 for p in out.glob("*/*/metrics.json")]
         parallel = 1 if backend == "local" else workers
         busy = sum(runs) / parallel
         total = t3 - t0

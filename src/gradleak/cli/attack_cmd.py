@@ -18,7 +18,7 @@ from typing import Any
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.cli.common import add_attack, add_common, add_cuda_policy, attack_config, check_device, default_out
 from gradleak.errors import CheckpointError, ConfigError
-from gradleak.reporting import AttackRun, run_attack
+from gradleak.reporting import AttackRun, RunOptions, run_attack
 from gradleak.threat import load_model_state, load_truth, load_update
 from gradleak.types import ServerState
 
@@ -37,8 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, give_labels: bool,
-                 case: dict[str, Any], device: str, seed: int, resume: bool, progress: bool,
-                 pairing: str, force: bool = False, tf32: bool = False, deterministic: bool = False) -> AttackRun:
+                 case: dict[str, Any], options: RunOptions) -> AttackRun:
     """Load the update, model state and (optional) truth files and run the attack."""
     model, spec = load_model_state(files["model_state"])
     update = load_update(files["update"], model=model)
@@ -55,9 +54,7 @@ def attack_files(files: dict[str, Any], *, attack: str, config: Any, out: Path, 
                               f"got {tuple(truth_images.shape[1:])}")
     case = {**case, "files": files}
     return run_attack(server, update, attack=attack, config=config, out=out, truth_images=truth_images,
-                      truth_labels=truth_labels, give_labels=give_labels, case=case, device=device, seed=seed,
-                      resume=resume, progress=progress, pairing=pairing, force=force, tf32=tf32,
-                      deterministic=deterministic)
+                      truth_labels=truth_labels, give_labels=give_labels, case=case, options=options)
 
 
 def read_record(path: Path, folder: str) -> Any:
@@ -84,26 +81,32 @@ def resume_run(run_dir: Path, *, progress: bool) -> AttackRun:
         raise CheckpointError(f"resume: '{run_dir}' holds config.json but no checkpoint (the run stopped before "
                               "its first checkpoint, or wrote numbers only); start it again with --force")
     policy = cfg["float32"] if isinstance(cfg.get("float32"), dict) else {}  # as the run computed
+    options = RunOptions(device=cfg.get("device", "cpu"), seed=int(cfg.get("seed", 0)), resume=True, progress=progress,
+                         pairing=cfg.get("pairing", "hungarian"), tf32=bool(policy.get("tf32")),
+                         deterministic=bool(policy.get("deterministic")))
     return attack_files(files, attack=cfg["attack"], config=cfg["attack_config"], out=run_dir,
-                        give_labels=cfg.get("labels") == "given", case=cfg.get("case", {}),
-                        device=cfg.get("device", "cpu"), seed=int(cfg.get("seed", 0)),
-                        resume=True, progress=progress, pairing=cfg.get("pairing", "hungarian"),
-                        tf32=bool(policy.get("tf32")), deterministic=bool(policy.get("deterministic")))
+                        give_labels=cfg.get("labels") == "given", case=cfg.get("case", {}), options=options)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """A new run's :class:`RunOptions` from the flags ``attack`` and ``demo`` share."""
+    return RunOptions(device=check_device(args.device), seed=args.seed, progress=not args.no_progress,
+                      pairing=args.pairing, force=args.force, tf32=args.tf32, deterministic=args.deterministic)
 
 
 def print_summary(result: AttackRun) -> None:
-    s = result.metrics["summary"]
+    s = result.summary
 
-    def f(key: str, fmt: str = ".3f") -> str:
-        v = s.get(key)
+    def f(v: float | None, fmt: str = ".3f") -> str:
         return "n/a" if v is None else format(v, fmt)
 
-    per = f" ({s['seconds'] / s['iterations']:.2f} s per iteration on this machine)" if s.get("iterations") else ""
-    print(f"{s['attack']}: {s['n_images']} images, {s['iterations']} iterations, {s['seconds']:.1f} s{per}, "
-          f"peak {s['peak_memory_mb']:.0f} MB")
-    if "ssim_mean" in s:
-        print(f"  SSIM {f('ssim_mean')} +- {f('ssim_std')}   FSIM {f('fsim_mean')}   PSNR {f('psnr_mean', '.2f')} dB   "
-              f"LPIPS {f('lpips_mean')}   labels: {s['label_strategy']} (accuracy {f('label_accuracy', '.2f')})")
+    seconds = s.seconds or 0.0
+    per = f" ({seconds / s.iterations:.2f} s per iteration on this machine)" if s.iterations else ""
+    print(f"{s.attack}: {s.n_images} images, {s.iterations} iterations, {seconds:.1f} s{per}, "
+          f"peak {f(s.peak_memory_mb, '.0f')} MB")
+    if s.ssim_mean is not None:
+        print(f"  SSIM {f(s.ssim_mean)} +- {f(s.ssim_std)}   FSIM {f(s.fsim_mean)}   PSNR {f(s.psnr_mean, '.2f')} dB   "
+              f"LPIPS {f(s.lpips_mean)}   labels: {s.label_strategy} (accuracy {f(s.label_accuracy, '.2f')})")
     print(f"  run folder: {result.run_dir}  (report.html, grid.png, curves.png, metrics.json)")
 
 
@@ -156,8 +159,6 @@ def _run(args: argparse.Namespace, out: Path) -> int:
              "truth": str(args.truth) if args.truth else None}
     config = attack_config(args)  # first: --preset ATTACK:PRESET may name the attack
     result = attack_files(files, attack=args.attack, config=config, out=out,
-                          give_labels=args.labels == "given", case={}, device=check_device(args.device),
-                          seed=args.seed, resume=False, progress=not args.no_progress, pairing=args.pairing,
-                          force=args.force, tf32=args.tf32, deterministic=args.deterministic)
+                          give_labels=args.labels == "given", case={}, options=run_options(args))
     print_summary(result)
     return 0

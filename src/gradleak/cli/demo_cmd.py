@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gradleak.cli.attack_cmd import attack_files, print_summary, resume_hint, resume_run
+from gradleak.cli.attack_cmd import attack_files, print_summary, resume_hint, resume_run, run_options
 from gradleak.cli.common import (
     add_attack,
     add_case,
@@ -19,7 +19,6 @@ from gradleak.cli.common import (
     add_cuda_policy,
     add_threat,
     attack_config,
-    check_device,
     default_out,
 )
 from gradleak.cli.simulate_cmd import simulate
@@ -48,7 +47,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     if args.resume:
         print_summary(resume_run(out, progress=not args.no_progress))
         return 0
-    device = check_device(args.device)
+    options = run_options(args)  # checks the device first
     config = attack_config(args)
     check_out(out, force=args.force)  # before the client's files are written
     case = simulate(args, out / "client")
@@ -58,8 +57,6 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     print(f"client: {args.model} ({args.activation}), {args.batch_size} images (--data {args.data}) at "
           f"{args.image_size} px, {threat} -> {case['files']['update']}")
     result = attack_files(case["files"], attack=args.attack, config=config, out=out,
-                          give_labels=args.labels == "given", case=case, device=device, seed=args.seed,
-                          resume=False, progress=not args.no_progress, pairing=args.pairing, force=args.force,
-                          tf32=args.tf32, deterministic=args.deterministic)
+                          give_labels=args.labels == "given", case=case, options=options)
     print_summary(result)
     return 0

@@ -319,6 +319,7 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
     from gradleak.audit.plan import KnowledgeAxes, attackers_for
     from gradleak.audit.verdicts import load_runs, verdict, worst_case
     from gradleak.labels import label_accuracy
+    from gradleak.reporting.runner import RunOptions
 
     if job.threads:
         torch.set_num_threads(int(job.threads))
@@ -344,7 +345,7 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
     run_attackers(server, update, attack_config=job.attack_config, folder=folder, attackers=attackers, seeds=job.seeds,
                   case={"source": "flower", **{k: v for k, v in capture.items() if k != "truth"}},
                   truth_images=None if truth is None else truth.images, truth_labels=None if truth is None else truth.labels,
-                  device=job.device, progress=False, time_budget=job.time_budget)
+                  options=RunOptions(device=job.device, progress=False, time_budget=job.time_budget))
     log.info("audit of round %s node %s written to %s", capture.get("round"), capture.get("node_id"), folder)
     row = worst_case(load_runs(folder), defended=defended, not_tried=not_tried)
     return {**row, "verdict": verdict(row), "defense": "+".join(update.defenses) or "none",

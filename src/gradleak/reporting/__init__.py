@@ -2,6 +2,6 @@
 
 from gradleak.reporting.figures import save_curves, save_grid
 from gradleak.reporting.html import write_report
-from gradleak.reporting.runner import AttackRun, run_attack
+from gradleak.reporting.runner import AttackRun, RunFolder, RunOptions, RunSummary, run_attack
 
-__all__ = ["AttackRun", "run_attack", "save_curves", "save_grid", "write_report"]
+__all__ = ["AttackRun", "RunFolder", "RunOptions", "RunSummary", "run_attack", "save_curves", "save_grid", "write_report"]

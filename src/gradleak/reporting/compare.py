@@ -27,16 +27,16 @@ from gradleak.attacks.base import resolve_config
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.errors import ConfigError
 from gradleak.reporting.figures import subplots
-from gradleak.reporting.runner import run_attack
+from gradleak.reporting.runner import RunOptions, RunSummary, run_attack
 from gradleak.reporting.tables import cell, write_csv, write_markdown
 from gradleak.types import ClientUpdate, ServerState
 
 COLUMNS = [("SSIM", "ssim", 3), ("FSIM", "fsim", 3), ("PSNR", "psnr", 2), ("LPIPS", "lpips", 3)]
 
 
-def _pm(s: dict[str, Any], key: str, digits: int) -> str:
-    mean, std = s.get(f"{key}_mean"), s.get(f"{key}_std")
-    if mean is None:
+def _pm(s: RunSummary, key: str, digits: int) -> str:
+    mean, std = s.score(key)
+    if mean is None or std is None:
         return "n/a"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -46,11 +46,11 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
                     seconds: float | None = None, presets: dict[str, str] | None = None,
                     overrides: dict[str, dict[str, Any]] | None = None, give_labels: bool = False,
                     case: dict[str, Any] | None = None, device: str = "cpu", seed: int = 0,
-                    progress: bool = True, force: bool = False, resume: bool = False) -> list[dict[str, Any]]:
+                    progress: bool = True, force: bool = False, resume: bool = False) -> list[RunSummary]:
     """Run every attack in ``attacks`` on ``update`` and write ``table.md``, ``table.csv``, ``grid.png``.
 
     Returns:
-        One summary dict per attack (the ``summary`` of its ``metrics.json``).
+        One :class:`~gradleak.reporting.runner.RunSummary` per attack (its ``metrics.json``'s ``summary``).
     """
     if not attacks:
         raise ConfigError("compare: expected at least one attack, got none")
@@ -72,12 +72,13 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
                                 truth_labels=truth_labels, give_labels=give_labels,
                                 case={**(case or {}), "compare": attacks,
                                       "budget": {"iterations": iterations, "seconds": seconds}},
-                                device=device, seed=seed, progress=progress, time_budget=seconds,
-                                fill_budget=iterations is None,
-                                resume=resume and Checkpointer(run_dir, 0).iteration() is not None,
-                                force=force or resume)  # resume: the comparison's own folder
+                                options=RunOptions(
+                                    device=device, seed=seed, progress=progress, time_budget=seconds,
+                                    fill_budget=iterations is None,
+                                    resume=resume and Checkpointer(run_dir, 0).iteration() is not None,
+                                    force=force or resume))  # resume: the comparison's own folder
             metrics, images = result.metrics, result.reconstruction.images
-        rows.append(metrics["summary"])
+        rows.append(RunSummary.from_dict(metrics["summary"]))
         pairs = torch.tensor([p["reconstruction"] for p in metrics["per_image"]])
         recons.append(images[pairs])
     write_table(out, rows)
@@ -85,17 +86,17 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
     return rows
 
 
-def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
+def write_table(out: Path, rows: list[RunSummary]) -> None:
     """``table.md`` (Table 4 layout) and ``table.csv`` from per-attack summaries."""
     head = ["attack"] + [c[0] for c in COLUMNS] + ["label acc.", "labels", "iterations", "seconds", "peak MB"]
-    body = [[s["attack"]] + [_pm(s, key, d) for _, key, d in COLUMNS] + [
-        cell(s.get("label_accuracy"), 2), str(s.get("label_strategy")), str(s.get("iterations")),
-        f"{s['seconds']:.1f}", f"{s['peak_memory_mb']:.0f}"] for s in rows]
-    note = next((s.get("lpips_note") for s in rows if s.get("lpips_note")), None)
+    body = [[s.attack] + [_pm(s, key, d) for _, key, d in COLUMNS] + [
+        cell(s.label_accuracy, 2), str(s.label_strategy), str(s.iterations),
+        cell(s.seconds, 1), cell(s.peak_memory_mb, 0)] for s in rows]
+    note = next((s.lpips_note for s in rows if s.lpips_note), None)
     write_markdown(out / "table.md", head, body, notes=[f"LPIPS: {note}"] if note else ())
     keys = ["attack", "ssim_mean", "ssim_std", "fsim_mean", "fsim_std", "psnr_mean", "psnr_std", "lpips_mean",
             "lpips_std", "label_accuracy", "label_strategy", "iterations", "seconds", "peak_memory_mb"]
-    write_csv(out / "table.csv", keys, rows)
+    write_csv(out / "table.csv", keys, [r.to_dict() for r in rows])
 
 
 def _grid(path: Path, truth: torch.Tensor, recons: list[torch.Tensor], names: list[str]) -> None:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,145 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How :func:`run_attack` runs and writes; the case, the attack and the truth are its other arguments.
+
+    Attributes:
+        device: where the attack runs.
+        seed: the attack's seed.
+        resume: continue from the checkpoint in the run folder.
+        progress: show a progress bar.
+        pairing: ``"hungarian"`` or ``"greedy"``.
+        time_budget: stop the attack at the end of the first iteration past this many seconds
+            (attacks that honour a callback's stop request; their ``log_every`` is set to 1).
+        fill_budget: with ``time_budget``, size the iteration count to the budget first
+            (:func:`fit_budget`), so that the attack's schedule completes in the time given; recorded
+            as ``fitted_budget`` in config.json. Without it the config's own count stands, and the
+            deadline may stop it part-way.
+        write_images: ``False`` writes numbers only: no reconstruction file, no image grid, and the
+            checkpoint (which can regenerate the images) is removed once the run is finished.
+            Reconstructions of real client data are themselves sensitive.
+        force: replace a run already in the folder (otherwise refused, :func:`check_out`).
+        tf32: on CUDA, let matrix products and convolutions use TF32 (default off: the run computes
+            the float32 it records, :func:`gradleak.hardware.float32_policy`); recorded as
+            ``float32.tf32`` in config.json and ``tf32`` in the summary.
+        deterministic: on CUDA, deterministic algorithms only, so that the run repeats bit for bit
+            on the same GPU and versions (slower; an operation without a deterministic kernel
+            raises); recorded as ``float32.deterministic`` and ``deterministic`` in the summary. A
+            CPU run is bit-identical without it.
+    """
+
+    device: str = "cpu"
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    pairing: str = "hungarian"
+    time_budget: float | None = None
+    fill_budget: bool = False
+    write_images: bool = True
+    force: bool = False
+    tf32: bool = False
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """``metrics.json``'s ``summary``: what one run did and how close it got, typed.
+
+    Scores are None where no ground truth was given (``note`` says so) and LPIPS is None where its
+    weights are not installed (``lpips_note`` says why). :meth:`from_dict` reads a summary written
+    by any version (missing keys are None, unknown ones ignored).
+    """
+
+    attack: str | None = None
+    n_images: int | None = None
+    iterations: int | None = None
+    seconds: float | None = None
+    wall_seconds: float | None = None
+    progress_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    peak_memory_scope: str | None = None
+    tf32: bool | None = None
+    deterministic: bool | None = None
+    label_strategy: str | None = None
+    labels: str | None = None
+    adaptive: bool | None = None
+    seed: int | None = None
+    defense: str | None = None
+    threat_model: str | None = None
+    pairing: str | None = None
+    ssim_mean: float | None = None
+    ssim_std: float | None = None
+    psnr_mean: float | None = None
+    psnr_std: float | None = None
+    fsim_mean: float | None = None
+    fsim_std: float | None = None
+    lpips_mean: float | None = None
+    lpips_std: float | None = None
+    lpips_note: str | None = None
+    label_accuracy: float | None = None
+    note: str | None = None
+
+    def score(self, metric: str) -> tuple[float | None, float | None]:
+        """``(mean, std)`` of ``metric`` (ssim, psnr, fsim or lpips)."""
+        return getattr(self, f"{metric}_mean"), getattr(self, f"{metric}_std")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> RunSummary:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder's files (module docstring) and whether the run in it finished."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def reconstruction(self) -> Path:
+        return self.path / "reconstruction.safetensors"
+
+    @property
+    def progress(self) -> Path:
+        return self.path / "progress.json"
+
+    def finished(self) -> bool:
+        """The run ended and wrote its metrics (a run stopped part-way has a checkpoint instead)."""
+        return self.metrics.is_file()
+
+    def has_checkpoint(self) -> bool:
+        return Checkpointer(self.path, 0).exists()
+
+    def read_metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics.read_text())
+
+    def summary(self) -> RunSummary:
+        return RunSummary.from_dict(self.read_metrics()["summary"])
+
+
+@dataclass(frozen=True)
 class AttackRun:
     """The outcome of :func:`run_attack`."""
 
     run_dir: Path
     reconstruction: Reconstruction
     metrics: dict[str, Any]
+
+    @property
+    def summary(self) -> RunSummary:
+        return RunSummary.from_dict(self.metrics["summary"])
 
 
 def _jsonable(obj: Any) -> Any:
@@ -253,10 +386,8 @@ def _fitted_before(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | Non
 
 def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config: Any, out: str | Path,
                truth_images: torch.Tensor | None = None, truth_labels: torch.Tensor | None = None,
-               give_labels: bool = False, case: dict[str, Any] | None = None, device: str = "cpu",
-               seed: int = 0, resume: bool = False, progress: bool = True, pairing: str = "hungarian",
-               time_budget: float | None = None, fill_budget: bool = False, write_images: bool = True,
-               force: bool = False, tf32: bool = False, deterministic: bool = False) -> AttackRun:
+               give_labels: bool = False, case: dict[str, Any] | None = None,
+               options: RunOptions = RunOptions()) -> AttackRun:
     """Run ``attack`` on ``update`` and write the run folder ``out``.
 
     Args:
@@ -270,102 +401,73 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
             with ``give_labels=True``.
         give_labels: use the ground-truth labels instead of recovering them.
         case: a description of the case, recorded in ``config.json``.
-        device: where the attack runs.
-        seed: the attack's seed.
-        resume: continue from the checkpoint in ``out``.
-        progress: show a progress bar.
-        pairing: ``"hungarian"`` or ``"greedy"``.
-        time_budget: stop the attack at the end of the first iteration past this many seconds
-            (attacks that honour a callback's stop request; their ``log_every`` is set to 1).
-        fill_budget: with ``time_budget``, size the iteration count to the budget first
-            (:func:`fit_budget`), so that the attack's schedule completes in the time given; recorded
-            as ``fitted_budget`` in config.json. Without it the config's own count stands, and the
-            deadline may stop it part-way.
-        write_images: ``False`` writes numbers only: no reconstruction file, no image grid, and the
-            checkpoint (which can regenerate the images) is removed once the run is finished.
-            Reconstructions of real client data are themselves sensitive.
-        force: replace a run already in ``out`` (otherwise refused, :func:`check_out`).
-        tf32: on CUDA, let matrix products and convolutions use TF32 (default off: the run computes
-            the float32 it records, :func:`gradleak.hardware.float32_policy`); recorded as
-            ``float32.tf32`` in config.json and ``tf32`` in the summary.
-        deterministic: on CUDA, deterministic algorithms only, so that the run repeats bit for bit
-            on the same GPU and versions (slower; an operation without a deterministic kernel
-            raises); recorded as ``float32.deterministic`` and ``deterministic`` in the summary. A
-            CPU run is bit-identical without it.
+        options: how the run runs and writes (:class:`RunOptions`: device, seed, resume, budget,
+            precision, ...).
 
     Everything is validated (the folder, the config, the update against the model, the truth)
     before anything is written. If the attack then fails before its first checkpoint, what this
     call wrote is removed, and only that; a run with a checkpoint is kept, to be resumed.
 
     Returns:
-        The run folder, the reconstruction and the metrics.
+        The run folder, the reconstruction and the metrics (``.summary``: a :class:`RunSummary`).
     """
+    o = options
     if give_labels and truth_labels is None:
         raise ConfigError("labels 'given': expected the ground-truth labels (a truth file), got none")
-    run_dir = Path(out)
-    check_out(run_dir, resume=resume, force=force)
-    dev = torch.device(device)
-    att = attack_api.create(attack, config, device=dev, seed=seed)
+    folder = RunFolder(Path(out))
+    run_dir = folder.path
+    check_out(run_dir, resume=o.resume, force=o.force)
+    dev = torch.device(o.device)
+    att = attack_api.create(attack, config, device=dev, seed=o.seed)
     _check_inputs(att, server, update, truth_images, truth_labels)
     created = not run_dir.exists()
-    if force and not resume:
+    if o.force and not o.resume:
         _remove_written(run_dir, created=False)  # the run being replaced: its run files only
     run_dir.mkdir(parents=True, exist_ok=True)
     memory_scope = reset_peak_memory(dev)
-    fitted: dict[str, Any] = {}
-    if fill_budget and time_budget is not None:
-        before = _fitted_before(run_dir) if resume else None
-        if before is not None:
-            fitted = before[0]
-            att.config = replace(att.config, **type(att).budget(int(fitted["iterations"]), att.config))
-        else:
-            try:
-                # the probe computes as the run will
-                with float32_policy(dev, tf32=tf32, deterministic=deterministic):
-                    att.config, fitted = fit_budget(att, server, update, truth_labels if give_labels else None,
-                                                    time_budget)
-            except Exception:
-                _remove_written(run_dir, created)
-                raise
-            time_budget = max(0.0, time_budget - float(fitted.get("probe_seconds", 0.0)))
+    given = truth_labels if give_labels else None
+    try:
+        fitted, time_budget = _fitted(att, folder, server, update, given, o)
+    except Exception:
+        _remove_written(run_dir, created)
+        raise
     if time_budget is not None and hasattr(att.config, "log_every"):
         # the deadline is checked at progress reports: report every step, so that no attack overruns
         # the budget by more than one iteration (scoring stays capped by _ProgressBar.score_share)
         att.config = replace(att.config, log_every=1)
+    cuda = dev.type == "cuda"
     config_doc = {
-        "attack": attack, "attack_config": att.config, "seed": seed, "device": str(dev),
-        "labels": "given" if give_labels else "recovered", "pairing": pairing, "case": case or {},
+        "attack": attack, "attack_config": att.config, "seed": o.seed, "device": str(dev),
+        "labels": "given" if give_labels else "recovered", "pairing": o.pairing, "case": case or {},
         "fitted_budget": fitted,
-        "float32": {"tf32": tf32 if dev.type == "cuda" else None,
-                    "deterministic": deterministic if dev.type == "cuda" else None},
+        "float32": {"tf32": o.tf32 if cuda else None, "deterministic": o.deterministic if cuda else None},
         "update": update.meta_dict(),
         "versions": {"gradleak": gradleak.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-    write_json(run_dir / "config.json", config_doc)
+    write_json(folder.config, config_doc)
 
-    saved = Checkpointer(run_dir, 0).meta() if resume else None  # None: unreadable, the attack's restore says why
+    saved = Checkpointer(run_dir, 0).meta() if o.resume else None  # None: unreadable, the attack's restore says why
     if saved is not None and time_budget is not None:
         # a wall-clock budget is the whole run's: the resumed part gets what the checkpoint had left
         before = saved.get("elapsed", 0.0)
         if isinstance(before, (int, float)):
             time_budget = max(0.0, time_budget - float(before))
-    total = int(getattr(att.config, "iterations", 0))
-    bar = _ProgressBar(total, 0, truth_images.cpu() if truth_images is not None else None, progress, time_budget,
-                       record=run_dir / "progress.json")
+    bar = _ProgressBar(int(getattr(att.config, "iterations", 0)), 0,
+                       truth_images.cpu() if truth_images is not None else None, o.progress, time_budget,
+                       record=folder.progress)
     if saved is not None:
         start = saved.get("iteration")
         bar.last = start if isinstance(start, int) else 0
-        bar.ssim_iteration, bar.ssim = _progress_before(run_dir / "progress.json", bar.last)
+        bar.ssim_iteration, bar.ssim = _progress_before(folder.progress, bar.last)
     t0 = time.perf_counter()
     caught: list[warnings.WarningMessage] = []
     try:
-        policy = float32_policy(dev, tf32=tf32, deterministic=deterministic)
+        policy = float32_policy(dev, tf32=o.tf32, deterministic=o.deterministic)
         with warnings.catch_warnings(record=True) as caught, policy:
             warnings.simplefilter("always")  # the warnings are recorded in metrics.json, and shown below
-            rec = att.reconstruct(server, update, labels=truth_labels if give_labels else None, callback=bar,
-                                  run_dir=run_dir, resume=resume)
+            rec = att.reconstruct(server, update, labels=given, callback=bar, run_dir=run_dir, resume=o.resume)
     except Exception:
-        if not resume and not Checkpointer(run_dir, 0).exists():
+        if not o.resume and not folder.has_checkpoint():
             _remove_written(run_dir, created)
         raise
     finally:
@@ -373,9 +475,8 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     wall = time.perf_counter() - t0
-    if write_images:
-        save_file({"images": rec.images.contiguous(), "labels": rec.labels.contiguous()},
-                  str(run_dir / "reconstruction.safetensors"))
+    if o.write_images:
+        save_file({"images": rec.images.contiguous(), "labels": rec.labels.contiguous()}, str(folder.reconstruction))
     else:
         for name in CHECKPOINT_FILES:
             (run_dir / name).unlink(missing_ok=True)
@@ -383,31 +484,42 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
     history: dict[str, list[Any]] = dict(rec.history)
     if bar.ssim:
         history["ssim_iteration"], history["ssim"] = bar.ssim_iteration, bar.ssim
-    summary: dict[str, Any] = {}
+    scores: dict[str, Any] = {"n_images": int(rec.images.shape[0]), "note": "no ground truth given: nothing scored"}
     per_image: list[dict[str, Any]] = []
     pairs: list[int] | None = None
     if truth_images is not None:
         scored = score_reconstruction(rec.images, truth_images.cpu(), recon_labels=rec.labels,
-                                      truth_labels=truth_labels, pairing=pairing)
-        summary, per_image, pairs = scored.summary, scored.per_image, scored.pairing
-    else:
-        summary = {"n_images": int(rec.images.shape[0]), "note": "no ground truth given: nothing scored"}
-    summary.update({
-        "attack": attack, "label_strategy": rec.label_strategy, "labels": config_doc["labels"],
-        "adaptive": bool((rec.info.get("adaptive") or {}).get("active")), "seed": seed,
+                                      truth_labels=truth_labels, pairing=o.pairing)
+        scores, per_image, pairs = scored.summary, scored.per_image, scored.pairing
+    threat = run_threat_model(att.knowledge, update, rec.info, bn_mode=server.bn_mode, labels=config_doc["labels"])
+    summary = RunSummary.from_dict({
+        **scores, "attack": attack, "label_strategy": rec.label_strategy, "labels": config_doc["labels"],
+        "adaptive": bool((rec.info.get("adaptive") or {}).get("active")), "seed": o.seed,
         "defense": (rec.info.get("adaptive") or {}).get("defense") or ("+".join(update.defenses) or "none"),
         "iterations": rec.iterations, "seconds": (rec.seconds or wall) - bar.spent,
         "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": peak_memory_mb(dev),
-        "peak_memory_scope": memory_scope, "tf32": config_doc["float32"]["tf32"],
-        "deterministic": config_doc["float32"]["deterministic"],
-    })
-    threat = run_threat_model(att.knowledge, update, rec.info, bn_mode=server.bn_mode, labels=config_doc["labels"])
-    summary["threat_model"] = threat["sok"]
+        "peak_memory_scope": memory_scope, **{k: v for k, v in config_doc["float32"].items()},
+        "threat_model": threat["sok"]})
     noted = [*(str(a) for a in update.metadata.get("assumptions") or []), *(str(w.message) for w in caught)]
-    metrics = {"summary": summary, "threat_model": threat, "warnings": list(dict.fromkeys(noted)),
+    metrics = {"summary": summary.to_dict(), "threat_model": threat, "warnings": list(dict.fromkeys(noted)),
                "per_image": per_image, "history": history,
                "info": {**rec.outcome(), **{k: v for k, v in rec.info.items() if k != "config"}}}
-    write_json(run_dir / "metrics.json", metrics)
-    _write_pictures(run_dir, metrics, rec, truth_images, truth_labels, pairs, write_images=write_images)
+    write_json(folder.metrics, metrics)
+    _write_pictures(run_dir, metrics, rec, truth_images, truth_labels, pairs, write_images=o.write_images)
     log.info("run folder: %s", run_dir)
     return AttackRun(run_dir=run_dir, reconstruction=rec, metrics=metrics)
+
+
+def _fitted(att: attack_api.Attack, folder: RunFolder, server: ServerState, update: ClientUpdate,
+            labels: torch.Tensor | None, o: RunOptions) -> tuple[dict[str, Any], float | None]:
+    """With ``fill_budget``: the iteration count that fills the time budget (set on ``att.config``;
+    a resume keeps the count its run recorded), how it was found, and the budget the probe left."""
+    if not (o.fill_budget and o.time_budget is not None):
+        return {}, o.time_budget
+    before = _fitted_before(folder.path) if o.resume else None
+    if before is not None:
+        att.config = replace(att.config, **type(att).budget(int(before[0]["iterations"]), att.config))
+        return before[0], o.time_budget
+    with float32_policy(att.device, tf32=o.tf32, deterministic=o.deterministic):  # the probe computes as the run
+        att.config, fitted = fit_budget(att, server, update, labels, o.time_budget)
+    return fitted, max(0.0, o.time_budget - float(fitted.get("probe_seconds", 0.0)))
