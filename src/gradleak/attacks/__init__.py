@@ -18,7 +18,8 @@ from gradleak.attacks.optimization import (
     OptimizationAttack,
     OptimizationConfig,
 )
+from gradleak.attacks.trap import TrapAttack, TrapConfig
 
 __all__ = ["ATTACKS", "AnalyticAttack", "AnalyticConfig", "Attack", "CINetAttack", "CINetConfig", "DLGAttack",
            "DLGConfig", "GIASAttack", "GIASConfig", "IDLGAttack", "ImprintAttack", "ImprintConfig", "IGConfig", "InvertingGradientsAttack", "OptimizationAttack",
-           "OptimizationConfig", "Progress", "available", "create", "supports_adaptive", "target_gradients"]
+           "OptimizationConfig", "Progress", "TrapAttack", "TrapConfig", "available", "create", "supports_adaptive", "target_gradients"]

@@ -86,27 +86,10 @@ class ImprintAttack(Attack):
         if block is None or reason is not None:
             raise UpdateError(f"imprint attack: expected an update of a model with an imprint block, got one that "
                               f"{reason}")
-        # A FedAvg delta is -lr times the sum of the local steps' gradients: an image alone in its bin
-        # adds g_s x to the bin's weight rows and g_s to its bias at every step s, so the ratio is x
-        # whatever the steps' g_s (exact for one step; for several, as long as the block's rows move
-        # too little to change which bin an image falls in: the small rate of local SGD).
-        tensors = update.gradients() if update.kind == "gradient" else [-t for t in update.gradients()]
-        grads = dict(zip([n for n, p in server.model.named_parameters() if p.requires_grad], tensors))
-        prefix = next(n for n, m in server.model.named_children() if m is block)
-        gw, gb = grads[f"{prefix}.encoder.weight"].double(), grads[f"{prefix}.encoder.bias"].double()
+        gw, gb = block_gradients(server, update, block)
         images, info = self._bins(block, gw, gb, update.num_samples, server.input_shape)
-        try:
-            lab = self.resolve_labels(server, update, labels, self.config.label_strategy)
-            y, strategy, notes = lab.labels, lab.strategy, list(lab.warnings)
-        except GradleakError as e:
-            y, strategy, notes = torch.zeros(update.num_samples, dtype=torch.long), "none", [f"labels: {e}"]
-        unexplained = float(info["unexplained"])
-        if callback is not None:
-            callback(Progress(iteration=1, total=1, loss=unexplained, images=images.float()))
-        return Reconstruction(images=images.float(), labels=y.cpu(), label_strategy=strategy,
-                              history={"iteration": [1], "loss": [unexplained]}, iterations=1,
-                              seconds=time.perf_counter() - start, matching="imprint bins (closed form)",
-                              info={**info, "label_warnings": notes})
+        return closed_form(self, server, update, labels, images, info, callback=callback, start=start,
+                           matching="imprint bins (closed form)")
 
     def _bins(self, block: Any, gw: torch.Tensor, gb: torch.Tensor, n: int,
               shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -141,4 +124,37 @@ class ImprintAttack(Attack):
         return torch.stack(images), info
 
 
-__all__ = ["ImprintAttack", "ImprintConfig"]
+def block_gradients(server: ServerState, update: ClientUpdate, block: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of a malicious block's encoder (weight, bias) in float64, from a gradient or a delta.
+
+    A FedAvg delta is -lr times the sum of the local steps' gradients: an image alone in a unit adds
+    g_s x to the unit's weight row and g_s to its bias at every step s, so the ratio is x whatever
+    the steps' g_s (exact for one step; for several, as long as the block's rows move too little to
+    change which units an image fires: the small rate of local SGD and the block's small gain).
+    """
+    tensors = update.gradients() if update.kind == "gradient" else [-t for t in update.gradients()]
+    grads = dict(zip([n for n, p in server.model.named_parameters() if p.requires_grad], tensors))
+    prefix = next(n for n, m in server.model.named_children() if m is block)
+    return grads[f"{prefix}.encoder.weight"].double(), grads[f"{prefix}.encoder.bias"].double()
+
+
+def closed_form(attack: Attack, server: ServerState, update: ClientUpdate, labels: torch.Tensor | None,
+                images: torch.Tensor, info: dict[str, Any], *, callback: ProgressCallback | None, start: float,
+                matching: str) -> Reconstruction:
+    """The reconstruction of a closed-form attack: its images, labels recovered from the victim's part
+    of the update (or none, said in the notes), and its one reported "loss", ``info["unexplained"]``."""
+    try:
+        lab = attack.resolve_labels(server, update, labels, attack.config.label_strategy)
+        y, strategy, notes = lab.labels, lab.strategy, list(lab.warnings)
+    except GradleakError as e:
+        y, strategy, notes = torch.zeros(update.num_samples, dtype=torch.long), "none", [f"labels: {e}"]
+    unexplained = float(info["unexplained"])
+    if callback is not None:
+        callback(Progress(iteration=1, total=1, loss=unexplained, images=images.float()))
+    return Reconstruction(images=images.float(), labels=y.cpu(), label_strategy=strategy,
+                          history={"iteration": [1], "loss": [unexplained]}, iterations=1,
+                          seconds=time.perf_counter() - start, matching=matching,
+                          info={**info, "label_warnings": notes})
+
+
+__all__ = ["ImprintAttack", "ImprintConfig", "block_gradients", "closed_form"]

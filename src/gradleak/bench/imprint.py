@@ -11,10 +11,15 @@ Usage:
     gradleak bench imprint --batches 64 --bins 64,256,1024 --activations relu --evasion 0,1,2,4   # the check vs noise
     gradleak bench imprint --batches 64 --bins 256,1024 --activations relu
     gradleak bench imprint --batches 64 --activations relu --protocols fedsgd,fedavg:1x64,fedavg:4x16,fedavg:5x64
+    gradleak bench imprint --block trap --batches 64,256 --bins 1024,4096   # trap weights: --bins is the unit count
 
 A FedAvg setting ``fedavg:SxB`` is S local SGD steps (lr 0.1) at mini-batch B; the attack reads the
 delta as it reads a gradient (the block's default gain keeps the delta's images, see
 :class:`gradleak.threat.malicious.ImprintBlock`).
+
+``--block trap`` puts trap units (:mod:`gradleak.threat.trap`, set on public photo crops to fire
+for one image of the batch) in front instead, attacked by the ``trap`` attack; its check is the
+``trap-units`` finding with the client's own batch as the images (the arrays alone pass).
 """
 
 from __future__ import annotations
@@ -39,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="noise on the imprint rows, as a multiple of a row's norm (the check's evasion test)")
     p.add_argument("--protocols", default="fedsgd",
                    help="fedsgd and/or fedavg:SxB (S local steps at mini-batch B, lr 0.1), comma-separated")
+    p.add_argument("--block", default="imprint", choices=["imprint", "trap"],
+                   help="the malicious block: imprint bins, or trap units (then --bins is the unit count)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.block == "trap" and args.evasion != "0":
+        p.error("--evasion: the row-noise evasion applies to --block imprint only")
     protocols = [t.strip() for t in args.protocols.split(",") if t.strip()]
     for t in protocols:
         if t != "fedsgd" and not re.fullmatch(r"fedavg:\d+x\d+", t):
@@ -51,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from gradleak.metrics import score_reconstruction
     from gradleak.models import build_model
     from gradleak.threat import fedavg_update, fedsgd_update
-    from gradleak.threat.inspect import inspect_model
+    from gradleak.threat.inspect import MIN_IMAGES, inspect_model
     from gradleak.threat.malicious import find_imprint, imprint_model
+    from gradleak.threat.trap import public_images, trap_model
     from gradleak.types import ModelSpec, ServerState
 
     results = []
@@ -64,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             for k in (int(b) for b in args.bins.split(",")):
                 for protocol in protocols:
                     for noise in (float(v) for v in args.evasion.split(",")):
-                        server = imprint_model(honest, bins=k)  # a fresh block for each setting
+                        if args.block == "trap":
+                            server = trap_model(honest, k, public=public_images(spec.image_size), batch_size=n)
+                        else:
+                            server = imprint_model(honest, bins=k)  # a fresh block for each setting
                         block = find_imprint(server.model)
-                        assert block is not None
-                        if noise:
+                        if noise and block is not None:
                             with torch.no_grad():
                                 g = torch.Generator().manual_seed(0)
                                 w = block.encoder.weight
@@ -80,25 +92,31 @@ def main(argv: list[str] | None = None) -> int:
                             update = fedavg_update(server, batch.images, batch.labels, local_steps=steps, lr=0.1,
                                                    batch_size=size)
                         t0 = time.perf_counter()
-                        rec = gradleak.attacks.create("imprint").reconstruct(server, update)
+                        rec = gradleak.attacks.create(args.block).reconstruct(server, update)
                         seconds = time.perf_counter() - t0
                         scored = score_reconstruction(rec.images, batch.images, with_lpips=False)
                         exact = sum(p["psnr"] >= 40 for p in scored.per_image)
-                        rows = next(f for f in inspect_model(server.model, server.input_shape)
-                                    if f.kind == "imprint-rows")
+                        mine = batch.images[:64] if args.block == "trap" and n >= MIN_IMAGES else None
+                        kind = "trap-units" if args.block == "trap" else "imprint-rows"
+                        rows = next((f for f in inspect_model(server.model, server.input_shape, images=mine)
+                                     if f.kind == kind), None)
                         results.append({"model": args.model, "activation": activation, "batch": n, "bins": k,
                                         "protocol": protocol, "noise": noise, "exact": exact, "fraction": exact / n,
-                                        "found": rec.info["images_found"], "mixed_bins": rec.info["bins_mixed"],
+                                        "block": args.block, "found": rec.info["images_found"],
+                                        "mixed_bins": rec.info.get("bins_mixed", rec.info.get("units_fired", 0)
+                                                                   - rec.info.get("ratios_plausible", 0)),
                                         "ssim_mean": scored.summary["ssim_mean"], "seconds": seconds,
-                                        "check_score": rows.score, "flagged": rows.flagged,
-                                        "threads": torch.get_num_threads()})
-                        print(f"  {activation} N={n} k={k} {protocol} noise {noise:g}: {exact}/{n} at PSNR >= 40 dB "
-                              f"in {seconds:.2f} s; check {rows.score:.3f}", flush=True)
-    print_table(["model", "activation", "batch", "bins", "protocol", "row noise", "PSNR >= 40 dB", "fraction", "bins mixed",
-                 "mean SSIM", "attack s", "check score", "flagged"],
-                [[r["model"], r["activation"], r["batch"], r["bins"], r["protocol"], f"{r['noise']:g}", f"{r['exact']}/{r['batch']}",
-                  f"{r['fraction']:.2f}", r["mixed_bins"], f"{r['ssim_mean']:.3f}", f"{r['seconds']:.2f}",
-                  f"{r['check_score']:.3f}", "yes" if r["flagged"] else "no"] for r in results])
+                                        "check_score": rows.score if rows else None,
+                                        "flagged": bool(rows and rows.flagged), "threads": torch.get_num_threads()})
+                        check = f"{rows.score:.3f}" if rows else "not run"
+                        print(f"  {args.block} {activation} N={n} k={k} {protocol} noise {noise:g}: {exact}/{n} at "
+                              f"PSNR >= 40 dB in {seconds:.2f} s; check {check}", flush=True)
+    print_table(["block", "model", "activation", "batch", "bins/units", "protocol", "row noise", "PSNR >= 40 dB",
+                 "fraction", "mixed", "mean SSIM", "attack s", "check score", "flagged"],
+                [[r["block"], r["model"], r["activation"], r["batch"], r["bins"], r["protocol"], f"{r['noise']:g}",
+                  f"{r['exact']}/{r['batch']}", f"{r['fraction']:.2f}", r["mixed_bins"], f"{r['ssim_mean']:.3f}",
+                  f"{r['seconds']:.2f}", "-" if r["check_score"] is None else f"{r['check_score']:.3f}",
+                  "yes" if r["flagged"] else "no"] for r in results])
     if args.json:
         write_json(args.json, results)
     return 0

@@ -16,9 +16,11 @@ import torch
 from gradleak.audit.cell import cell_update, check_victim
 from gradleak.cli.common import add_case, add_threat, case_model, default_out, threat_cell
 from gradleak.data import load_batch
+from gradleak.errors import ConfigError
 from gradleak.reporting.runner import check_folder
 from gradleak.threat import save_model_state, save_truth, save_update
 from gradleak.threat.malicious import imprint_model
+from gradleak.threat.trap import public_images, trap_model
 from gradleak.types import ServerState
 
 
@@ -30,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--imprint-bins", type=int, default=None,
                    help="a malicious server: send the victim behind an imprint block of this many bins (Robbing the "
                         "Fed; attack it with --attack imprint, check it with gradleak inspect)")
+    p.add_argument("--trap-units", type=int, default=None,
+                   help="a malicious server: send the victim behind this many trap units, each set on public images "
+                        "(built-in photos the client does not hold) to fire for about one image of the batch "
+                        "(attack it with --attack trap, check it with gradleak inspect --data)")
     p.add_argument("--out", type=Path, default=None, help="folder for the three files (default runs/simulate-<time>)")
     return p
 
@@ -43,9 +49,14 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cell = threat_cell(args)
     model, spec = case_model(args)
     server = ServerState.from_spec(model, spec)
-    bins = getattr(args, "imprint_bins", None)
+    bins, units = getattr(args, "imprint_bins", None), getattr(args, "trap_units", None)
+    if bins is not None and units is not None:
+        raise ConfigError("--imprint-bins and --trap-units: expected one malicious block, got both")
     if bins is not None:
         server = imprint_model(server, bins)
+        model = server.model
+    if units is not None:
+        server = trap_model(server, units, public=public_images(args.image_size), batch_size=args.batch_size)
         model = server.model
     check_victim(server, [cell])
     batch = load_batch(args.data, args.batch_size * cell.protocol.clients, size=args.image_size,

@@ -50,11 +50,14 @@ def received_arrays(content: Any) -> dict[str, torch.Tensor]:
 
 
 def inspect_mod(input_shape: tuple[int, int, int], *, action: str = "refuse",
-                on_flag: Callable[[list[Finding]], None] | None = None) -> Callable[..., Any]:
+                on_flag: Callable[[list[Finding]], None] | None = None,
+                images: torch.Tensor | None = None) -> Callable[..., Any]:
     """A Flower client mod that runs the client-side check on every received model.
 
     Args:
         input_shape: (C, H, W) of the client's images.
+        images: some of the client's own images (at least 16), to find trap units as well
+            (:func:`gradleak.threat.inspect.inspect_arrays`); they never leave the client.
         action: ``"refuse"`` (reply with an error, do not train) or ``"report"`` (train, log, and
             add the findings to the reply).
         on_flag: called with the flagged findings (a client's own alerting).
@@ -64,13 +67,15 @@ def inspect_mod(input_shape: tuple[int, int, int], *, action: str = "refuse",
     """
     if action not in ("refuse", "report"):
         raise ConfigError(f"inspect_mod action: expected 'refuse' or 'report', got {action!r}")
+    if images is not None:
+        inspect_arrays({}, input_shape, images=images)  # the images' shape and count, checked now, not per round
 
     def mod(msg: Any, ctxt: Any, call_next: Callable[..., Any]) -> Any:
         from flwr.common import ConfigRecord, Error, Message, MessageType
 
         if msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
             return call_next(msg, ctxt)
-        bad = flagged(inspect_arrays(received_arrays(msg.content), input_shape))
+        bad = flagged(inspect_arrays(received_arrays(msg.content), input_shape, images=images))
         if not bad:
             return call_next(msg, ctxt)
         text = "; ".join(f"{f.kind} in {f.module} (score {f.score:.3f})" for f in bad)

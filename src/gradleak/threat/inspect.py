@@ -10,9 +10,18 @@ update carries images verbatim. Before training on a received model, a client ca
 - ``imprint-decoder``: a linear layer that writes back into the image (``out_features`` = the
   image size) whose columns are near-identical, so every bin receives the same backward signal.
 
-Each finding has a score in [0, 1] and a plain explanation; :func:`threshold` decides a flag. Not
-checked here: units that fire for a single sample of the client's data, and parameter statistics
-far from any honest initialisation (trap weights without a raw-input linear layer pass).
+- ``trap-units`` (with the client's own images): a linear layer on the raw input whose units,
+  those that fire at all (a positive input to their ReLU), fire for few of the client's images.
+  Trap weights (:mod:`gradleak.threat.trap`) are set to fire for about one image per batch, so
+  that a unit alone with an image carries it verbatim in the update; their rows are random and
+  pass the two checks above. Honest units fire for many images or none (an untrained unit's
+  response is dominated by the image's overall brightness). Score: the share of firing units
+  that fire for at most :data:`RARE` of the images. A server that sets its units to fire for more
+  than that evades the check, and then few units fire for one image of a batch alone.
+
+Each finding has a score in [0, 1] and a plain explanation; :func:`threshold` and
+:data:`RARE_SHARE` decide a flag. Not checked here: parameter statistics far from any honest
+initialisation, and trap units behind other layers (only layers on the raw input are read).
 
 References:
     Fowl et al., "Robbing the Fed", ICLR 2022; Boenisch et al., "When the Curious Abandon Honesty:
@@ -28,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from gradleak.errors import ConfigError
 
 CHANCE_FACTOR = 3.0
 """k unit rows pointing in random directions have a mean of norm about ``1/sqrt(k)``; a layer is
@@ -53,6 +64,21 @@ def threshold(units: int) -> float:
 MIN_UNITS = 8
 """Layers with fewer rows (or columns) are not judged: a few random rows can align by chance."""
 
+RARE_SHARE = 0.6
+"""A raw-input layer is flagged as trap units when at least this share of its units that fire for
+any of the client's images fire for at most :data:`RARE` of them. Measured (docs/threat.md): honest
+MLP first layers, 8 seeds, untrained and trained, 16-128 client images, 0.03-0.34; trap units set
+for batches of 8 or 64, 64 or 1024 units, 0.80-1.0."""
+
+RARE = 0.25
+"""A unit fires rarely when it fires for some of the client's images but at most this share."""
+
+MIN_TRAP_UNITS = 32
+"""Layers with fewer units are not flagged as traps (a classifier's few rows fire rarely by design)."""
+
+MIN_IMAGES = 16
+"""The fewest client images the trap check judges from (with fewer, firing for one image is common)."""
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -74,13 +100,35 @@ def _alignment(vectors: torch.Tensor) -> float:
     return float(unit.mean(0).norm())
 
 
-def inspect_arrays(arrays: Mapping[str, torch.Tensor], input_shape: tuple[int, int, int]) -> list[Finding]:
-    """The findings for every 2-D array that reads or writes the raw image, from the arrays alone.
+def _trap_finding(module: str, w: torch.Tensor, bias: torch.Tensor, images: torch.Tensor) -> Finding:
+    rate = ((images.flatten(1).double() @ w.T + bias.detach().double()) > 0).double().mean(0)  # per unit
+    firing = rate > 0
+    share = float((firing & (rate <= RARE)).double().sum() / firing.double().sum().clamp_min(1.0))
+    flag = share >= RARE_SHARE and w.shape[0] >= MIN_TRAP_UNITS
+    return Finding(module, "trap-units", share, flag,
+                   f"{w.shape[0]} units read the raw image; {100 * share:.0f}% of those that fire for any of the "
+                   f"client's {images.shape[0]} images fire for at most {100 * RARE:.0f}% of them (flagged from "
+                   f"{100 * RARE_SHARE:.0f}%)" + (": trap weights, set to fire for about one image of a batch, so "
+                                                    "that the unit's update is that image verbatim" if flag else ""))
+
+
+def inspect_arrays(arrays: Mapping[str, torch.Tensor], input_shape: tuple[int, int, int], *,
+                   images: torch.Tensor | None = None) -> list[Finding]:
+    """The findings for every 2-D array that reads or writes the raw image, from the arrays alone
+    (and, given the client's own ``images``, from which units fire for them).
 
     What a client receives is arrays (Flower's ``ArrayRecord``), not a module; a weight of shape
     (k, C*H*W) reads the image, one of shape (C*H*W, k) writes into it. The bias of a reading
-    weight is the array of the same name with ``bias`` for ``weight``.
+    weight is the array of the same name with ``bias`` for ``weight``. ``images`` (M, C, H, W),
+    M >= :data:`MIN_IMAGES`, adds the ``trap-units`` check of each reading layer with a bias.
+
+    Raises:
+        ConfigError: ``images`` of another shape, or fewer than :data:`MIN_IMAGES`.
     """
+    if images is not None and (images.dim() != 4 or tuple(images.shape[1:]) != tuple(input_shape)
+                               or images.shape[0] < MIN_IMAGES):
+        raise ConfigError(f"inspect images: expected (M >= {MIN_IMAGES}, {', '.join(map(str, input_shape))}), "
+                          f"got {tuple(images.shape)}")
     d = math.prod(input_shape)
     out = []
     for name, t in arrays.items():
@@ -100,6 +148,8 @@ def inspect_arrays(arrays: Mapping[str, torch.Tensor], input_shape: tuple[int, i
                                f"from {limit:.3f})" + (", with graded biases: they cut one image statistic into bins, "
                                                       "so an image alone in a bin can be read off the update exactly"
                                                       if flag else "")))
+            if images is not None and bias is not None:
+                out.append(_trap_finding(module, w, bias, images))
         if w.shape[0] == d and w.shape[1] >= MIN_UNITS:
             k = int(w.shape[1])
             score, limit = _alignment(w.T), threshold(k)
@@ -112,8 +162,10 @@ def inspect_arrays(arrays: Mapping[str, torch.Tensor], input_shape: tuple[int, i
     return out
 
 
-def inspect_model(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Finding]:
-    """:func:`inspect_arrays` on a model's parameters: every layer that reads or writes the raw image.
+def inspect_model(model: nn.Module, input_shape: tuple[int, int, int], *,
+                  images: torch.Tensor | None = None) -> list[Finding]:
+    """:func:`inspect_arrays` on a model's parameters: every layer that reads or writes the raw image
+    (and, with the client's ``images``, which of its units fire for one image alone).
 
     Example:
         >>> from gradleak.threat.malicious import ImprintBlock
@@ -121,12 +173,12 @@ def inspect_model(model: nn.Module, input_shape: tuple[int, int, int]) -> list[F
         >>> [(f.module, f.kind, round(f.score, 3), f.flagged) for f in findings]
         [('0.encoder', 'imprint-rows', 1.0, True), ('0.decoder', 'imprint-decoder', 1.0, True)]
     """
-    return inspect_arrays(dict(model.named_parameters()), input_shape)
+    return inspect_arrays(dict(model.named_parameters()), input_shape, images=images)
 
 
 def flagged(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.flagged]
 
 
-__all__ = ["CEILING", "CHANCE_FACTOR", "FLOOR", "Finding", "MIN_UNITS", "flagged", "inspect_arrays", "inspect_model",
-           "threshold"]
+__all__ = ["CEILING", "CHANCE_FACTOR", "FLOOR", "Finding", "MIN_IMAGES", "MIN_UNITS", "RARE_SHARE", "flagged",
+           "inspect_arrays", "inspect_model", "threshold"]

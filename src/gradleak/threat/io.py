@@ -160,17 +160,21 @@ def check_update(update: ClientUpdate, *, model: nn.Module | None = None) -> Non
 def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
     """Write the server model's ``state_dict`` and its spec (the architecture is rebuilt by name).
 
-    A malicious model (an imprint block in front of the victim ``spec`` describes,
-    :mod:`gradleak.threat.malicious`) records its bin count under ``imprint``; the thresholds are in
-    the tensors.
+    A malicious model (an imprint block or trap units in front of the victim ``spec`` describes,
+    :mod:`gradleak.threat.malicious`, :mod:`gradleak.threat.trap`) records its bin count under
+    ``imprint`` or its unit count under ``trap``; the weights are in the tensors.
     """
     from gradleak.threat.malicious import find_imprint
+    from gradleak.threat.trap import find_trap
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header: dict[str, Any] = {"format": "gradleak-model/1", "spec": spec.to_dict()}
     block = find_imprint(model)
     if block is not None:
         header["imprint"] = {"bins": block.bins}
+    trap = find_trap(model)
+    if trap is not None:
+        header["trap"] = {"units": trap.units}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"gradleak": json.dumps(header)})
 
@@ -206,6 +210,17 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
             raise UpdateError(f"model-state file '{path}': expected imprint.bins an integer from 2 to 10^6, "
                               f"got {short(bins)}")
         model = nn.Sequential(ImprintBlock(spec.input_shape, bins), model)
+    trap = header.get("trap")
+    if trap is not None:
+        from gradleak.threat.trap import TrapBlock
+
+        units = trap.get("units") if isinstance(trap, dict) else None
+        if isinstance(units, bool) or not isinstance(units, int) or not 2 <= units <= 1_000_000:
+            raise UpdateError(f"model-state file '{path}': expected trap.units an integer from 2 to 10^6, "
+                              f"got {short(units)}")
+        if imprint is not None:
+            raise UpdateError(f"model-state file '{path}': expected an imprint block or trap units, got both")
+        model = nn.Sequential(TrapBlock(spec.input_shape, units), model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
