@@ -15,13 +15,12 @@ from torch import nn
 import gradleak
 from gradleak.attacks import ATTACKS, GIASAttack, Progress
 from gradleak.attacks.checkpoint import Checkpointer
-from gradleak.data import builtin_batch
+from gradleak.data import builtin_batch, public_images
 from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
 from gradleak.models import build_model
 from gradleak.reporting import RunOptions, run_attack
 from gradleak.threat import fedavg_update, fedsgd_update
-from gradleak.threat.malicious import imprint_model
 from gradleak.types import ModelSpec, Reconstruction, ServerState
 
 SIZE = 16
@@ -59,10 +58,11 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _case_for(name: str):
     """A batch of 2 that ``name`` applies to: the linear model for analytic, a malicious server's model
-    (an imprint block in front of LeNet) for an attack that needs one, else LeNet."""
+    (the attack's own block, 16 units, in front of LeNet) for an attack that needs one, else LeNet."""
     server, batch, update = _linear_case(2) if name == "analytic" else _lenet_case(2)
-    if gradleak.attacks.ATTACKS.get(name).knowledge.active_manipulation:
-        server = imprint_model(server, 16)
+    cls = gradleak.attacks.ATTACKS.get(name)
+    if cls.knowledge.active_manipulation:
+        server = cls.malicious_model(server, 16, batch_size=2, public=public_images(SIZE, n=16))
         update = fedsgd_update(server, batch.images, batch.labels)
     return server, batch, update
 

@@ -9,13 +9,13 @@ import torch
 import gradleak
 from conftest import make_case
 from gradleak.cli.main import main
-from gradleak.data import builtin_batch
+from gradleak.data import builtin_batch, public_images
 from gradleak.metrics.image import psnr
 from gradleak.metrics.pairing import pair_images
 from gradleak.models import build_model
 from gradleak.threat import fedavg_update, fedsgd_update, load_model_state, save_model_state
 from gradleak.threat.inspect import flagged, inspect_model
-from gradleak.threat.trap import TrapBlock, find_trap, public_images, trap_model
+from gradleak.threat.trap import TrapBlock, find_trap, trap_model
 from gradleak.types import ModelSpec, ServerState
 
 

@@ -97,3 +97,17 @@ def test_a_client_that_shares_its_batchnorm_statistics_is_attacked_using_and_ign
     assert used["threat_model"]["batchnorm_statistics"].startswith("shared by the client, matched")
     assert ignored["threat_model"]["batchnorm_statistics"] == "shared by the client, ignored"
     assert used["info"]["auxiliary"]["bn_stats"]["layers"] > 0
+
+
+def test_the_malicious_server_plays_both_blocks_each_for_its_attack(tmp_path):
+    """imprint attacks the imprint model, trap the trap model (the cell's batch size sets the trap units)."""
+    out = tmp_path / "both"
+    assert main(["audit", "--model", "lenet", "--activation", "relu", "--batch-sizes", "8", "--defenses", "none",
+                 "--attacks", "cinet,imprint,trap", "--threat", "honest,malicious", "--imprint-bins", "256",
+                 "--iterations", "3", "--set", "channels=8", "--knowledge", "labels-recovered", "--utility-steps", "0",
+                 "--no-progress", "--out", str(out)]) == 0
+    cell = out / "fedsgd_n8_none"
+    trap = json.loads((cell / "trap_labels-recovered-s0" / "metrics.json").read_text())
+    imprint = json.loads((cell / "imprint_labels-recovered-s0" / "metrics.json").read_text())
+    assert trap["info"]["units"] == 256 and "bins" in imprint["info"]
+    assert trap["summary"]["ssim_mean"] > 0.5 and imprint["summary"]["ssim_mean"] > 0.5

@@ -95,6 +95,16 @@ class Attack(ABC):
         self.seed = seed
 
     @classmethod
+    def malicious_model(cls, server: ServerState, size: int, *, batch_size: int,
+                        public: torch.Tensor | None = None) -> ServerState:
+        """The model a malicious server sends for this attack (``knowledge.active_manipulation``
+        attacks only): ``server``'s victim behind the attack's block of ``size`` units, set for
+        clients of ``batch_size`` images on the server's ``public`` images where the block needs
+        them (:func:`gradleak.data.public_images`)."""
+        raise ConfigError(f"{cls.name}: expected an attack on a model the server modified, got one on the honest "
+                          "model (it has no malicious model)")
+
+    @classmethod
     def budget(cls, iterations: int, config: Any) -> dict[str, int]:
         """The config fields that give ``config`` a budget of ``iterations`` steps in all.
 

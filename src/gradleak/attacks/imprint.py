@@ -30,7 +30,7 @@ from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import GradleakError, UpdateError
-from gradleak.threat.malicious import find_imprint
+from gradleak.threat.malicious import find_imprint, imprint_model
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 
@@ -75,6 +75,11 @@ class ImprintAttack(Attack):
         if find_imprint(server.model) is None:
             return "needs a model with an imprint block (a malicious server: --threat malicious)"
         return None
+
+    @classmethod
+    def malicious_model(cls, server: ServerState, size: int, *, batch_size: int,
+                        public: torch.Tensor | None = None) -> ServerState:
+        return imprint_model(server, size)  # its bins cut an assumed brightness distribution: no images needed
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
                     callback: ProgressCallback | None = None, run_dir: str | Path | None = None,

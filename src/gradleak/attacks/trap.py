@@ -32,8 +32,8 @@ from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.imprint import block_gradients, closed_form
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
-from gradleak.errors import UpdateError
-from gradleak.threat.trap import find_trap
+from gradleak.errors import ConfigError, UpdateError
+from gradleak.threat.trap import find_trap, trap_model
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 
@@ -81,6 +81,13 @@ class TrapAttack(Attack):
         if find_trap(server.model) is None:
             return "needs a model with trap units (a malicious server: gradleak simulate --trap-units)"
         return None
+
+    @classmethod
+    def malicious_model(cls, server: ServerState, size: int, *, batch_size: int,
+                        public: torch.Tensor | None = None) -> ServerState:
+        if public is None:
+            raise ConfigError("trap: expected the server's public images to set its units on, got none")
+        return trap_model(server, size, public=public, batch_size=batch_size)
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
                     callback: ProgressCallback | None = None, run_dir: str | Path | None = None,

@@ -42,12 +42,11 @@ from gradleak.audit.plan import (
     untried_knowledge,
 )
 from gradleak.audit.verdicts import load_row
-from gradleak.data import load_batch
+from gradleak.data import load_batch, public_images
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.models import build_model
 from gradleak.reporting.runner import RunFolder, RunOptions, run_attack, write_json
 from gradleak.threat import save_truth
-from gradleak.threat.malicious import imprint_model
 from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
 
 log = logging.getLogger(__name__)
@@ -171,9 +170,10 @@ _CASES: dict[tuple[Any, ...], tuple[ServerState, Batch, ClientUpdate]] = {}
 
 def _case(job: RunJob) -> tuple[ServerState, Batch, ClientUpdate]:
     """The victim, the cell's private batch and its defended update (cached per process: a cell's runs share them)."""
-    malicious = ATTACKS.get(job.attacker.attack).knowledge.active_manipulation
+    cls = ATTACKS.get(job.attacker.attack)
+    malicious = cls.knowledge.active_manipulation
     key = (json.dumps(job.spec.to_dict(), sort_keys=True), job.model_seed, job.data, job.data_root, job.data_seed,
-           job.cell, job.defense_seed, job.imprint_bins if malicious else None)
+           job.cell, job.defense_seed, (job.attacker.attack, job.imprint_bins) if malicious else None)
     if key not in _CASES:
         _CASES.clear()  # one cell at a time: the cache holds no more than one batch and update
         server = ServerState.from_spec(build_model(job.spec, seed=job.model_seed), job.spec)
@@ -181,7 +181,8 @@ def _case(job: RunJob) -> tuple[ServerState, Batch, ClientUpdate]:
             if job.imprint_bins is None:
                 raise ConfigError(f"audit attacker {job.attacker.id}: expected a malicious server (imprint_bins), "
                                   "got none")
-            server = imprint_model(server, job.imprint_bins)
+            server = cls.malicious_model(server, job.imprint_bins, batch_size=job.cell.batch_size,
+                                         public=public_images(job.spec.image_size))
         n = job.cell.batch_size * job.cell.protocol.clients
         batch = load_batch(job.data, n, size=job.spec.image_size, num_classes=job.spec.num_classes,
                            seed=job.data_seed, root=job.data_root)

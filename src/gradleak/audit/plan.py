@@ -28,10 +28,10 @@ from typing import Any
 
 from gradleak.attacks import ATTACKS
 from gradleak.attacks.base import resolve_config
+from gradleak.data import public_images
 from gradleak.defenses import Defense, parse_defense
 from gradleak.errors import ConfigError
 from gradleak.threat import fedavg_update, fedsgd_update
-from gradleak.threat.malicious import imprint_model
 from gradleak.types import ClientUpdate, ServerState
 
 
@@ -324,9 +324,10 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         overrides: config fields; each applies to every selected attack that has the field, and a
             field that none has is refused.
         iterations: an iteration budget for every iterative attack (``None``: each attack's own).
-        malicious_bins: the audit also plays a malicious server that sends the victim behind an
-            imprint block of this many bins (:mod:`gradleak.threat.malicious`); the attacks that
-            need a modified model are judged against it (``None``: an honest server only).
+        malicious_bins: the audit also plays a malicious server that sends the victim behind the
+            block each malicious attack reads (``Attack.malicious_model``: an imprint block of this
+            many bins, trap weights of this many units); the attacks that need a modified model are
+            judged against it (``None``: an honest server only).
 
     Raises:
         ConfigError: an unknown attack, an attack named explicitly that cannot apply (with the
@@ -338,7 +339,7 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         >>> spec = ModelSpec(name="linear", image_size=8)
         >>> plan = plan_attacks("auto", ServerState.from_spec(build_model(spec), spec))
         >>> "analytic" in plan.names and "cinet" in plan.names, sorted(plan.left_out)
-        (True, ['gias', 'imprint'])
+        (True, ['gias', 'imprint', 'trap'])
     """
     auto = isinstance(names, str) and names.strip() == "auto"
     wanted = ATTACKS.available() if auto else [n.strip() for n in (names.split(",") if isinstance(names, str) else names)
@@ -369,7 +370,9 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
                                       "modified), got an honest server only")
                 left_out[name] = "needs a malicious server (--threat malicious)"
                 continue
-            victim = imprint_model(server, malicious_bins)
+            # only the block's presence is checked here: a few public images are enough to build it
+            victim = cls.malicious_model(server, malicious_bins, batch_size=1,
+                                         public=public_images(server.input_shape[-1], n=8))
         reason = next((r for s in local_steps if (r := cls.applicability(victim, config, local_steps=s))), None)
         if reason is None:
             configs[name] = config

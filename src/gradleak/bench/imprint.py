@@ -56,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--protocols: expected fedsgd or fedavg:SxB (e.g. fedavg:4x16), got {t!r}")
 
     import gradleak
-    from gradleak.data import builtin_batch
+    from gradleak.data import builtin_batch, public_images
     from gradleak.metrics import score_reconstruction
     from gradleak.models import build_model
     from gradleak.threat import fedavg_update, fedsgd_update
     from gradleak.threat.inspect import MIN_IMAGES, inspect_model
     from gradleak.threat.malicious import find_imprint, imprint_model
-    from gradleak.threat.trap import public_images, trap_model
+    from gradleak.threat.trap import trap_model
     from gradleak.types import ModelSpec, ServerState
 
     results = []

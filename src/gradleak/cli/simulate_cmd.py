@@ -15,12 +15,12 @@ import torch
 
 from gradleak.audit.cell import cell_update, check_victim
 from gradleak.cli.common import add_case, add_threat, case_model, default_out, threat_cell
-from gradleak.data import load_batch
+from gradleak.data import load_batch, public_images
 from gradleak.errors import ConfigError
 from gradleak.reporting.runner import check_folder
 from gradleak.threat import save_model_state, save_truth, save_update
 from gradleak.threat.malicious import imprint_model
-from gradleak.threat.trap import public_images, trap_model
+from gradleak.threat.trap import trap_model
 from gradleak.types import ServerState
 
 

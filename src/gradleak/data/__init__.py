@@ -7,6 +7,7 @@ from gradleak.data.sources import (
     cifar_batch,
     folder_batch,
     load_batch,
+    public_images,
 )
 
-__all__ = ["BUILTIN_SOURCES", "Batch", "builtin_batch", "cifar_batch", "folder_batch", "load_batch"]
+__all__ = ["BUILTIN_SOURCES", "Batch", "builtin_batch", "cifar_batch", "folder_batch", "load_batch", "public_images"]

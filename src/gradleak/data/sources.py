@@ -221,6 +221,17 @@ def folder_batch(root: str | Path, n: int, *, size: int = 32, seed: int = 0) -> 
     return Batch(images=torch.stack(images), labels=torch.tensor(labels, dtype=torch.long), names=names)
 
 
+PUBLIC_OFFSET = 528
+"""Where a malicious server's public images start in the built-in ``photos`` source: its last 256
+crops (crops 500-755 of the photos), which a built-in client batch of up to 568 images does not hold."""
+
+
+def public_images(size: int, n: int = 256) -> torch.Tensor:
+    """The public images a malicious server sets its trap units on (:mod:`gradleak.threat.trap`):
+    built-in photo crops no built-in client batch of up to 568 images holds, (n, 3, size, size)."""
+    return builtin_batch(n, size=size, source="photos", offset=PUBLIC_OFFSET).images
+
+
 def load_batch(source: str, n: int, *, size: int = 32, num_classes: int = 10, seed: int = 0,
                root: str | Path | None = None) -> Batch:
     """Dispatch on ``source``: a built-in name, ``"cifar10-dir"``/``"cifar100-dir"`` or ``"folder"`` (with ``root``)."""

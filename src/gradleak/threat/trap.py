@@ -3,7 +3,8 @@
 The server sends ``Sequential(TrapBlock, victim)``. The block's ``k`` ReLU units read the raw
 image along random directions whose entries sum to zero (so a change of overall brightness does
 not move them), and each unit's bias is set so that it fires for a fraction ``fire_rate`` of the
-images the server assumes (public images of the clients' kind; default ``1 / batch``). Its output
+images the server assumes (public images of the clients' kind, :func:`gradleak.data.public_images`;
+default ``1 / batch``). Its output
 goes back into the image through a small random decoder, so the victim sees its input almost
 unchanged. A unit that fired for one image ``x`` alone has, in the FedSGD gradient of the mean loss,
 
@@ -119,18 +120,6 @@ def trap_model(server: ServerState, units: int, *, public: torch.Tensor, batch_s
                        num_classes=server.num_classes, bn_mode=server.bn_mode, spec=None)
 
 
-PUBLIC_OFFSET = 528
-"""Where the server's public images start in the built-in ``photos`` source: its last 256 crops
-(crops 500-755 of the photos), which a built-in client batch of up to 568 images does not hold."""
-
-
-def public_images(size: int, n: int = 256) -> torch.Tensor:
-    """The public images a malicious server sets its trap units on: built-in photo crops, (n, 3, size, size)."""
-    from gradleak.data import builtin_batch
-
-    return builtin_batch(n, size=size, source="photos", offset=PUBLIC_OFFSET).images
-
-
 def find_trap(model: nn.Module) -> TrapBlock | None:
     """The trap block a model starts with (``Sequential(TrapBlock, ...)``), else ``None``."""
     if isinstance(model, nn.Sequential) and len(model) > 0 and isinstance(model[0], TrapBlock):
@@ -138,4 +127,4 @@ def find_trap(model: nn.Module) -> TrapBlock | None:
     return None
 
 
-__all__ = ["PUBLIC_OFFSET", "TrapBlock", "find_trap", "public_images", "trap_model"]
+__all__ = ["TrapBlock", "find_trap", "trap_model"]
