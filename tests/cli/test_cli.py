@@ -391,3 +391,14 @@ def test_train_writes_a_victim_that_weights_loads(tmp_path, capsys):
     assert "--weights" in _err(capsys) and not (tmp_path / "a").exists()
     assert main(["train", "--model", "lenet", "--out", str(weights)]) == 2
     assert "it exists" in _err(capsys)
+
+
+def test_compare_refuses_an_attack_that_cannot_apply_and_leaves_nothing(tmp_path, capsys):
+    """imprint needs a malicious server: refused with exit 2 after the client is simulated, whose files go too."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", "lenet", "--batch-size", "2", "--attacks", "cinet,imprint", "--iterations", "2",
+               "--no-progress", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "--attacks imprint: expected an attack that applies" in err and "\n" not in err
+    assert not (out / "client").exists() and not (out / "compare.json").exists()

@@ -10,9 +10,11 @@ recorded: finished attacks are read back, an interrupted one resumes from its ch
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Any
 
+from gradleak.attacks import ATTACKS
 from gradleak.attacks.base import resolve_config
 from gradleak.cli.attack_cmd import checkpoint_note, read_record, resume_hint
 from gradleak.cli.common import add_case, add_common, add_threat, check_device, default_out, parse_overrides
@@ -106,12 +108,34 @@ def _start(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if (out / RECORD).is_file() and not args.force:
         raise ConfigError(f"output folder '{out}' holds a comparison ({RECORD}); expected a new folder, or "
                           f"continue it (--resume {out}) or replace it (--force)")
-    case = simulate(args, out / "client")
+    client = out / "client"
+    created = not client.exists()
+    case = simulate(args, client)
+    try:  # an attack that cannot apply to the simulated victim fails now, and takes the client's files with it
+        _check_applicable(attacks, presets, overrides, case["files"])
+    except ConfigError:
+        if created:
+            shutil.rmtree(client, ignore_errors=True)
+        raise
     settings = {"attacks": attacks, "iterations": 2 if args.dry_run else args.iterations, "seconds": args.seconds,
                 "presets": presets, "overrides": overrides, "labels": args.labels, "device": device,
                 "seed": args.seed, "case": case}
     write_json(out / RECORD, settings)
     return settings
+
+
+def _check_applicable(attacks: list[str], presets: dict[str, str], overrides: dict[str, dict],
+                      files: dict[str, str]) -> None:
+    """Every attack applies to the simulated victim and its protocol, or a ConfigError naming why not."""
+    model, spec = load_model_state(files["model_state"])
+    update = load_update(files["update"], model=model)
+    server = ServerState.from_spec(model, spec)
+    for name in attacks:
+        config = resolve_config(name, preset=presets.get(name), overrides=overrides.get(name))
+        reason = ATTACKS.get(name).applicability(server, config, local_steps=update.local_steps)
+        if reason is not None:
+            raise ConfigError(f"--attacks {name}: expected an attack that applies to this victim and protocol; "
+                              f"{name} {reason}")
 
 
 def _recorded(out: Path) -> dict[str, Any]:
