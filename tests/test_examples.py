@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,23 @@ def test_the_device_check_script_runs_on_a_cpu(tmp_path):
     assert summary["device"] == "cpu" and set(summary["step_ms"]) == {"step-b2-tf32off", "step-b2-tf32on"}
     assert summary["quality"] and summary["memory"]
     assert "| step-b2-tf32off |" in (tmp_path / "check.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_the_flower_inspect_example_refuses_or_leaks(tmp_path, check):
+    """examples/flower_inspect: clients with the mod refuse both malicious rounds; without it, both leak."""
+    root = Path(__file__).parents[1]
+    argv = [sys.executable, str(root / "examples" / "flower_inspect" / "run_inspect.py"), "--out", str(tmp_path)]
+    done = subprocess.run(argv + ([] if check else ["--no-check"]), cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 6
+    for key, r in results.items():
+        if key.startswith("round 1"):
+            assert r["outcome"] == "trained"
+        elif check:
+            assert r["outcome"] == "refused" and ("imprint-rows" if "imprint" in key else "trap-units") in r["why"]
+        else:
+            assert r["outcome"] == "trained" and int(r["leaked"].split(" of ")[0]) >= 6, r
