@@ -80,7 +80,9 @@ def make_client_app(*, images: int, check: bool) -> ClientApp:
         opt.zero_grad()
         F.cross_entropy(model(data.images), data.labels).backward()
         opt.step()
-        reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": images})})
+        # the partition id tells this exercise's server which photos to score against; a real client sends no such thing
+        metrics = MetricRecord({"num-examples": images, "partition-id": partition})
+        reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
         return Message(reply, reply_to=msg)
 
     return app
@@ -112,7 +114,8 @@ def make_server_app(args: argparse.Namespace, results: dict[str, dict[str, str]]
                                                 num_examples=args.images,
                                                 training=LocalTraining(lr=LR, local_steps=1, batch_size=args.images))
                 rec = gradleak.attacks.create(attack).reconstruct(server, update)
-                truth = builtin_batch(args.images, offset=i * args.images).images  # this exercise only
+                partition = int(reply.content["metrics"]["partition-id"])
+                truth = builtin_batch(args.images, offset=partition * args.images).images  # this exercise only
                 exact = int((psnr(rec.images[pair_images(rec.images, truth)], truth) >= 40).sum())
                 results[key]["leaked"] = f"{exact} of {args.images} photos at PSNR >= 40 dB ({attack} attack)"
 
