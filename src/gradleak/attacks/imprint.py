@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -53,8 +53,52 @@ class ImprintConfig:
         check_ranges("ImprintConfig", self, tolerance=(0, 1), margin=(0, 1))
 
 
+class BlockAttack(Attack):
+    """A closed-form attack on the block a malicious server put in front of the victim.
+
+    A subclass names its block (:meth:`find_block`, ``block_name``, ``needs``) and reads images off
+    the block's encoder gradients (:meth:`recover`); the checks, the gradients, the labels and the
+    reconstruction are the same for every such block (:func:`block_gradients`, :func:`closed_form`).
+    """
+
+    knowledge = Knowledge(labels="recovered", sok="F", active_manipulation=True)
+    iterative = False
+    resumable = False
+    uses_labels = False
+    block_name: ClassVar[str] = "a malicious block"
+    needs: ClassVar[str] = "needs a model with a malicious block"
+    matching: ClassVar[str] = "closed form"
+
+    @staticmethod
+    def find_block(model: torch.nn.Module) -> torch.nn.Module | None:
+        raise NotImplementedError
+
+    def recover(self, block: Any, gw: torch.Tensor, gb: torch.Tensor, n: int,
+                shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``n`` images (float64, padded with grey) and what was found, from the encoder's gradients."""
+        raise NotImplementedError
+
+    @classmethod
+    def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
+        return cls.needs if cls.find_block(server.model) is None else None
+
+    def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
+                    callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
+                    resume: bool = False) -> Reconstruction:
+        start = time.perf_counter()
+        self.check(server, update)
+        block = self.find_block(server.model)
+        if block is None:
+            raise UpdateError(f"{self.name} attack: expected an update of a model with {self.block_name}, got one "
+                              f"without ({self.needs})")
+        gw, gb = block_gradients(server, update, block)
+        images, info = self.recover(block, gw, gb, update.num_samples, server.input_shape)
+        return closed_form(self, server, update, labels, images, info, callback=callback, start=start,
+                           matching=self.matching)
+
+
 @ATTACKS.register("imprint")
-class ImprintAttack(Attack):
+class ImprintAttack(BlockAttack):
     """Closed-form recovery of the images alone in an imprint block's bins.
 
     Example:
@@ -65,39 +109,18 @@ class ImprintAttack(Attack):
 
     name = "imprint"
     Config = ImprintConfig
-    knowledge = Knowledge(labels="recovered", sok="F", active_manipulation=True)
-    iterative = False
-    resumable = False
-    uses_labels = False
-
-    @classmethod
-    def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
-        if find_imprint(server.model) is None:
-            return "needs a model with an imprint block (a malicious server: --threat malicious)"
-        return None
+    block_name = "an imprint block"
+    needs = "needs a model with an imprint block (a malicious server: --threat malicious)"
+    matching = "imprint bins (closed form)"
+    find_block = staticmethod(find_imprint)
 
     @classmethod
     def malicious_model(cls, server: ServerState, size: int, *, batch_size: int,
                         public: torch.Tensor | None = None) -> ServerState:
         return imprint_model(server, size)  # its bins cut an assumed brightness distribution: no images needed
 
-    def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
-                    callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
-                    resume: bool = False) -> Reconstruction:
-        start = time.perf_counter()
-        self.check(server, update)
-        block = find_imprint(server.model)
-        reason = self.applicability(server, self.config, local_steps=update.local_steps)
-        if block is None or reason is not None:
-            raise UpdateError(f"imprint attack: expected an update of a model with an imprint block, got one that "
-                              f"{reason}")
-        gw, gb = block_gradients(server, update, block)
-        images, info = self._bins(block, gw, gb, update.num_samples, server.input_shape)
-        return closed_form(self, server, update, labels, images, info, callback=callback, start=start,
-                           matching="imprint bins (closed form)")
-
-    def _bins(self, block: Any, gw: torch.Tensor, gb: torch.Tensor, n: int,
-              shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def recover(self, block: Any, gw: torch.Tensor, gb: torch.Tensor, n: int,
+                shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Every bin's ratio, the plausible ones kept (largest bias share first), padded with grey to ``n``."""
         k = gb.shape[0]
         dw = gw - torch.cat([gw[1:], torch.zeros_like(gw[:1])])
@@ -162,4 +185,4 @@ def closed_form(attack: Attack, server: ServerState, update: ClientUpdate, label
                           info={**info, "label_warnings": notes})
 
 
-__all__ = ["ImprintAttack", "ImprintConfig", "block_gradients", "closed_form"]
+__all__ = ["BlockAttack", "ImprintAttack", "ImprintConfig", "block_gradients", "closed_form"]

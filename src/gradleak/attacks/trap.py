@@ -21,20 +21,17 @@ References:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
-from gradleak.attacks.imprint import block_gradients, closed_form
-from gradleak.attacks.threat_model import Knowledge
+from gradleak.attacks.base import ATTACKS
+from gradleak.attacks.imprint import BlockAttack
 from gradleak.config import check_ranges
-from gradleak.errors import ConfigError, UpdateError
+from gradleak.errors import ConfigError
 from gradleak.threat.trap import find_trap, trap_model
-from gradleak.types import ClientUpdate, Reconstruction, ServerState
+from gradleak.types import ServerState
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ class TrapConfig:
 
 
 @ATTACKS.register("trap")
-class TrapAttack(Attack):
+class TrapAttack(BlockAttack):
     """Closed-form recovery of the images alone in a trap unit, confirmed by the units that agree.
 
     Example:
@@ -71,16 +68,10 @@ class TrapAttack(Attack):
 
     name = "trap"
     Config = TrapConfig
-    knowledge = Knowledge(labels="recovered", sok="F", active_manipulation=True)
-    iterative = False
-    resumable = False
-    uses_labels = False
-
-    @classmethod
-    def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
-        if find_trap(server.model) is None:
-            return "needs a model with trap units (a malicious server: gradleak simulate --trap-units)"
-        return None
+    block_name = "trap units"
+    needs = "needs a model with trap units (a malicious server: gradleak simulate --trap-units)"
+    matching = "trap units (closed form)"
+    find_block = staticmethod(find_trap)
 
     @classmethod
     def malicious_model(cls, server: ServerState, size: int, *, batch_size: int,
@@ -89,21 +80,8 @@ class TrapAttack(Attack):
             raise ConfigError("trap: expected the server's public images to set its units on, got none")
         return trap_model(server, size, public=public, batch_size=batch_size)
 
-    def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
-                    callback: ProgressCallback | None = None, run_dir: str | Path | None = None,
-                    resume: bool = False) -> Reconstruction:
-        start = time.perf_counter()
-        self.check(server, update)
-        block = find_trap(server.model)
-        if block is None:
-            raise UpdateError("trap attack: expected an update of a model with trap units, got one without")
-        gw, gb = block_gradients(server, update, block)
-        images, info = self._units(gw, gb, update.num_samples, server.input_shape)
-        return closed_form(self, server, update, labels, images, info, callback=callback, start=start,
-                           matching="trap units (closed form)")
-
-    def _units(self, gw: torch.Tensor, gb: torch.Tensor, n: int,
-               shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def recover(self, block: Any, gw: torch.Tensor, gb: torch.Tensor, n: int,
+                shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config
         floor = cfg.tolerance * float(gb.abs().max().clamp_min(1e-300))
         fired = (gb.abs() > floor).nonzero().flatten()
