@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,17 @@ def check_update(update: ClientUpdate, *, model: nn.Module | None = None) -> Non
     batchnorm.check_buffers(update, model)
 
 
+def _malicious_blocks() -> list[tuple[str, str, Callable[[nn.Module], nn.Module | None],
+                                   Callable[[tuple[int, int, int], int], nn.Module]]]:
+    """The blocks a malicious server puts in front of a victim, as a model-state header names them:
+    (header key, the count recorded, find the block in a model, build one of that count)."""
+    from gradleak.threat.malicious import ImprintBlock, find_imprint
+    from gradleak.threat.trap import TrapBlock, find_trap
+
+    return [("imprint", "bins", find_imprint, lambda shape, k: ImprintBlock(shape, k)),
+            ("trap", "units", find_trap, lambda shape, k: TrapBlock(shape, k))]
+
+
 def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
     """Write the server model's ``state_dict`` and its spec (the architecture is rebuilt by name).
 
@@ -164,17 +176,12 @@ def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> Non
     :mod:`gradleak.threat.malicious`, :mod:`gradleak.threat.trap`) records its bin count under
     ``imprint`` or its unit count under ``trap``; the weights are in the tensors.
     """
-    from gradleak.threat.malicious import find_imprint
-    from gradleak.threat.trap import find_trap
-
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header: dict[str, Any] = {"format": "gradleak-model/1", "spec": spec.to_dict()}
-    block = find_imprint(model)
-    if block is not None:
-        header["imprint"] = {"bins": block.bins}
-    trap = find_trap(model)
-    if trap is not None:
-        header["trap"] = {"units": trap.units}
+    for key, count, find, _ in _malicious_blocks():
+        block = find(model)
+        if block is not None:
+            header[key] = {count: getattr(block, count)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"gradleak": json.dumps(header)})
 
@@ -201,26 +208,19 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UpdateError(f"model-state file '{path}': expected finite weights, got NaN/Inf in '{name}'")
     model = build_model(spec, seed=None)
-    imprint = header.get("imprint")
-    if imprint is not None:
-        from gradleak.threat.malicious import ImprintBlock
-
-        bins = imprint.get("bins") if isinstance(imprint, dict) else None
-        if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 1_000_000:
-            raise UpdateError(f"model-state file '{path}': expected imprint.bins an integer from 2 to 10^6, "
-                              f"got {short(bins)}")
-        model = nn.Sequential(ImprintBlock(spec.input_shape, bins), model)
-    trap = header.get("trap")
-    if trap is not None:
-        from gradleak.threat.trap import TrapBlock
-
-        units = trap.get("units") if isinstance(trap, dict) else None
-        if isinstance(units, bool) or not isinstance(units, int) or not 2 <= units <= 1_000_000:
-            raise UpdateError(f"model-state file '{path}': expected trap.units an integer from 2 to 10^6, "
-                              f"got {short(units)}")
-        if imprint is not None:
-            raise UpdateError(f"model-state file '{path}': expected an imprint block or trap units, got both")
-        model = nn.Sequential(TrapBlock(spec.input_shape, units), model)
+    blocks = []
+    for key, count, _, build in _malicious_blocks():
+        if header.get(key) is None:
+            continue
+        k = header[key].get(count) if isinstance(header[key], dict) else None
+        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 1_000_000:
+            raise UpdateError(f"model-state file '{path}': expected {key}.{count} an integer from 2 to 10^6, "
+                              f"got {short(k)}")
+        blocks.append(build(spec.input_shape, k))
+    if len(blocks) > 1:
+        raise UpdateError(f"model-state file '{path}': expected an imprint block or trap units, got both")
+    if blocks:
+        model = nn.Sequential(blocks[0], model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
