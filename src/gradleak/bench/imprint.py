@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                         results.append({"model": args.model, "activation": activation, "batch": n, "bins": k,
                                         "protocol": protocol, "noise": noise, "exact": exact, "fraction": exact / n,
                                         "block": args.block, "found": rec.info["images_found"],
-                                        "mixed_bins": rec.info.get("bins_mixed", rec.info.get("units_fired", 0)
-                                                                   - rec.info.get("ratios_plausible", 0)),
+                                        # bins holding a blend; for trap units, ratios dropped as blends
+                                        "mixed_bins": rec.info["bins_mixed"] if args.block == "imprint"
+                                        else rec.info["units_fired"] - rec.info["ratios_plausible"],
                                         "ssim_mean": scored.summary["ssim_mean"], "seconds": seconds,
                                         "check_score": rows.score if rows else None,
                                         "flagged": bool(rows and rows.flagged), "threads": torch.get_num_threads()})

@@ -15,7 +15,6 @@ the checkpoint had left), and one that had not started runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from gradleak.attacks.base import resolve_config
 from gradleak.attacks.checkpoint import Checkpointer
 from gradleak.errors import ConfigError
 from gradleak.reporting.figures import subplots
-from gradleak.reporting.runner import RunOptions, RunSummary, run_attack
+from gradleak.reporting.runner import RunFolder, RunOptions, RunSummary, run_attack
 from gradleak.reporting.tables import cell, write_csv, write_markdown
 from gradleak.types import ClientUpdate, ServerState
 
@@ -63,10 +62,11 @@ def compare_attacks(server: ServerState, update: ClientUpdate, *, attacks: list[
         budget = iterations if iterations is not None and cls.budget(1, cls.Config()) else None  # analytic has none
         cfg = resolve_config(name, iterations=budget, preset=(presets or {}).get(name),
                              overrides=(overrides or {}).get(name))
-        run_dir = out / name
-        if resume and (run_dir / "metrics.json").is_file() and (run_dir / "reconstruction.safetensors").is_file():
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            images = load_file(str(run_dir / "reconstruction.safetensors"))["images"]
+        run = RunFolder(out / name)
+        run_dir = run.path
+        if resume and run.finished() and run.reconstruction.is_file():
+            metrics = run.read_metrics()
+            images = load_file(str(run.reconstruction))["images"]
         else:
             result = run_attack(server, update, attack=name, config=cfg, out=run_dir, truth_images=truth_images,
                                 truth_labels=truth_labels, give_labels=give_labels,

@@ -498,7 +498,7 @@ def run_attack(server: ServerState, update: ClientUpdate, *, attack: str, config
         "defense": (rec.info.get("adaptive") or {}).get("defense") or ("+".join(update.defenses) or "none"),
         "iterations": rec.iterations, "seconds": (rec.seconds or wall) - bar.spent,
         "wall_seconds": wall, "progress_seconds": bar.spent, "peak_memory_mb": peak_memory_mb(dev),
-        "peak_memory_scope": memory_scope, **{k: v for k, v in config_doc["float32"].items()},
+        "peak_memory_scope": memory_scope, **config_doc["float32"],
         "threat_model": threat["sok"]})
     noted = [*(str(a) for a in update.metadata.get("assumptions") or []), *(str(w.message) for w in caught)]
     metrics = {"summary": summary.to_dict(), "threat_model": threat, "warnings": list(dict.fromkeys(noted)),
