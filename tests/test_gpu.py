@@ -76,9 +76,15 @@ def test_fedavg_replay_on_cuda_matches_cpu():
     # A delta is w_after - w_before in float32, so its rounding is float32's times |w| / |delta|:
     # 1e-3 in norm over all parameters (one tensor alone measured 2.7e-4 on a CPU, and the biases
     # before BatchNorm, whose gradient is zero, hold nothing but rounding).
+    # Each tensor alone is held to its own rounding: 1e-3 of its delta plus 1e-5 of its weights
+    # (a delta is w_after - w_before; a wrong tensor differs by the size of its delta).
     flat = {k: torch.cat([d.flatten() for d in v[0]]) for k, v in deltas.items()}
     assert _relative_error(flat["cuda"], flat["cpu"]) < 1e-3
-    assert _relative_error(deltas["cuda"][1], deltas["cpu"][1]) < 1e-3
+    for w, a, b in zip(server.model.parameters(), deltas["cpu"][0], deltas["cuda"][0]):
+        assert float((b - a).norm()) <= 1e-3 * float(a.norm()) + 1e-5 * float(w.detach().norm())
+    # The gradient through the replay to the images is second order through three steps: an H200
+    # gave 1.5e-3 (2026-12-04). A replay that dropped the graph (a detached step) would be off by O(1).
+    assert _relative_error(deltas["cuda"][1], deltas["cpu"][1]) < 1e-2
     client = torch.cat([t.flatten() for t in update.gradients()])
     assert _relative_error(flat["cpu"], client) < 1e-3  # the replay reproduces the client's delta
 
@@ -136,6 +142,8 @@ def test_the_lbfgs_baselines_on_cuda_match_the_cpu(name):
 
 @pytest.mark.parametrize("method", ["opacus", "functorch"])
 def test_per_sample_gradients_on_cuda_match_the_cpu(method):
+    if method == "opacus":
+        pytest.importorskip("opacus")
     server, _, images, labels = make_case("lenet", 4)
     cpu = per_sample_gradients(server.model, images, labels, method=method)
     model = server.model.to("cuda")

@@ -20,6 +20,7 @@ from gradleak.errors import ConfigError
 from gradleak.metrics import score_reconstruction
 from gradleak.models import build_model
 from gradleak.reporting import RunOptions, run_attack
+from gradleak.reporting.runner import PROBE_ITERATIONS, fit_budget
 from gradleak.threat import fedavg_update, fedsgd_update
 from gradleak.types import ModelSpec, Reconstruction, ServerState
 
@@ -341,8 +342,32 @@ def test_an_iteration_budget_covers_every_gias_stage(restarts, generator_iterati
         resolve_config("analytic", iterations=7)
 
 
+def test_the_budget_probe_leaves_the_setup_out_of_the_time_per_iteration(monkeypatch):
+    """A slow setup (on a GPU: first kernel launches and cuDNN's search, 3x the steps themselves) is
+    not spread over the probe's iterations, which sized GPU runs to a third of their budget; it is
+    paid once by the run and subtracted once."""
+    import time
+
+    import gradleak.attacks.optimization as optimization
+
+    server, _, update = _lenet_case(2)
+    real_prepare = optimization.prepare
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(1.0)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(optimization, "prepare", slow_prepare)
+    att = gradleak.attacks.create("ig", {"iterations": 100000, "restarts": 1, "log_every": 10})
+    _, fitted = fit_budget(att, server, update, None, seconds=30.0)
+    assert fitted["probe_seconds"] >= 1.0 and fitted["setup_seconds"] >= 0.9
+    assert fitted["seconds_per_iteration"] < 0.5  # a LeNet step at batch 2: milliseconds, not the sleep / 8
+    left = 30.0 - fitted["probe_seconds"] - fitted["setup_seconds"]
+    assert fitted["iterations"] == pytest.approx(left / fitted["seconds_per_iteration"], rel=0.01, abs=2)
+
+
 def test_a_wall_clock_budget_without_iterations_sizes_the_schedule_to_fit(tmp_path: Path):
-    """fill_budget: a 5-iteration probe sizes IG's iteration count to the seconds left, so its decays at 3/8,
+    """fill_budget: a short probe sizes IG's iteration count to the seconds left, so its decays at 3/8,
     5/8 and 7/8 of the run fall inside the budget; the count is recorded and a resume keeps it."""
     server, batch, update = _lenet_case(2)
     config = {"iterations": 100000, "restarts": 1, "log_every": 10}
@@ -350,7 +375,7 @@ def test_a_wall_clock_budget_without_iterations_sizes_the_schedule_to_fit(tmp_pa
                      truth_labels=batch.labels, options=RunOptions(progress=False, time_budget=2.0, fill_budget=True))
     doc = json.loads((tmp_path / "fit" / "config.json").read_text())
     fitted = doc["fitted_budget"]
-    assert fitted["probe_iterations"] == 5 and 5 <= fitted["iterations"] < 100000
+    assert fitted["probe_iterations"] == PROBE_ITERATIONS and PROBE_ITERATIONS <= fitted["iterations"] < 100000
     assert doc["attack_config"]["iterations"] == fitted["iterations"]
     # the schedule was sized to the budget: the run ends by finishing it (or at most one step past the deadline)
     assert run.reconstruction.iterations <= fitted["iterations"]

@@ -345,32 +345,52 @@ def check_folder(out: str | Path) -> None:
     probe.rmdir()
 
 
-PROBE_ITERATIONS = 5
+PROBE_ITERATIONS = 8
 """Iterations of the probe that sizes a wall-clock budget (:func:`fit_budget`)."""
+
+PROBE_WARMUP = 3
+"""The probe's first iterations, left out of the time per iteration: they pay the setup (label
+recovery, the generator, and on a GPU the kernels' first launches and cuDNN's algorithm search),
+which on a GPU took 3x the time of the steps themselves (an H200, 2026-12-04: a 75 s budget at
+batch 64 was sized to 264 iterations that ran in 24 s)."""
 
 
 def fit_budget(att: attack_api.Attack, server: ServerState, update: ClientUpdate, labels: torch.Tensor | None,
                seconds: float) -> tuple[Any, dict[str, Any]]:
     """The attack's config with the iteration count that fills ``seconds``, and how it was found.
 
-    A probe of :data:`PROBE_ITERATIONS` iterations (setup included, so the estimate errs short) gives
-    the time per iteration; the budget left after the probe buys the iteration count. The attack
-    then runs a whole schedule (learning-rate decays at fractions of the run, restarts, stages) in
-    the time given, instead of stopping a long schedule part-way or a short one early. The
-    deadline still stops the run at the budget's end.
+    A probe of :data:`PROBE_ITERATIONS` iterations reports every iteration; the time per iteration
+    is read after its first :data:`PROBE_WARMUP` (a loss reading each iteration syncs the device, so
+    the estimate errs short), and the setup (the rest of the probe's time) is paid again by the run.
+    The budget left after the probe and the setup buys the iteration count. The attack then runs a
+    whole schedule (learning-rate decays at fractions of the run, restarts, stages) in the time
+    given, instead of stopping a long schedule part-way or a short one early. The deadline still
+    stops the run at the budget's end.
     """
     cls = type(att)
     probe_fields = cls.budget(PROBE_ITERATIONS, att.config)
     if not probe_fields or not cls.iterative:
         return att.config, {}
+    if "log_every" in {f.name for f in fields(att.config)}:
+        probe_fields = {**probe_fields, "log_every": 1}
     probe = attack_api.create(cls.name, replace(att.config, **probe_fields), device=att.device, seed=att.seed)
+    stamps: list[tuple[int, float]] = []
+
+    def stamp(p: attack_api.Progress) -> None:
+        stamps.append((p.iteration, time.perf_counter()))
+
     t0 = time.perf_counter()
-    probe.reconstruct(server, update, labels=labels)
+    probe.reconstruct(server, update, labels=labels, callback=stamp)
     spent = time.perf_counter() - t0
-    per_iteration = spent / PROBE_ITERATIONS
-    iterations = max(PROBE_ITERATIONS, int(max(seconds - spent, 0.0) / max(per_iteration, 1e-9)))
+    timed = [s for s in stamps if s[0] >= PROBE_WARMUP]
+    if len(timed) >= 2 and timed[-1][0] > timed[0][0]:
+        per_iteration = (timed[-1][1] - timed[0][1]) / (timed[-1][0] - timed[0][0])
+    else:  # an attack that reports no progress: the whole probe, setup included (errs short)
+        per_iteration = spent / PROBE_ITERATIONS
+    setup = max(0.0, spent - per_iteration * PROBE_ITERATIONS)
+    iterations = max(PROBE_ITERATIONS, int(max(seconds - spent - setup, 0.0) / max(per_iteration, 1e-9)))
     info = {"seconds": seconds, "probe_iterations": PROBE_ITERATIONS, "probe_seconds": spent,
-            "seconds_per_iteration": per_iteration, "iterations": iterations}
+            "setup_seconds": setup, "seconds_per_iteration": per_iteration, "iterations": iterations}
     return replace(att.config, **cls.budget(iterations, att.config)), info
 
 
