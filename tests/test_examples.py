@@ -1,4 +1,4 @@
-"""The prepared device check (examples/gpu_check.sh), run at tiny sizes on a CPU."""
+"""The prepared device checks (examples/gpu_check.sh, gpu_realistic.sh) and examples, run at tiny sizes on a CPU."""
 
 from __future__ import annotations
 
@@ -11,17 +11,40 @@ from pathlib import Path
 import pytest
 
 
+def _script_env(out: Path) -> dict[str, str]:
+    """This interpreter as `python` and its `gradleak` first on PATH, whether or not a venv is active."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "DEVICE": "cpu", "OUT": str(out), "PYTHON": sys.executable,
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
 @pytest.mark.slow
 def test_the_device_check_script_runs_on_a_cpu(tmp_path):
     """examples/gpu_check.sh at tiny sizes (DEVICE=cpu): known to work before a GPU is at hand."""
     root = Path(__file__).parents[1]
     done = subprocess.run(["bash", str(root / "examples" / "gpu_check.sh")], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path)}, timeout=900)
+                          env=_script_env(tmp_path), timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "check.json").read_text())
     assert summary["device"] == "cpu" and set(summary["step_ms"]) == {"step-b2-tf32off", "step-b2-tf32on"}
     assert summary["quality"] and summary["memory"]
     assert "| step-b2-tf32off |" in (tmp_path / "check.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_second_device_check_runs_on_a_cpu(tmp_path):
+    """examples/gpu_realistic.sh at tiny budgets: every step writes its records, no images come back."""
+    root = Path(__file__).parents[1]
+    done = subprocess.run(["bash", str(root / "examples" / "gpu_realistic.sh")], cwd=root, capture_output=True,
+                          text=True, env=_script_env(tmp_path), timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for run in ("b64-plain/cinet", "b64-bn/cinet", "relu-b1/ig", "relu-b1/cinet"):
+        summary = json.loads((tmp_path / run / "metrics.json").read_text())["summary"]
+        assert summary["iterations"] >= 1 and summary["ssim_mean"] is not None
+    threat = json.loads((tmp_path / "b64-bn" / "cinet" / "metrics.json").read_text())["threat_model"]
+    assert threat["batchnorm_statistics"].startswith("shared by the client, matched")
+    assert json.loads((tmp_path / "quality-reference.json").read_text())["results"]
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.pt"))
 
 
 @pytest.mark.slow
