@@ -393,8 +393,8 @@ def write_index(out: str | Path, records: list[AuditRecord]) -> None:
     body = []
     for row in rows:
         path = Path(str(row["folder"]))
-        folder = path.relative_to(out) if path.is_relative_to(out) else path
+        folder = (path.relative_to(out) if path.is_relative_to(out) else path) if row["folder"] else "-"
         body.append([cell(row[k]) for k in ("round", "node_id", "status", "n", "protocol", "local_steps", "defense",
-                                            "label_strategy", "label_accuracy", "ssim_mean", "psnr_mean", "verdict")]
-                    + [str(folder)])
+                                            "label_strategy", "label_accuracy", "ssim_mean", "psnr_mean")]
+                    + [cell(row["verdict"] or row["error"]), str(folder)])  # a failure or refusal: why
     write_markdown(out / "audits.md", head, body)

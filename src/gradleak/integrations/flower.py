@@ -157,6 +157,20 @@ class FlowerAuditOptions:
             :meth:`leaks` lists the audits that exceed one.
         device: where the attacks run.
         time_budget: wall-clock seconds per attack.
+        malicious_rounds: rounds in which the wrapper plays a malicious server (SoK threat model F):
+            every client selected that round is sent the global model behind ``malicious_attack``'s
+            block (an imprint block of ``malicious_units`` bins, or trap units), and the audited
+            replies are read by that attack in closed form. The wrapped strategy is handed the
+            victim's part of each reply, under the names it sent, so training goes on; the clients
+            did train behind the block that round. A client that refuses the model (gradleak's
+            ``inspect_mod``) gives an audit record ``refused``. Clients must build their model from
+            the arrays they receive (see examples/flower_inspect); one that loads them into a fixed
+            architecture fails instead, which is also recorded.
+        malicious_attack: the malicious server's attack: ``imprint`` or ``trap`` (the attacks of
+            ``gradleak list attacks`` on a model the server modified).
+        malicious_units: the block's bins (imprint) or units (trap).
+        malicious_batch_size: the clients' batch size, which the server sets; trap units are set to
+            fire for about one image of a batch this size.
     """
 
     rounds: tuple[int, ...] | None = None
@@ -178,6 +192,10 @@ class FlowerAuditOptions:
     seeds: tuple[int, ...] | None = None
     defense: str | None = None
     fail_if: tuple[str, ...] = ()
+    malicious_rounds: tuple[int, ...] = ()
+    malicious_attack: str = "imprint"
+    malicious_units: int = 256
+    malicious_batch_size: int | None = None
 
 
 class AuditStrategy(Strategy):
@@ -229,6 +247,10 @@ class AuditStrategy(Strategy):
         self.strategy = strategy
         self.model, self.out, self.attack, self.attack_config, self.truth = model, Path(out), name, attack_config, truth
         self.rounds = None if o.rounds is None else {int(r) for r in o.rounds}
+        self.malicious_rounds = {int(r) for r in o.malicious_rounds}
+        if self.malicious_rounds:
+            _check_malicious(o, model)
+        self._malicious: dict[int, tuple[Any, list[str]]] = {}
         self.node_ids = None if o.node_ids is None else {int(n) for n in o.node_ids}
         self._sent: dict[tuple[int, int], tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         self._pool: ProcessPoolExecutor | None = None
@@ -251,8 +273,11 @@ class AuditStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """The wrapped strategy's messages, unchanged; keeps what the audited clients are sent."""
+        """The wrapped strategy's messages, unchanged (but in a malicious round: their model is the
+        malicious one); keeps what the audited clients are sent."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if int(server_round) in self.malicious_rounds:
+            self._send_malicious(int(server_round), arrays, messages)
         if self._audited_round(server_round):
             converted: dict[int, dict[str, torch.Tensor]] = {}
             for msg in messages:
@@ -277,8 +302,17 @@ class AuditStrategy(Strategy):
         """The wrapped strategy's aggregate of ``replies``; then the audits of this round start."""
         replies = list(replies)
         captured: list[tuple[int, AuditJob | None, str | None]] = []
+        malicious = self._malicious.pop(int(server_round), None)
+        if malicious is not None:
+            for msg in replies:  # a refusal (inspect_mod) or a client that could not load the model
+                node = int(msg.metadata.src_node_id)
+                if msg.has_error() and (server_round, node) in self._sent:
+                    self._records.append(AuditRecord(server_round, node, "", "refused",
+                                                     error=str(msg.error.reason)))
         if self._audited_round(server_round):
-            captured = self._capture(server_round, replies)
+            captured = self._capture(server_round, replies, malicious)
+        if malicious is not None:
+            replies = [self._victims_part(msg, malicious[1]) for msg in replies]
         result = self.strategy.aggregate_train(server_round, replies)
         for node, job, error in captured:
             self._dispatch(server_round, node, job, error)
@@ -305,17 +339,56 @@ class AuditStrategy(Strategy):
 
     # -- auditing ----------------------------------------------------------------------------
     def _audited_round(self, server_round: int) -> bool:
-        return self.rounds is None or int(server_round) in self.rounds
+        return self.rounds is None or int(server_round) in self.rounds or int(server_round) in self.malicious_rounds
+
+    def _send_malicious(self, server_round: int, arrays: ArrayRecord, messages: list[Message]) -> None:
+        """Put the malicious model in every train message of this round (the honest names are kept
+        to give the wrapped strategy the victim's part of the replies)."""
+        from gradleak.attacks.base import ATTACKS
+        from gradleak.data import public_images
+
+        o = self.options
+        honest = _arrays(arrays)
+        server = self.server_state(name_arrays(honest, self._template_model(), what="sent parameters"))
+        public = public_images(server.input_shape[-1])  # the server's own photos, none a client's
+        batch_size = o.malicious_batch_size
+        assert batch_size is not None  # _check_malicious
+        sent = ATTACKS.get(o.malicious_attack).malicious_model(server, o.malicious_units, batch_size=batch_size,
+                                                                public=public)
+        sent = dataclasses.replace(sent, spec=server.spec)  # the victim's spec: the block is found in the model
+        record = ArrayRecord(sent.model.state_dict())
+        for msg in messages:
+            msg.content[self._array_key(msg.content) or "arrays"] = record
+        self._malicious[server_round] = (sent, list(honest))
+        log.warning("gradleak audit: round %d is malicious: %d clients sent the model behind %s (%d units)",
+                    server_round, len(messages), o.malicious_attack, o.malicious_units)
+
+    def _victims_part(self, msg: Message, honest_names: list[str]) -> Message:
+        """The reply with its parameters cut to the victim's, under the names the server first sent."""
+        if msg.has_error():
+            return msg
+        key = self._array_key(msg.content, skip=self.options.gradient_key)
+        if key is None:
+            return msg
+        items = list(msg.content[key].items())
+        victim = items[len(items) - len(honest_names):]  # Sequential(block, victim): the block's arrays come first
+        msg.content[key] = ArrayRecord(dict(zip(honest_names, (v for _, v in victim), strict=True)))
+        return msg
 
     def server_state(self, state: dict[str, torch.Tensor]) -> Any:
         """The model the server sent, as a gradleak ``ServerState``."""
         return server_state(self.model, state, input_shape=self.options.input_shape,  # type: ignore[arg-type]
                             num_classes=self.options.num_classes, bn_mode=self.options.bn_mode)
 
-    def _array_record(self, content: RecordDict, *, skip: str | None = None) -> ArrayRecord | None:
-        records = {k: v for k, v in _records(content, "array").items() if k != skip}
+    def _array_key(self, content: RecordDict, *, skip: str | None = None) -> str | None:
+        """The key of the parameters' ArrayRecord: the wrapped strategy's ``arrayrecord_key``, else the first."""
+        keys = [k for k in _records(content, "array") if k != skip]
         key = getattr(self.strategy, "arrayrecord_key", "arrays")
-        return records.get(key, next(iter(records.values()), None))
+        return key if key in keys else next(iter(keys), None)
+
+    def _array_record(self, content: RecordDict, *, skip: str | None = None) -> ArrayRecord | None:
+        key = self._array_key(content, skip=skip)
+        return None if key is None else _records(content, "array")[key]
 
     def _value(self, names: tuple[str, ...], *sources: dict[str, Any]) -> Any:
         for source in sources:
@@ -324,7 +397,8 @@ class AuditStrategy(Strategy):
                     return source[name]
         return None
 
-    def _capture(self, server_round: int, replies: list[Message]) -> list[tuple[int, AuditJob | None, str | None]]:
+    def _capture(self, server_round: int, replies: list[Message],
+                 malicious: tuple[Any, list[str]] | None = None) -> list[tuple[int, AuditJob | None, str | None]]:
         """Write the audit folder of every audited reply; never raises (training must go on)."""
         picked = []
         for msg in replies:
@@ -339,7 +413,8 @@ class AuditStrategy(Strategy):
             sent_state, config = self._sent.pop((server_round, node))
             folder = self.out / f"round-{server_round:03d}" / f"node-{node}"
             try:
-                out.append((node, self._write(server_round, node, msg.content, sent_state, config, folder), None))
+                out.append((node, self._write(server_round, node, msg.content, sent_state, config, folder,
+                                              None if malicious is None else malicious[0]), None))
             except Exception as e:  # noqa: BLE001 - an audit failure must not stop the federation
                 log.exception("audit round %d node %d: capture failed", server_round, node)
                 out.append((node, None, f"{type(e).__name__}: {e}"))
@@ -347,8 +422,11 @@ class AuditStrategy(Strategy):
         return out
 
     def _write(self, server_round: int, node: int, content: RecordDict, sent_state: dict[str, torch.Tensor],
-               config: dict[str, Any], folder: Path) -> AuditJob:
-        server = self.server_state(name_arrays(sent_state, self._template_model(), what="sent parameters"))
+               config: dict[str, Any], folder: Path, malicious: Any = None) -> AuditJob:
+        if malicious is not None:  # the model this round sent: the victim behind the block
+            server = malicious
+        else:
+            server = self.server_state(name_arrays(sent_state, self._template_model(), what="sent parameters"))
         metrics: dict[str, Any] = {}
         for record in _records(content, "metric").values():
             metrics.update(_plain(record))
@@ -379,12 +457,18 @@ class AuditStrategy(Strategy):
         defense = self._value(self.options.keys.defense, metrics, config) or self.options.defense
         if defense:
             update = declare_defense(update, parse_defense(str(defense)))
-        capture = {**meta, "num_examples": int(num_examples), "config": config, "metrics": metrics,
-                   "strategy": type(self.strategy).__name__, "attack": self.attack,
+        attack, attack_config, served = self.attack, self.attack_config, "honest"
+        if malicious is not None:
+            from gradleak.attacks.base import resolve_config
+
+            attack, attack_config = self.options.malicious_attack, resolve_config(self.options.malicious_attack)
+            served = f"malicious: {attack}, {self.options.malicious_units} units"
+        capture = {**meta, "server": served, "num_examples": int(num_examples), "config": config, "metrics": metrics,
+                   "strategy": type(self.strategy).__name__, "attack": attack,
                    "input_shape": list(server.input_shape), "num_classes": server.num_classes,
                    "bn_mode": server.bn_mode, "update": update.meta_dict()}
         write_capture(folder, server=server, update=update, capture=capture, truth=self._truth(server_round, node))
-        return AuditJob(folder=str(folder), attack=self.attack, attack_config=self.attack_config,
+        return AuditJob(folder=str(folder), attack=attack, attack_config=attack_config,
                         label_strategy=self.options.label_strategy, model=self.model, seeds=self.seeds, device=self.options.device,
                         threads=self.options.threads, time_budget=self.options.time_budget)
 
@@ -443,6 +527,24 @@ class AuditStrategy(Strategy):
     def leaks(self) -> list[tuple[AuditRecord, str]]:
         """The finished audits whose worst case exceeds a ``fail_if`` limit, with the limit."""
         return [(r, str(c)) for r in self._records for c in self.conditions if r.status == "done" and c.holds(r.summary)]
+
+
+def _check_malicious(o: FlowerAuditOptions, model: Any) -> None:
+    """A malicious round's settings, checked before the federation starts."""
+    from gradleak.attacks.base import ATTACKS
+
+    cls = ATTACKS.get(o.malicious_attack)  # an unknown name: ConfigError naming the registered ones
+    if not cls.knowledge.active_manipulation:
+        raise ConfigError(f"malicious_attack: expected an attack on a model the server modified (imprint, trap), "
+                          f"got {o.malicious_attack!r}")
+    if not isinstance(model, ModelSpec):
+        raise ConfigError("malicious_rounds: expected the model as a ModelSpec (the malicious model is recorded "
+                          "with the victim's spec), got a template module")
+    if o.malicious_units < 2:
+        raise ConfigError(f"malicious_units: expected an integer >= 2, got {o.malicious_units}")
+    if o.malicious_batch_size is None or o.malicious_batch_size < 1:
+        raise ConfigError(f"malicious_batch_size: expected the clients' batch size (a positive integer, which the "
+                          f"server sets), got {o.malicious_batch_size}")
 
 
 def _inline(job: AuditJob) -> dict[str, Any]:
