@@ -82,3 +82,90 @@ def test_a_fedavg_delta_keeps_the_images_at_the_blocks_default_gain():
     bins = torch.bucketize(block.statistic(batch.images), block.thresholds(), right=False)
     alone = sum(int((bins == b).sum()) == 1 and int(b) > 0 for b in bins)
     assert alone >= 10 and scores[1.0] == 0 and scores[1e-3] >= 0.8 * alone, (scores, alone)  # measured: 0 and 15 of 16
+
+
+def test_the_sparse_block_feeds_each_image_to_the_one_unit_of_its_bin():
+    server = imprint_model(_honest(activation="relu"), bins=64, sparse=True)
+    block = find_imprint(server.model)
+    assert block is not None and block.sparse
+    x = builtin_batch(8, source="builtin").images
+    bins = torch.bucketize(block.statistic(x), block.thresholds(), right=False) - 1  # the unit below each image
+    for i in range(8):
+        server.model.zero_grad()
+        server.model(x[i:i + 1]).sum().backward()
+        hit = (block.encoder.bias.grad != 0).nonzero().flatten().tolist()
+        assert hit == ([int(bins[i])] if int(bins[i]) >= 0 else []), (i, hit, int(bins[i]))
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_an_image_alone_in_its_sparse_bin_comes_back_to_float_precision_over_local_steps(steps):
+    """Known answer for the sparse variant: an image alone in its bin is its unit's weight change over
+    its bias change, exactly, after one or several local steps (where the cumulative block mixes)."""
+    from gradleak.threat import fedavg_update
+
+    server = imprint_model(_honest(activation="relu"), bins=256, sparse=True)
+    batch = builtin_batch(16, source="builtin")
+    update = fedavg_update(server, batch.images, batch.labels, local_steps=steps, lr=0.1,
+                           batch_size=16 // steps)
+    block = find_imprint(server.model)
+    assert block is not None
+    bins = torch.bucketize(block.statistic(batch.images), block.thresholds(), right=False)
+    alone = [i for i in range(16) if int((bins == bins[i]).sum()) == 1 and int(bins[i]) > 0]
+    assert len(alone) >= 10, bins.tolist()
+    rec = gradleak.attacks.create("sparse-imprint").reconstruct(server, update)
+    for i in alone:
+        err = (rec.images - batch.images[i]).flatten(1).abs().max(1).values.min()
+        assert float(err) < 1e-3, (i, steps, float(err))
+    if steps > 1:  # the cumulative block, same batch and schedule: its bin differences mix the steps
+        plain = imprint_model(_honest(activation="relu"), bins=256)
+        cumulative = gradleak.attacks.create("imprint").reconstruct(
+            plain, fedavg_update(plain, batch.images, batch.labels, local_steps=steps, lr=0.1, batch_size=16 // steps))
+        assert cumulative.info["images_found"] < rec.info["images_found"]
+
+
+def test_the_sparse_flag_survives_the_model_state_file(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from gradleak.threat.io import load_model_state, save_model_state
+
+    honest = _honest()
+    assert honest.spec is not None
+    for sparse in (False, True):
+        server = imprint_model(honest, bins=32, sparse=sparse)
+        path = tmp_path / f"m{sparse}.safetensors"
+        save_model_state(server.model, honest.spec, path)
+        model, _ = load_model_state(path)
+        block = find_imprint(model)
+        assert block is not None and block.sparse == sparse
+        x = builtin_batch(2, source="builtin").images
+        assert torch.equal(model(x), server.model(x))
+    with open(path, "rb") as f:  # a header whose flag is not a boolean
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = json.loads(header["__metadata__"]["gradleak"])
+    meta["imprint"]["sparse"] = "yes"
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata={"gradleak": json.dumps(meta)})
+    with pytest.raises(UpdateError, match="imprint.sparse true or false"):
+        load_model_state(tmp_path / "bad.safetensors")
+
+
+def test_the_sparse_block_on_the_command_line(tmp_path, capsys):
+    from gradleak.cli.main import main
+    from gradleak.threat.io import load_model_state
+
+    out = tmp_path / "sparse"
+    assert main(["simulate", "--model", "lenet", "--activation", "relu", "--batch-size", "8", "--imprint-bins", "256",
+                 "--sparse", "--protocol", "fedavg", "--local-steps", "2", "--local-batch-size", "4",
+                 "--out", str(out)]) == 0
+    model, _ = load_model_state(out / "model.safetensors")
+    block = find_imprint(model)
+    assert block is not None and block.sparse
+    assert main(["attack", "--attack", "sparse-imprint", "--update", str(out / "update.safetensors"), "--model-state",
+                 str(out / "model.safetensors"), "--truth", str(out / "truth.safetensors"), "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["inspect", "--model-state", str(out / "model.safetensors")]) == 1  # flagged
+    capsys.readouterr()
+    assert main(["simulate", "--model", "lenet", "--batch-size", "8", "--sparse", "--out", str(tmp_path / "x")]) == 2
+    assert "--sparse: expected it with --imprint-bins" in capsys.readouterr().err

@@ -28,9 +28,10 @@ def test_no_honest_zoo_model_is_flagged_and_every_imprint_model_is(name, activat
     honest = ServerState.from_spec(build_model(spec, seed=42), spec)
     assert not flagged(inspect_model(honest.model, spec.input_shape))
     for bins in (8, 64, 1024):
-        malicious = imprint_model(honest, bins)
-        kinds = {f.kind for f in flagged(inspect_model(malicious.model, spec.input_shape))}
-        assert kinds == {"imprint-rows", "imprint-decoder"}, (bins, kinds)
+        for sparse in (False, True):  # the sparse block's arrays are the cumulative block's
+            malicious = imprint_model(honest, bins, sparse=sparse)
+            kinds = {f.kind for f in flagged(inspect_model(malicious.model, spec.input_shape))}
+            assert kinds == {"imprint-rows", "imprint-decoder"}, (bins, sparse, kinds)
 
 
 def test_noise_on_the_rows_as_large_as_the_rows_is_still_flagged():

@@ -8,7 +8,7 @@ from gradleak.attacks.analytic import AnalyticAttack, AnalyticConfig
 from gradleak.attacks.base import ATTACKS, Attack, Progress, available, create, supports_adaptive, target_gradients
 from gradleak.attacks.cinet import CINetAttack, CINetConfig
 from gradleak.attacks.gias import GIASAttack, GIASConfig
-from gradleak.attacks.imprint import ImprintAttack, ImprintConfig
+from gradleak.attacks.imprint import ImprintAttack, ImprintConfig, SparseImprintAttack
 from gradleak.attacks.optimization import (
     DLGAttack,
     DLGConfig,
@@ -22,4 +22,4 @@ from gradleak.attacks.trap import TrapAttack, TrapConfig
 
 __all__ = ["ATTACKS", "AnalyticAttack", "AnalyticConfig", "Attack", "CINetAttack", "CINetConfig", "DLGAttack",
            "DLGConfig", "GIASAttack", "GIASConfig", "IDLGAttack", "ImprintAttack", "ImprintConfig", "IGConfig", "InvertingGradientsAttack", "OptimizationAttack",
-           "OptimizationConfig", "Progress", "TrapAttack", "TrapConfig", "available", "create", "supports_adaptive", "target_gradients"]
+           "OptimizationConfig", "Progress", "SparseImprintAttack", "TrapAttack", "TrapConfig", "available", "create", "supports_adaptive", "target_gradients"]

@@ -30,7 +30,7 @@ from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import GradleakError, UpdateError
-from gradleak.threat.malicious import find_imprint, imprint_model
+from gradleak.threat.malicious import find_imprint, find_sparse_imprint, imprint_model
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
 
@@ -123,8 +123,11 @@ class ImprintAttack(BlockAttack):
                 shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Every bin's ratio, the plausible ones kept (largest bias share first), padded with grey to ``n``."""
         k = gb.shape[0]
-        dw = gw - torch.cat([gw[1:], torch.zeros_like(gw[:1])])
-        db = gb - torch.cat([gb[1:], torch.zeros_like(gb[:1])])
+        if block.sparse:  # each unit is its own bin's
+            dw, db = gw, gb
+        else:  # unit i fires for every bin from i up: bin i is unit i less unit i + 1
+            dw = gw - torch.cat([gw[1:], torch.zeros_like(gw[:1])])
+            db = gb - torch.cat([gb[1:], torch.zeros_like(gb[:1])])
         c = block.thresholds().double()
         upper = torch.cat([c[1:], torch.tensor([float("inf")], dtype=c.dtype)])
         w = block.encoder.weight[0].detach().double() / block.gain
@@ -150,6 +153,30 @@ class ImprintAttack(BlockAttack):
                 "bins_mixed": mixed, "padded": max(0, n - len(found)),
                 "unexplained": 1.0 - sum(shares[j] for j in order) / total}
         return torch.stack(images), info
+
+
+@ATTACKS.register("sparse-imprint")
+class SparseImprintAttack(ImprintAttack):
+    """The imprint attack on the sparse block: every bin holds its own image, also over several local
+    steps (the ratio of a unit's weight and bias changes, without differences of bins).
+
+    Example:
+        >>> import gradleak
+        >>> gradleak.attacks.create("sparse-imprint").name
+        'sparse-imprint'
+    """
+
+    name = "sparse-imprint"
+    block_name = "a sparse imprint block"
+    needs = ("needs a model with a sparse imprint block (a malicious server: --threat malicious, or gradleak "
+             "simulate --imprint-bins K --sparse)")
+    matching = "sparse imprint bins (closed form)"
+    find_block = staticmethod(find_sparse_imprint)
+
+    @classmethod
+    def malicious_model(cls, server: ServerState, size: int, *, batch_size: int,
+                        public: torch.Tensor | None = None) -> ServerState:
+        return imprint_model(server, size, sparse=True)
 
 
 def block_gradients(server: ServerState, update: ClientUpdate, block: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,4 +212,4 @@ def closed_form(attack: Attack, server: ServerState, update: ClientUpdate, label
                           info={**info, "label_warnings": notes})
 
 
-__all__ = ["BlockAttack", "ImprintAttack", "ImprintConfig", "block_gradients", "closed_form"]
+__all__ = ["BlockAttack", "ImprintAttack", "ImprintConfig", "SparseImprintAttack", "block_gradients", "closed_form"]

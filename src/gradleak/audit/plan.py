@@ -326,7 +326,7 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         iterations: an iteration budget for every iterative attack (``None``: each attack's own).
         malicious_bins: the audit also plays a malicious server that sends the victim behind the
             block each malicious attack reads (``Attack.malicious_model``: an imprint block of this
-            many bins, trap weights of this many units); the attacks that need a modified model are
+            many bins, cumulative or sparse, trap weights of this many units); the attacks that need a modified model are
             judged against it (``None``: an honest server only).
 
     Raises:
@@ -339,7 +339,7 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         >>> spec = ModelSpec(name="linear", image_size=8)
         >>> plan = plan_attacks("auto", ServerState.from_spec(build_model(spec), spec))
         >>> "analytic" in plan.names and "cinet" in plan.names, sorted(plan.left_out)
-        (True, ['gias', 'imprint', 'trap'])
+        (True, ['gias', 'imprint', 'sparse-imprint', 'trap'])
     """
     auto = isinstance(names, str) and names.strip() == "auto"
     wanted = ATTACKS.available() if auto else [n.strip() for n in (names.split(",") if isinstance(names, str) else names)

@@ -12,12 +12,14 @@ Usage:
     gradleak bench imprint --batches 64 --bins 256,1024 --activations relu
     gradleak bench imprint --batches 64 --activations relu --protocols fedsgd,fedavg:1x64,fedavg:4x16,fedavg:5x64
     gradleak bench imprint --block trap --batches 64,256 --bins 1024,4096   # trap weights: --bins is the unit count
+    gradleak bench imprint --block sparse-imprint --batches 64 --activations relu --protocols fedsgd,fedavg:4x16,fedavg:8x8
 
 A FedAvg setting ``fedavg:SxB`` is S local SGD steps (lr 0.1) at mini-batch B; the attack reads the
 delta as it reads a gradient (the block's default gain keeps the delta's images, see
 :class:`gradleak.threat.malicious.ImprintBlock`).
 
-``--block trap`` puts trap units (:mod:`gradleak.threat.trap`, set on public photo crops to fire
+``--block sparse-imprint`` is the sparse imprint block (each image feeds only its own bin's unit),
+made for FedAvg's several local steps. ``--block trap`` puts trap units (:mod:`gradleak.threat.trap`, set on public photo crops to fire
 for one image of the batch) in front instead, attacked by the ``trap`` attack; its check is the
 ``trap-units`` finding with the client's own batch as the images (the arrays alone pass).
 """
@@ -44,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="noise on the imprint rows, as a multiple of a row's norm (the check's evasion test)")
     p.add_argument("--protocols", default="fedsgd",
                    help="fedsgd and/or fedavg:SxB (S local steps at mini-batch B, lr 0.1), comma-separated")
-    p.add_argument("--block", default="imprint", choices=["imprint", "trap"],
-                   help="the malicious block: imprint bins, or trap units (then --bins is the unit count)")
+    p.add_argument("--block", default="imprint", choices=["imprint", "sparse-imprint", "trap"],
+                   help="the malicious block and its attack: imprint bins (cumulative or sparse), or trap units "
+                        "(then --bins is the unit count)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.block == "trap" and args.evasion != "0":
@@ -56,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--protocols: expected fedsgd or fedavg:SxB (e.g. fedavg:4x16), got {t!r}")
 
     import gradleak
+    from gradleak.attacks import ATTACKS
     from gradleak.data import builtin_batch, public_images
     from gradleak.metrics import score_reconstruction
     from gradleak.models import build_model
     from gradleak.threat import fedavg_update, fedsgd_update
     from gradleak.threat.inspect import MIN_IMAGES, inspect_model
-    from gradleak.threat.malicious import find_imprint, imprint_model
-    from gradleak.threat.trap import trap_model
+    from gradleak.threat.malicious import find_imprint
     from gradleak.types import ModelSpec, ServerState
 
     results = []
@@ -74,10 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             for k in (int(b) for b in args.bins.split(",")):
                 for protocol in protocols:
                     for noise in (float(v) for v in args.evasion.split(",")):
-                        if args.block == "trap":
-                            server = trap_model(honest, k, public=public_images(spec.image_size), batch_size=n)
-                        else:
-                            server = imprint_model(honest, bins=k)  # a fresh block for each setting
+                        # a fresh block for each setting, as the malicious server of the attack builds it
+                        server = ATTACKS.get(args.block).malicious_model(honest, k, batch_size=n,
+                                                                         public=public_images(spec.image_size))
                         block = find_imprint(server.model)
                         if noise and block is not None:
                             with torch.no_grad():
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "protocol": protocol, "noise": noise, "exact": exact, "fraction": exact / n,
                                         "block": args.block, "found": rec.info["images_found"],
                                         # bins holding a blend; for trap units, ratios dropped as blends
-                                        "mixed_bins": rec.info["bins_mixed"] if args.block == "imprint"
+                                        "mixed_bins": rec.info["bins_mixed"] if "bins_mixed" in rec.info
                                         else rec.info["units_fired"] - rec.info["ratios_plausible"],
                                         "ssim_mean": scored.summary["ssim_mean"], "seconds": seconds,
                                         "check_score": rows.score if rows else None,

@@ -93,10 +93,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per run on Ray (fractions share a GPU)")
     p.add_argument("--threat", default="honest",
                    help="honest (default): an honest-but-curious server; honest,malicious: also a server that sends "
-                        "the victim behind an imprint block (Robbing the Fed) or trap weights, and reads the images "
-                        "off them (attacks imprint and trap)")
+                        "the victim behind an imprint block (Robbing the Fed; cumulative or sparse) or trap weights, "
+                        "and reads the images off them (attacks imprint, sparse-imprint and trap)")
     p.add_argument("--imprint-bins", type=int, default=1024,
-                   help="bins of the malicious server's imprint block, and units of its trap weights")
+                   help="bins of the malicious server's imprint blocks, and units of its trap weights")
     p.add_argument("--allow-inconclusive", action="store_true",
                    help="--fail-if does not fail a cell that is inconclusive (still improving when its budget ended)")
     add_attack(p)

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--imprint-bins", type=int, default=None,
                    help="a malicious server: send the victim behind an imprint block of this many bins (Robbing the "
                         "Fed; attack it with --attack imprint, check it with gradleak inspect)")
+    p.add_argument("--sparse", action="store_true",
+                   help="with --imprint-bins: the sparse block (each image feeds only its own bin's unit, so the "
+                        "images survive several local steps; attack it with --attack sparse-imprint)")
     p.add_argument("--trap-units", type=int, default=None,
                    help="a malicious server: send the victim behind this many trap units, each set on public images "
                         "(built-in photos the client does not hold) to fire for about one image of the batch "
@@ -52,8 +55,11 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     bins, units = getattr(args, "imprint_bins", None), getattr(args, "trap_units", None)
     if bins is not None and units is not None:
         raise ConfigError("--imprint-bins and --trap-units: expected one malicious block, got both")
+    sparse = bool(getattr(args, "sparse", False))
+    if sparse and bins is None:
+        raise ConfigError("--sparse: expected it with --imprint-bins K (it makes the imprint block sparse)")
     if bins is not None:
-        server = imprint_model(server, bins)
+        server = imprint_model(server, bins, sparse=sparse)
         model = server.model
     if units is not None:
         server = trap_model(server, units, public=public_images(args.image_size), batch_size=args.batch_size)
@@ -74,7 +80,7 @@ def simulate(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "protocol": cell.protocol.protocol,
             "local_steps": cell.protocol.local_steps, "local_lr": cell.protocol.local_lr,
             "local_batch_size": cell.protocol.local_batch_size, "clients": cell.protocol.clients,
-            "defense": cell.defense, "batch_size": args.batch_size, "data": args.data, "imprint_bins": bins,
+            "defense": cell.defense, "batch_size": args.batch_size, "data": args.data, "imprint_bins": bins, "imprint_sparse": sparse,
             "data_root": str(args.data_root) if args.data_root else None, "data_seed": args.data_seed,
             "images": batch.names, "files": files}
     (out / "case.json").write_text(json.dumps(case, indent=2))

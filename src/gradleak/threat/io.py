@@ -158,15 +158,16 @@ def check_update(update: ClientUpdate, *, model: nn.Module | None = None) -> Non
     batchnorm.check_buffers(update, model)
 
 
-def _malicious_blocks() -> list[tuple[str, str, Callable[[nn.Module], nn.Module | None],
-                                   Callable[[tuple[int, int, int], int], nn.Module]]]:
+def _malicious_blocks() -> list[tuple[str, str, tuple[str, ...], Callable[[nn.Module], nn.Module | None],
+                                   Callable[..., nn.Module]]]:
     """The blocks a malicious server puts in front of a victim, as a model-state header names them:
-    (header key, the count recorded, find the block in a model, build one of that count)."""
+    (header key, the count recorded, the block's flags recorded beside it, find the block in a model,
+    build one of that count and flags)."""
     from gradleak.threat.malicious import ImprintBlock, find_imprint
     from gradleak.threat.trap import TrapBlock, find_trap
 
-    return [("imprint", "bins", find_imprint, lambda shape, k: ImprintBlock(shape, k)),
-            ("trap", "units", find_trap, lambda shape, k: TrapBlock(shape, k))]
+    return [("imprint", "bins", ("sparse",), find_imprint, lambda shape, k, **flags: ImprintBlock(shape, k, **flags)),
+            ("trap", "units", (), find_trap, lambda shape, k, **flags: TrapBlock(shape, k))]
 
 
 def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
@@ -178,10 +179,10 @@ def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> Non
     """
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header: dict[str, Any] = {"format": "gradleak-model/1", "spec": spec.to_dict()}
-    for key, count, find, _ in _malicious_blocks():
+    for key, count, flags, find, _ in _malicious_blocks():
         block = find(model)
         if block is not None:
-            header[key] = {count: getattr(block, count)}
+            header[key] = {count: getattr(block, count), **{f: getattr(block, f) for f in flags if getattr(block, f)}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"gradleak": json.dumps(header)})
 
@@ -209,14 +210,18 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
             raise UpdateError(f"model-state file '{path}': expected finite weights, got NaN/Inf in '{name}'")
     model = build_model(spec, seed=None)
     blocks = []
-    for key, count, _, build in _malicious_blocks():
+    for key, count, flags, _, build in _malicious_blocks():
         if header.get(key) is None:
             continue
         k = header[key].get(count) if isinstance(header[key], dict) else None
         if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 1_000_000:
             raise UpdateError(f"model-state file '{path}': expected {key}.{count} an integer from 2 to 10^6, "
                               f"got {short(k)}")
-        blocks.append(build(spec.input_shape, k))
+        given = {f: header[key][f] for f in flags if f in header[key]}
+        for f, v in given.items():
+            if not isinstance(v, bool):
+                raise UpdateError(f"model-state file '{path}': expected {key}.{f} true or false, got {short(v)}")
+        blocks.append(build(spec.input_shape, k, **given))
     if len(blocks) > 1:
         raise UpdateError(f"model-state file '{path}': expected an imprint block or trap units, got both")
     if blocks:

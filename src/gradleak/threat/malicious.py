@@ -14,6 +14,13 @@ and an image alone in its bin is their ratio, exactly (up to float rounding), wh
 victim's activations and however large the batch. The thresholds are quantiles of the
 distribution the server assumes for the statistic, so that the bins are equally likely to be hit.
 
+The sparse block (``sparse=True``, the paper's variant for several local steps) clips unit ``i``
+to the window ``[0, c_{i+1} - c_i]`` (times the gain): it is flat, without gradient, below ``c_i``
+and above ``c_{i+1}``, so an image feeds the one unit of its own bin. Then bin ``i``'s image is
+``grad_W[i] / grad_b[i]`` with no difference of bins, and over several local steps the unit's
+weight and bias changes are sums of the same image's ``g_s x`` and ``g_s``: their ratio is still
+``x``, where the cumulative block's differences mix the steps of images of neighbouring bins.
+
 References:
     Fowl, Geiping, Czaja, Goldblum, Goldstein, "Robbing the Fed: Directly Obtaining Private Data in
     Federated Learning with Modified Models", ICLR 2022 (Section 3, the imprint module).
@@ -43,6 +50,7 @@ class ImprintBlock(nn.Module):
         thresholds: the k increasing thresholds ``c_i`` (default: quantiles of :data:`BRIGHTNESS`
             at ``(i + 1) / (k + 1)``).
         scale: the decoder's constant weight at gain 1; small, so the victim's input barely changes.
+        sparse: the sparse (windowed) units instead of cumulative ReLUs (see the module's text).
         gain: the encoder's scale: its rows are ``gain / D`` and its biases ``-gain * c_i``, the
             decoder's weight ``scale / gain``, so the block computes the same function at any gain.
             A FedAvg client uploads ``theta_after - theta_before``, and the block's gradient is then
@@ -60,8 +68,9 @@ class ImprintBlock(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, int, int], bins: int, *, thresholds: torch.Tensor | None = None,
-                 scale: float | None = None, gain: float = 1e-3) -> None:
+                 scale: float | None = None, gain: float = 1e-3, sparse: bool = False) -> None:
         super().__init__()
+        self.sparse = bool(sparse)
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
             raise ConfigError(f"imprint bins: expected an integer of at least 2, got {bins!r}")
         d = math.prod(input_shape)
@@ -97,17 +106,22 @@ class ImprintBlock(nn.Module):
         return images.flatten(1) @ self.encoder.weight[0].detach() / self.gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.decoder(torch.relu(self.encoder(x.flatten(1)))).view_as(x)
+        z = torch.relu(self.encoder(x.flatten(1)))
+        if self.sparse:  # each unit's window ends where the next bin starts: b_i - b_{i+1} = gain (c_{i+1} - c_i)
+            b = self.encoder.bias.detach()
+            width = torch.cat([b[:-1] - b[1:], torch.full_like(b[:1], float("inf"))])
+            z = torch.minimum(z, width)  # flat above the window: no gradient reaches the unit
+        return x + self.decoder(z).view_as(x)
 
 
 def imprint_model(server: ServerState, bins: int, *, thresholds: torch.Tensor | None = None,
-                  gain: float = 1e-3) -> ServerState:
+                  gain: float = 1e-3, sparse: bool = False) -> ServerState:
     """The model a malicious server sends instead of ``server.model``: an imprint block in front of it.
 
     The victim's own weights are unchanged; its parameter names gain the prefix ``1.``, the block's
     are ``0.encoder.weight``, ``0.encoder.bias`` and ``0.decoder.weight``.
     """
-    block = ImprintBlock(server.input_shape, bins, thresholds=thresholds, gain=gain)
+    block = ImprintBlock(server.input_shape, bins, thresholds=thresholds, gain=gain, sparse=sparse)
     model = nn.Sequential(block, server.model)
     return ServerState(model=model, input_shape=server.input_shape, num_classes=server.num_classes,
                        bn_mode=server.bn_mode, spec=None)
@@ -120,4 +134,10 @@ def find_imprint(model: nn.Module) -> ImprintBlock | None:
     return None
 
 
-__all__ = ["BRIGHTNESS", "ImprintBlock", "find_imprint", "imprint_model"]
+def find_sparse_imprint(model: nn.Module) -> ImprintBlock | None:
+    """The sparse imprint block a model starts with, else ``None``."""
+    block = find_imprint(model)
+    return block if block is not None and block.sparse else None
+
+
+__all__ = ["BRIGHTNESS", "ImprintBlock", "find_imprint", "find_sparse_imprint", "imprint_model"]
