@@ -176,6 +176,31 @@ def test_configs_reject_bad_values():
         gradleak.attacks.create("gias").reconstruct(server, update)
 
 
+def test_patterned_init_tiles_one_random_pattern_and_coarse_runs_on_two_by_two_blocks():
+    from gradleak.attacks.optimization import PATTERN, _coarse
+
+    att = gradleak.attacks.create("ig", {"init": "patterned"})
+    x, _ = att._init((2, 3, 18, 18), 10, False, torch.Generator().manual_seed(0))  # 18: a partial last tile
+    tile = x[..., :PATTERN, :PATTERN]
+    for i in range(0, 18, PATTERN):
+        for j in range(0, 18, PATTERN):
+            part = x[..., i:i + PATTERN, j:j + PATTERN]
+            assert torch.equal(part, tile[..., :part.shape[-2], :part.shape[-1]])
+    assert not torch.equal(tile[0], tile[1])  # one pattern per image
+    y = torch.randn(2, 3, 9, 8)
+    c = _coarse(y)
+    assert torch.equal(_coarse(c), c)  # a projection
+    assert torch.allclose(c[..., :8, :].reshape(2, 3, 4, 2, 4, 2).mean((3, 5)),
+                          y[..., :8, :].reshape(2, 3, 4, 2, 4, 2).mean((3, 5)), atol=1e-6)  # block means kept
+    assert torch.equal(c[..., 8, :], y[..., 8, :])  # the odd last row as it was
+    # a run at half resolution throughout returns images constant on 2 x 2 blocks
+    server, _, update = _lenet_case(1)
+    rec = gradleak.attacks.create("ig", {"iterations": 6, "coarse": 6, "init": "patterned"}).reconstruct(server, update)
+    assert torch.allclose(_coarse(rec.images), rec.images, atol=1e-6)
+    with pytest.raises(ConfigError, match="coarse"):
+        gradleak.attacks.create("ig", {"coarse": -1})
+
+
 @pytest.mark.parametrize("name", ["dlg", "idlg"])
 def test_dlg_and_idlg_recover_a_single_photo_on_lenet_sigmoid(name: str):
     server, batch, update = _lenet_case(1, size=32)

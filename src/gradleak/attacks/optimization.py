@@ -42,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "optimizer": ("lbfgs", "adam", "sgd"), "loss": ("l2", "cosine", "cosine-layer"), "lr_decay": DECAYS,
-    "init": ("randn", "rand", "zeros"), "line_search": (None, "strong_wolfe")}
+    "init": ("randn", "rand", "zeros", "patterned"), "line_search": (None, "strong_wolfe")}
+
+PATTERN = 4
+"""The side of the random tile of ``init="patterned"`` (breaching's ``patterned-4-randn``)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,13 @@ class OptimizationConfig(LoopConfig):
         beta1: Adam's first-moment decay (0.9, PyTorch's default; 0.5 is common in generative
             inversion).
         restarts: independent trials; the one with the lowest matching loss is returned.
-        init: image initialisation: ``"randn"`` (N(0, 1), the papers'), ``"rand"`` (U(0, 1)) or ``"zeros"``.
+        init: image initialisation: ``"randn"`` (N(0, 1), the papers'), ``"rand"`` (U(0, 1)), ``"zeros"``
+            or ``"patterned"`` (an N(0, 1) tile of :data:`PATTERN` x :data:`PATTERN` pixels repeated
+            over each image and channel: a start with structure at every scale of the victim's
+            strides, as in breaching).
+        coarse: the first ``coarse`` iterations at half resolution (multi-resolution: after each
+            step the images are projected onto 2 x 2 blocks, so the run first fits what a coarse
+            image can explain; 0: off).
         soft_labels: optimise soft labels jointly with the images (DLG) instead of recovering them.
         line_search: L-BFGS line search: ``"strong_wolfe"`` or ``None`` (DLG's code).
         lbfgs_max_iter: function evaluations per L-BFGS step (torch's ``max_iter``).
@@ -90,6 +99,7 @@ class OptimizationConfig(LoopConfig):
     lbfgs_max_iter: int = 20
     beta1: float = 0.9
     log_every: int = 10
+    coarse: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,7 +111,7 @@ class OptimizationConfig(LoopConfig):
         if self.signed and self.optimizer == "lbfgs":
             raise ConfigError(f"{name}: signed gradients need a first-order optimizer ('adam' or 'sgd'), got 'lbfgs'")
         check_ranges(name, self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), restarts=(1, 10_000),
-                     lbfgs_max_iter=(1, None), beta1=(0, 0.999))
+                     lbfgs_max_iter=(1, None), beta1=(0, 0.999), coarse=(0, None))
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,15 @@ class _Run:
     def begin(self, trial: _Run) -> None:
         """Start restart ``trial`` (its variables and optimiser); the bookkeeping stays."""
         self.x, self.v, self.opt, self.sched, self.good = trial.x, trial.v, trial.opt, trial.sched, trial.good
+
+
+def _coarse(x: torch.Tensor) -> torch.Tensor:
+    """``x`` projected onto 2 x 2 blocks (each block its mean; an odd last row or column kept as is)."""
+    h, w = (x.shape[-2] // 2) * 2, (x.shape[-1] // 2) * 2
+    out = x.clone()
+    block = torch.nn.functional.avg_pool2d(x[..., :h, :w], 2)
+    out[..., :h, :w] = block.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    return out
 
 
 class OptimizationAttack(Attack):
@@ -203,6 +222,9 @@ class OptimizationAttack(Attack):
         def step(it: int) -> Step:
             stage["features_only"] = it <= cfg.feature_init
             value, match = self._step(run.opt, run.sched, run.x, run.v, soft, objective)
+            if it <= cfg.coarse:  # multi-resolution: the images stay on 2 x 2 blocks
+                with torch.no_grad():
+                    run.x.copy_(_coarse(run.x))
             if not (math.isfinite(value) and bool(torch.isfinite(run.x).all())):
                 logger.warning("%s: restart %d diverged at iteration %d; keeping its last finite images",
                                self.name, run.restart, it)
@@ -266,6 +288,10 @@ class OptimizationAttack(Attack):
             x = torch.randn(shape, generator=rng)
         elif self.config.init == "rand":
             x = torch.rand(shape, generator=rng)
+        elif self.config.init == "patterned":
+            tile = torch.randn((*shape[:2], PATTERN, PATTERN), generator=rng)
+            h, w = shape[2], shape[3]
+            x = tile.repeat(1, 1, -(-h // PATTERN), -(-w // PATTERN))[..., :h, :w].contiguous()
         else:
             x = torch.zeros(shape)
         v = torch.randn((shape[0], c), generator=rng) if soft else torch.zeros(0)
