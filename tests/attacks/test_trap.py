@@ -71,18 +71,22 @@ def test_the_trap_attack_applies_only_to_a_model_with_trap_units():
 
 
 @pytest.mark.parametrize("name", ["lenet", "mlp", "resnet18"])
-def test_the_check_needs_the_clients_images_to_see_trap_units(name):
-    """Trap rows are random and the decoder is random: the arrays alone pass; with 32 of the
-    client's images the units that fire for few of them are flagged. Honest models are not."""
+def test_the_check_flags_every_trap_model_from_its_arrays_and_small_batches_evade_the_firing_check(name):
+    """Trap rows sum to zero by construction: the arrays alone are flagged (``zero-sum-rows``) at every
+    batch size. With 32 of the client's images the units that fire for few of them are flagged too,
+    from batch 8 up; trap units set for batches of 2 or 4 fire for a quarter of the images or more and
+    pass that check (the gap the zero-sum check closes for gradleak's own traps). Honest models are not
+    flagged."""
     spec = ModelSpec(name=name, activation="relu", num_classes=10, image_size=32)
     honest = ServerState.from_spec(build_model(spec, seed=42), spec)
     mine = builtin_batch(32).images
     assert not flagged(inspect_model(honest.model, spec.input_shape, images=mine))
-    for units, batch in ((64, 8), (1024, 64)):
+    for units, batch in ((64, 8), (1024, 64), (256, 2), (1024, 4)):
         malicious = trap_model(honest, units, public=public_images(32), batch_size=batch)
-        assert not flagged(inspect_model(malicious.model, spec.input_shape))
+        alone = {f.kind for f in flagged(inspect_model(malicious.model, spec.input_shape))}
+        assert alone == {"zero-sum-rows"}, (units, batch, alone)
         kinds = {f.kind for f in flagged(inspect_model(malicious.model, spec.input_shape, images=mine))}
-        assert kinds == {"trap-units"}, (units, batch, kinds)
+        assert kinds == ({"zero-sum-rows", "trap-units"} if batch >= 8 else {"zero-sum-rows"}), (units, batch, kinds)
 
 
 def test_simulate_attack_and_inspect_on_the_command_line(tmp_path, capsys):
@@ -94,8 +98,8 @@ def test_simulate_attack_and_inspect_on_the_command_line(tmp_path, capsys):
     assert main(["attack", "--attack", "trap", "--update", str(out / "update.safetensors"), "--model-state",
                  str(out / "model.safetensors"), "--truth", str(out / "truth.safetensors"), "--out",
                  str(tmp_path / "run"), "--no-progress"]) == 0
-    assert main(["inspect", "--model-state", str(out / "model.safetensors")]) == 0  # the arrays alone look honest
-    assert "trap units not checked" in capsys.readouterr().out
+    assert main(["inspect", "--model-state", str(out / "model.safetensors")]) == 1  # zero-sum rows, from the arrays
+    assert "trap units' firing not checked" in capsys.readouterr().out
     assert main(["inspect", "--model-state", str(out / "model.safetensors"), "--images", "32"]) == 1
     assert main(["inspect", "--model-state", str(out / "model.safetensors"), "--images", "4"]) == 2
     assert "--images: expected at least 16" in capsys.readouterr().err

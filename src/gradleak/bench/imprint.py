@@ -21,7 +21,8 @@ delta as it reads a gradient (the block's default gain keeps the delta's images,
 ``--block sparse-imprint`` is the sparse imprint block (each image feeds only its own bin's unit),
 made for FedAvg's several local steps. ``--block trap`` puts trap units (:mod:`gradleak.threat.trap`, set on public photo crops to fire
 for one image of the batch) in front instead, attacked by the ``trap`` attack; its check is the
-``trap-units`` finding with the client's own batch as the images (the arrays alone pass).
+``trap-units`` finding with the client's own batch as the images (the arrays alone are flagged by
+their zero-sum rows, a separate finding).
 """
 
 from __future__ import annotations

@@ -59,5 +59,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model_state}: {len(bad)} of {len(findings)} findings flagged"
               + ("; do not train on this model" if bad else "; no leak by design found (what is checked: "
                                                             "docs/threat.md)")
-              + ("" if images is not None else "; trap units not checked (give --images N)"))
+              + ("" if images is not None else "; trap units' firing not checked (give --images N)"))
     return 1 if bad else 0

@@ -17,7 +17,14 @@ update carries images verbatim. Before training on a received model, a client ca
   pass the two checks above. Honest units fire for many images or none (an untrained unit's
   response is dominated by the image's overall brightness). Score: the share of firing units
   that fire for at most :data:`RARE` of the images. A server that sets its units to fire for more
-  than that evades the check, and then few units fire for one image of a batch alone.
+  than that evades this check: trap units set for a batch of 4 or fewer fire for a quarter of the
+  images or more, pass it, and give every image of such a batch back exactly (measured: 40 of 40
+  built-in photos in batches of 2 and of 4, LeNet-ReLU and ResNet-18-ReLU, 1024 units).
+- ``zero-sum-rows`` (from the arrays alone): a linear layer on the raw input of at least
+  :data:`MIN_TRAP_UNITS` units whose rows mostly sum to zero (:data:`BLIND`, :data:`BLIND_SHARE`).
+  gradleak's trap rows are built that way (blind to overall brightness), at any batch size; a
+  random row is that close to zero-sum with probability about 1e-3. A server that gives its trap
+  rows a random mean evades this one, and must then set its biases against the brightness.
 
 Each finding has a score in [0, 1] and a plain explanation; :func:`threshold` and
 :data:`RARE_SHARE` decide a flag. Not checked here: parameter statistics far from any honest
@@ -80,6 +87,19 @@ MIN_IMAGES = 16
 """The fewest client images the trap check judges from (with fewer, firing for one image is common)."""
 
 
+BLIND = 1e-3
+"""A row is blind to overall brightness when its entries' sum is below this fraction of its norm.
+A random row's sum over its norm is about N(0, 1), so an honest row is this blind with
+probability about 8e-4."""
+
+BLIND_SHARE = 0.5
+"""A raw-input layer of at least :data:`MIN_TRAP_UNITS` units is flagged when at least this share
+of its rows is blind to brightness (trap weights' rows sum to zero by construction). Measured
+(tests/threat/test_inspect.py): every honest zoo model 0.0; every trap model gradleak builds 1.0,
+at every batch size, where the firing-rate check (``trap-units``) misses the ones set for batches
+of 4 or fewer (their units fire for a quarter of the images or more, as honest ones do)."""
+
+
 @dataclass(frozen=True)
 class Finding:
     """One structure that makes an update leak, with its score and what it means."""
@@ -110,6 +130,19 @@ def _trap_finding(module: str, w: torch.Tensor, bias: torch.Tensor, images: torc
                    f"client's {images.shape[0]} images fire for at most {100 * RARE:.0f}% of them (flagged from "
                    f"{100 * RARE_SHARE:.0f}%)" + (": trap weights, set to fire for about one image of a batch, so "
                                                     "that the unit's update is that image verbatim" if flag else ""))
+
+
+def _blind_finding(module: str, w: torch.Tensor) -> Finding:
+    norms = w.norm(dim=1)
+    live = norms > 0
+    z = w.sum(1)[live].abs() / norms[live]
+    share = float((z < BLIND).double().mean()) if bool(live.any()) else 0.0
+    flag = share >= BLIND_SHARE
+    return Finding(module, "zero-sum-rows", share, flag,
+                   f"{100 * share:.0f}% of the {w.shape[0]} raw-input rows sum to zero (flagged from "
+                   f"{100 * BLIND_SHARE:.0f}%; a random row does with probability about 0.1%)"
+                   + (": they are blind to the image's overall brightness, as trap weights are built, so that a "
+                      "bias set on public images makes each unit fire for about one image of a batch" if flag else ""))
 
 
 def inspect_arrays(arrays: Mapping[str, torch.Tensor], input_shape: tuple[int, int, int], *,
@@ -148,6 +181,8 @@ def inspect_arrays(arrays: Mapping[str, torch.Tensor], input_shape: tuple[int, i
                                f"from {limit:.3f})" + (", with graded biases: they cut one image statistic into bins, "
                                                       "so an image alone in a bin can be read off the update exactly"
                                                       if flag else "")))
+            if k >= MIN_TRAP_UNITS:
+                out.append(_blind_finding(module, w))
             if images is not None and bias is not None:
                 out.append(_trap_finding(module, w, bias, images))
         if w.shape[0] == d and w.shape[1] >= MIN_UNITS:
@@ -180,5 +215,5 @@ def flagged(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.flagged]
 
 
-__all__ = ["CEILING", "CHANCE_FACTOR", "FLOOR", "Finding", "MIN_IMAGES", "MIN_UNITS", "RARE_SHARE", "flagged",
+__all__ = ["BLIND", "BLIND_SHARE", "CEILING", "CHANCE_FACTOR", "FLOOR", "Finding", "MIN_IMAGES", "MIN_UNITS", "RARE_SHARE", "flagged",
            "inspect_arrays", "inspect_model", "threshold"]

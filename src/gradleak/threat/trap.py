@@ -16,10 +16,11 @@ several units agree on, since one image alone in several units comes back identi
 and a blend of the same images rarely does.
 
 Unlike the imprint block (:mod:`gradleak.threat.malicious`), whose rows are identical and whose
-decoder columns are equal, trap rows point in random directions and the decoder is random: the
-arrays alone look like an honest layer, and the client's check needs its own images
-(:func:`gradleak.threat.inspect.inspect_arrays` with ``images``: units that fire for almost none
-of them).
+decoder columns are equal, trap rows point in random directions and the decoder is random. The
+client's check finds them by their zero-sum rows in the arrays alone (``zero-sum-rows``, which a
+server can evade by giving the rows a mean), and by which units fire for almost none of the
+client's own images (:func:`gradleak.threat.inspect.inspect_arrays` with ``images``; units set for
+batches of 4 or fewer fire too often to be caught this way).
 
 References:
     Boenisch, Dziedzic, Schuster, Shamsabadi, Shumailov, Papernot, "When the Curious Abandon
