@@ -33,7 +33,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
-from torch import nn  # noqa: E402
 
 import gradleak  # noqa: E402
 from gradleak.data import builtin_batch, public_images  # noqa: E402
@@ -42,27 +41,13 @@ from gradleak.integrations.mods import inspect_mod  # noqa: E402
 from gradleak.metrics.image import psnr  # noqa: E402
 from gradleak.metrics.pairing import pair_images  # noqa: E402
 from gradleak.models import build_model  # noqa: E402
+from gradleak.threat.io import model_from_arrays  # noqa: E402
 from gradleak.threat.malicious import imprint_model  # noqa: E402
-from gradleak.threat.trap import TrapBlock, trap_model  # noqa: E402
+from gradleak.threat.trap import trap_model  # noqa: E402
 from gradleak.types import ModelSpec, ServerState  # noqa: E402
 
 SPEC = ModelSpec("lenet", activation="relu")
 LR = 0.1
-
-
-def client_model(arrays: dict[str, torch.Tensor]) -> nn.Module:
-    """The model a client builds from what it received: the victim, behind a block if the arrays hold one.
-
-    The imprint block and trap units have the same parameters and the same function (``x +
-    decoder(relu(encoder(x)))``), so one class rebuilds either from its arrays.
-    """
-    victim = build_model(SPEC, seed=None)
-    if "0.encoder.weight" not in arrays:
-        victim.load_state_dict(arrays)
-        return victim
-    model = nn.Sequential(TrapBlock(SPEC.input_shape, int(arrays["0.encoder.weight"].shape[0])), victim)
-    model.load_state_dict(arrays)
-    return model
 
 
 def make_client_app(*, images: int, check: bool) -> ClientApp:
@@ -74,7 +59,7 @@ def make_client_app(*, images: int, check: bool) -> ClientApp:
         torch.set_num_threads(1)
         partition = int(context.node_config["partition-id"])
         data = builtin_batch(images, offset=partition * images)  # this client's private photos
-        model = client_model(msg.content["arrays"].to_torch_state_dict())
+        model = model_from_arrays(SPEC, msg.content["arrays"].to_torch_state_dict())
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         opt.zero_grad()

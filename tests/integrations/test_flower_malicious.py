@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from torch import nn
 
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
 from gradleak.integrations.flower import AuditStrategy
 from gradleak.integrations.mods import inspect_mod
 from gradleak.models import build_model
-from gradleak.threat.trap import TrapBlock
+from gradleak.threat.io import model_from_arrays
 from gradleak.types import ModelSpec
 
 SPEC = ModelSpec("lenet", activation="relu")
@@ -45,20 +44,8 @@ class _Grid:
 GRID = cast(Grid, _Grid())
 
 
-def _client_model(arrays: dict[str, torch.Tensor]) -> nn.Module:
-    """What a client that builds its model from the arrays it receives runs (imprint and trap blocks
-    have the same parameters and function, so one class rebuilds either)."""
-    victim = build_model(SPEC, seed=None)
-    if "0.encoder.weight" not in arrays:
-        victim.load_state_dict(arrays)
-        return victim
-    model = nn.Sequential(TrapBlock(SPEC.input_shape, int(arrays["0.encoder.weight"].shape[0])), victim)
-    model.load_state_dict(arrays)
-    return model
-
-
 def _train(msg: Message, images: torch.Tensor, labels: torch.Tensor) -> Message:
-    model = _client_model(msg.content.array_records["arrays"].to_torch_state_dict())
+    model = model_from_arrays(SPEC, msg.content.array_records["arrays"].to_torch_state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     F.cross_entropy(model(images), labels).backward()
     opt.step()
@@ -141,3 +128,19 @@ def test_malicious_settings_are_checked_before_the_federation(tmp_path: Path):
     with pytest.raises(ConfigError, match="unknown attack"):
         AuditStrategy(FedAvg(), model=SPEC, out=tmp_path, malicious_rounds=[1], malicious_attack="nope",
                       malicious_batch_size=4)
+
+
+def test_model_from_arrays_rebuilds_what_was_sent_and_refuses_what_does_not_fit():
+    from gradleak.errors import UpdateError
+    from gradleak.threat.malicious import find_imprint, imprint_model
+    from gradleak.types import ServerState
+
+    honest = ServerState.from_spec(build_model(SPEC, seed=42), SPEC)
+    x = builtin_batch(2).images
+    for sent in (honest, imprint_model(honest, 64), imprint_model(honest, 64, sparse=True)):
+        block = find_imprint(sent.model)
+        sparse = bool(block is not None and block.sparse)
+        model = model_from_arrays(SPEC, dict(sent.model.state_dict()), sparse=sparse)
+        assert torch.equal(model(x), sent.model(x))
+    with pytest.raises(UpdateError, match="do not fit model 'resnet18'"):
+        model_from_arrays(ModelSpec("resnet18"), dict(honest.model.state_dict()))

@@ -234,6 +234,33 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
     return model.to(device), spec
 
 
+def model_from_arrays(spec: ModelSpec, arrays: dict[str, torch.Tensor], *, sparse: bool = False) -> nn.Module:
+    """The model a simulated client builds from the arrays it was sent: the victim ``spec`` names, behind
+    a malicious block when the arrays hold one (``0.encoder.weight``), as a client that runs whatever
+    model it receives would (examples/flower_inspect, AuditStrategy's malicious rounds).
+
+    Arrays carry weights, not code: trap units and the cumulative imprint block compute the same
+    function from the same arrays (``x + decoder(relu(encoder(x)))``); the sparse imprint block's
+    window is code (``sparse=True``).
+
+    Raises:
+        UpdateError: arrays that do not fit the victim (behind the block).
+    """
+    from gradleak.models import build_model
+    from gradleak.threat.malicious import ImprintBlock
+
+    model = build_model(spec, seed=None)
+    if "0.encoder.weight" in arrays:
+        model = nn.Sequential(ImprintBlock(spec.input_shape, int(arrays["0.encoder.weight"].shape[0]), sparse=sparse),
+                              model)
+    try:
+        model.load_state_dict(arrays, strict=True)
+    except RuntimeError as e:
+        raise UpdateError(f"received arrays: they do not fit model '{spec.name}' "
+                          f"({str(e).splitlines()[0]})") from None
+    return model
+
+
 def save_truth(images: torch.Tensor, labels: torch.Tensor, path: str | Path, *, names: list[str] | None = None) -> None:
     """Write the private batch (for scoring only)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
