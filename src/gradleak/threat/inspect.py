@@ -206,7 +206,7 @@ def inspect_model(model: nn.Module, input_shape: tuple[int, int, int], *,
         >>> from gradleak.threat.malicious import ImprintBlock
         >>> findings = inspect_model(nn.Sequential(ImprintBlock((3, 8, 8), bins=32)), (3, 8, 8))
         >>> [(f.module, f.kind, round(f.score, 3), f.flagged) for f in findings]
-        [('0.encoder', 'imprint-rows', 1.0, True), ('0.decoder', 'imprint-decoder', 1.0, True)]
+        [('0.encoder', 'imprint-rows', 1.0, True), ('0.encoder', 'zero-sum-rows', 0.0, False), ('0.decoder', 'imprint-decoder', 1.0, True)]
     """
     return inspect_arrays(dict(model.named_parameters()), input_shape, images=images)
 
