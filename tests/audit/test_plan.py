@@ -113,3 +113,25 @@ def test_bad_audit_requests_exit_2_with_one_line_and_write_nothing(argv, message
     err = capsys.readouterr().err.strip()
     assert err.startswith("gradleak audit: error:") and "\n" not in err and message in err, err
     assert not out.exists()
+
+
+def test_attacks_with_a_feature_variant_run_with_and_without_the_recovered_features():
+    """IG (a feature variant) is tried both ways where the victim's last layer gives the features;
+    CI-Net (measured to lose with the term) and an attack on a victim without them are not."""
+    from gradleak.audit.engine import gives_features
+
+    attackers, _ = attackers_for("ig", defended=False, features=True, knowledge=KnowledgeAxes(labels=("recovered",)))
+    assert [a.id for a in attackers] == ["ig_labels-recovered_features-used", "ig_labels-recovered_features-ignored"]
+    assert Attacker.parse(attackers[0].id) == attackers[0]
+    on, off = ({k: v for k, v in a.config({"features": 0.5, "feature_init": 10}).items() if k != "adaptive"}
+               for a in attackers)
+    assert on == {"features": 0.5, "feature_init": 10} and off == {"features": 0.0, "feature_init": 0}  # its own kept
+    default = attackers[0].config({"features": 0.0, "feature_init": 0})
+    assert (default["features"], default["feature_init"]) == (1.0, 50)
+    assert [a.features for a in attackers_for("cinet", defended=False, features=True)[0]] == ["none", "none"]
+    assert [a.features for a in attackers_for("ig", defended=False)[0]] == ["none", "none"]
+    only = KnowledgeAxes.parse("features-used")
+    assert untried_knowledge(only, defended=False, features=True) == ["last-layer features ignored"]
+    assert gives_features(_server("lenet")) and gives_features(_server("resnet18"))
+    with pytest.raises(ConfigError, match="unknown assumption 'features-maybe'"):
+        KnowledgeAxes.parse("features-maybe")

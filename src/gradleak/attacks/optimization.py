@@ -178,6 +178,7 @@ class OptimizationAttack(Attack):
     name = "optimization"
     adaptive = True
     matches_bn_stats = True
+    feature_variant = True
     Config = OptimizationConfig
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,

@@ -241,15 +241,16 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
     return _plain({"model": spec.to_dict(), "model_seed": o.model_seed, "data": o.data, "data_seed": o.data_seed,
                    "data_root": str(o.data_root) if o.data_root else None, "attacks": plan.names,
                    "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},
-                   "knowledge": [t for t in o.knowledge.tokens() if not t.startswith("bn-")],
-                   "bn_knowledge": list(o.knowledge.bn), "seed": o.seed, "seeds": o.attack_seeds(),
+                   "knowledge": [t for t in o.knowledge.tokens() if not t.startswith(("bn-", "features-"))],
+                   "bn_knowledge": list(o.knowledge.bn), "features_knowledge": list(o.knowledge.features), "seed": o.seed, "seeds": o.attack_seeds(),
                    "pairing": o.pairing, "time_budget": o.time_budget, "fill_budget": o.fill_budget,
                    "threat": ["honest", "malicious"] if o.imprint_bins else ["honest"], "imprint_bins": o.imprint_bins,
                    "images": o.write_images,
                    "utility": {"steps": o.utility_steps, "lr": o.utility_lr}})
 
 
-LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None, "bn_knowledge": ["used", "ignored"]}
+LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None, "bn_knowledge": ["used", "ignored"],
+                  "features_knowledge": ["used", "ignored"]}
 """Settings recorded since an earlier version, with the value a folder without them was made with."""
 
 
@@ -261,18 +262,32 @@ def _same_settings(recorded: Any, settings: dict[str, Any]) -> bool:
     return filled == settings
 
 
+def gives_features(server: ServerState) -> bool:
+    """Whether the victim's last layer gives its input features in closed form (linear, with a bias:
+    :func:`gradleak.attacks.features.last_linear`), so that attacks with a feature variant try it."""
+    from gradleak.attacks.features import last_linear
+
+    try:
+        last_linear(server.model, server.input_shape, server.num_classes)
+    except ConfigError:
+        return False
+    return True
+
+
 def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Path, plan: AttackPlan,
                   settings: dict[str, Any], o: AuditOptions) -> dict[str, Any]:
     """Write ``cell.json`` (and the truth): the cell's attackers, what is not tried, privacy and utility."""
     info_path = folder / "cell.json"
     attackers: list[Attacker] = []
     not_tried = [f"{n} ({why})" for n, why in plan.left_out.items()]
+    features = gives_features(server)
     for name, config in plan.configs.items():
         mine, missing = attackers_for(name, defended=cell.defended, knowledge=o.knowledge, attack_config=config,
-                                      shares_bn=cell.protocol.share_bn_stats)
+                                      shares_bn=cell.protocol.share_bn_stats, features=features)
         attackers += mine
         not_tried += missing
-    not_tried += untried_knowledge(o.knowledge, defended=cell.defended, shares_bn=cell.protocol.share_bn_stats)
+    not_tried += untried_knowledge(o.knowledge, defended=cell.defended, shares_bn=cell.protocol.share_bn_stats,
+                                   features=features)
     seed = cell_seed(o.seed, cell)
     update = cell_update(server, batch.images, batch.labels, cell=cell, generator=torch.Generator().manual_seed(seed))
     info: dict[str, Any] = {

@@ -177,8 +177,19 @@ BN_KNOWLEDGE = ("used", "ignored")
 attack matches them (``bn_stats`` > 0, the attacks' default); ``ignored``: it does not (``bn_stats=0``).
 A term with the wrong weight can hurt, so the worst case takes both."""
 
+FEATURE_KNOWLEDGE = ("used", "ignored")
+"""For an attack with a feature variant (``Attack.feature_variant``) on a victim whose last layer is
+linear with a bias: ``used``: it matches the last layer's input features recovered from the update
+(``features=1, feature_init=50`` unless its config sets its own); ``ignored``: ``features=0``. No
+knowledge beyond the update: a stronger attack's option, tried both ways because the term needs the
+right labels and can hurt."""
+
+FEATURE_WEIGHT, FEATURE_INIT = 1.0, 50
+"""The feature term's weight and its feature-only first iterations when an attacker uses it (the
+values measured in docs/attacks.md)."""
+
 KNOWLEDGE_TOKENS = (tuple(f"labels-{v}" for v in LABEL_KNOWLEDGE) + tuple(f"defense-{v}" for v in DEFENSE_KNOWLEDGE)
-                    + tuple(f"bn-{v}" for v in BN_KNOWLEDGE))
+                    + tuple(f"bn-{v}" for v in BN_KNOWLEDGE) + tuple(f"features-{v}" for v in FEATURE_KNOWLEDGE))
 
 
 @dataclass(frozen=True)
@@ -186,21 +197,24 @@ class KnowledgeAxes:
     """The assumptions an audit tries: each axis's values (every combination is one attacker).
 
     Example:
-        >>> KnowledgeAxes.parse("all")
-        KnowledgeAxes(labels=('recovered', 'known'), defense=('unaware', 'aware'), bn=('used', 'ignored'))
-        >>> KnowledgeAxes.parse("labels-known,defense-aware")
-        KnowledgeAxes(labels=('known',), defense=('aware',), bn=('used', 'ignored'))
-        >>> KnowledgeAxes.parse("labels-recovered,bn-used")  # an axis not named keeps all its values
-        KnowledgeAxes(labels=('recovered',), defense=('unaware', 'aware'), bn=('used',))
+        >>> KnowledgeAxes.parse("all")  # doctest: +NORMALIZE_WHITESPACE
+        KnowledgeAxes(labels=('recovered', 'known'), defense=('unaware', 'aware'), bn=('used', 'ignored'),
+                      features=('used', 'ignored'))
+        >>> KnowledgeAxes.parse("labels-known,defense-aware").defense
+        ('aware',)
+        >>> KnowledgeAxes.parse("labels-recovered,bn-used,features-ignored")  # doctest: +NORMALIZE_WHITESPACE
+        KnowledgeAxes(labels=('recovered',), defense=('unaware', 'aware'), bn=('used',), features=('ignored',))
     """
 
     labels: tuple[str, ...] = LABEL_KNOWLEDGE
     defense: tuple[str, ...] = DEFENSE_KNOWLEDGE
     bn: tuple[str, ...] = BN_KNOWLEDGE
+    features: tuple[str, ...] = FEATURE_KNOWLEDGE
 
     def __post_init__(self) -> None:
         for what, values, allowed in (("labels", self.labels, LABEL_KNOWLEDGE),
-                                      ("defense", self.defense, DEFENSE_KNOWLEDGE), ("bn", self.bn, BN_KNOWLEDGE)):
+                                      ("defense", self.defense, DEFENSE_KNOWLEDGE), ("bn", self.bn, BN_KNOWLEDGE),
+                                      ("features", self.features, FEATURE_KNOWLEDGE)):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ConfigError(f"knowledge {what}: expected some of {', '.join(allowed)}, got "
@@ -216,7 +230,7 @@ class KnowledgeAxes:
         items = [t.strip() for t in (text.split(",") if isinstance(text, str) else (text or ["all"])) if t.strip()]
         if not items or items == ["all"]:
             return cls()
-        chosen: dict[str, list[str]] = {"labels": [], "defense": [], "bn": []}
+        chosen: dict[str, list[str]] = {"labels": [], "defense": [], "bn": [], "features": []}
         for t in items:
             if t not in KNOWLEDGE_TOKENS:
                 raise ConfigError(f"--knowledge: unknown assumption {t!r}; expected 'all' or some of: "
@@ -225,11 +239,12 @@ class KnowledgeAxes:
             chosen[axis].append(value)
         return cls(labels=tuple(dict.fromkeys(chosen["labels"])) or LABEL_KNOWLEDGE,
                    defense=tuple(dict.fromkeys(chosen["defense"])) or DEFENSE_KNOWLEDGE,
-                   bn=tuple(dict.fromkeys(chosen["bn"])) or BN_KNOWLEDGE)
+                   bn=tuple(dict.fromkeys(chosen["bn"])) or BN_KNOWLEDGE,
+                   features=tuple(dict.fromkeys(chosen["features"])) or FEATURE_KNOWLEDGE)
 
     def tokens(self) -> list[str]:
         return ([f"labels-{v}" for v in self.labels] + [f"defense-{v}" for v in self.defense]
-                + [f"bn-{v}" for v in self.bn])
+                + [f"bn-{v}" for v in self.bn] + [f"features-{v}" for v in self.features])
 
 
 @dataclass(frozen=True, order=True)
@@ -242,6 +257,8 @@ class Attacker:
         defense: ``"unaware"``, ``"aware"``, or ``"none"`` (an undefended update: the two are one attack).
         bn: ``"used"`` or ``"ignored"``: the client's shared BatchNorm statistics; ``"none"`` where
             the update does not share them (or the attack cannot use them).
+        features: ``"used"`` or ``"ignored"``: the last-layer features recovered from the update
+            (:data:`FEATURE_KNOWLEDGE`); ``"none"`` where the attack or the victim has no such variant.
 
     Example:
         >>> a = Attacker("cinet", labels="known", defense="aware")
@@ -251,26 +268,33 @@ class Attacker:
         'ig, labels recovered'
         >>> Attacker.parse("ig_labels-known_bn-ignored").describe()
         'ig, labels known, BatchNorm statistics ignored'
+        >>> Attacker.parse("ig_aware_labels-recovered_features-used").describe()
+        'ig, defense-aware, labels recovered, last-layer features used'
     """
 
     attack: str
     labels: str = "recovered"
     defense: str = "none"
     bn: str = "none"
+    features: str = "none"
 
     @property
     def id(self) -> str:
-        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>[_bn-<bn>]`` (then ``-s<seed>``)."""
+        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>[_bn-<bn>][_features-<f>]``
+        (then ``-s<seed>``)."""
         middle = "" if self.defense == "none" else f"_{self.defense}"
-        return f"{self.attack}{middle}_labels-{self.labels}" + ("" if self.bn == "none" else f"_bn-{self.bn}")
+        return (f"{self.attack}{middle}_labels-{self.labels}" + ("" if self.bn == "none" else f"_bn-{self.bn}")
+                + ("" if self.features == "none" else f"_features-{self.features}"))
 
     @classmethod
     def parse(cls, text: str) -> Attacker:
-        m = re.fullmatch(r"(.+?)(?:_(aware|unaware))?_labels-(recovered|known)(?:_bn-(used|ignored))?", text)
+        m = re.fullmatch(r"(.+?)(?:_(aware|unaware))?_labels-(recovered|known)(?:_bn-(used|ignored))?"
+                         r"(?:_features-(used|ignored))?", text)
         if not m:
             raise ConfigError(f"audit attacker: expected '<attack>[_aware|_unaware]_labels-<recovered|known>"
-                              f"[_bn-<used|ignored>]', got {text!r}")
-        return cls(m.group(1), labels=m.group(3), defense=m.group(2) or "none", bn=m.group(4) or "none")
+                              f"[_bn-<used|ignored>][_features-<used|ignored>]', got {text!r}")
+        return cls(m.group(1), labels=m.group(3), defense=m.group(2) or "none", bn=m.group(4) or "none",
+                   features=m.group(5) or "none")
 
     def describe(self) -> str:
         parts = [self.attack]
@@ -279,16 +303,26 @@ class Attacker:
         parts.append(f"labels {self.labels}")
         if self.bn != "none":
             parts.append(f"BatchNorm statistics {self.bn}")
+        if self.features != "none":
+            parts.append(f"last-layer features {self.features}")
         return ", ".join(parts)
 
     def config(self, attack_config: Any) -> Any:
         """``attack_config`` for this attacker: ``adaptive="off"`` when unaware, ``"auto"`` otherwise;
-        ``bn_stats=0`` when it ignores shared BatchNorm statistics."""
+        ``bn_stats=0`` when it ignores shared BatchNorm statistics; the feature term on (at
+        :data:`FEATURE_WEIGHT`, :data:`FEATURE_INIT`, unless the config has its own) or off."""
         changes: dict[str, Any] = {}
         if ATTACKS.get(self.attack).adaptive:
             changes["adaptive"] = "off" if self.defense == "unaware" else "auto"
         if self.bn == "ignored":
             changes["bn_stats"] = 0.0
+        if self.features != "none":
+            own = (attack_config.get("features", 0.0) if isinstance(attack_config, Mapping)
+                   else getattr(attack_config, "features", 0.0))
+            if self.features == "ignored":
+                changes.update(features=0.0, feature_init=0)
+            elif not own:
+                changes.update(features=FEATURE_WEIGHT, feature_init=FEATURE_INIT)
         if isinstance(attack_config, Mapping):
             return {**attack_config, **changes}
         return dataclasses.replace(attack_config, **changes) if changes else attack_config
@@ -393,7 +427,8 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
 
 
 def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = KnowledgeAxes(),
-                  attack_config: Any = None, shares_bn: bool = False) -> tuple[list[Attacker], list[str]]:
+                  attack_config: Any = None, shares_bn: bool = False,
+                  features: bool = False) -> tuple[list[Attacker], list[str]]:
     """The attackers of ``attack`` for one cell, and what is not tried (stated with the verdict).
 
     A defended update is attacked by the unaware and the defense-aware attacker (as ``knowledge``
@@ -401,13 +436,15 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
     a config with ``adaptive="off"``, has no defense-aware attacker, and the verdict says so. Where
     the client shares its BatchNorm statistics (``shares_bn``), an attack that can match them
     (``Attack.matches_bn_stats``) is tried using and ignoring them, as ``knowledge.bn`` selects.
+    Where the victim's last layer gives its input features (``features``), an attack with a feature
+    variant (``Attack.feature_variant``) is tried with and without them, as ``knowledge.features`` selects.
 
     Example:
         >>> [a.id for a in attackers_for("cinet", defended=True)[0]]  # doctest: +NORMALIZE_WHITESPACE
         ['cinet_unaware_labels-recovered', 'cinet_aware_labels-recovered', 'cinet_unaware_labels-known',
          'cinet_aware_labels-known']
         >>> attackers_for("analytic", defended=True, knowledge=KnowledgeAxes(labels=("recovered",)))
-        ([Attacker(attack='analytic', labels='recovered', defense='unaware', bn='none')], ['analytic defense-aware (no adaptive mode)'])
+        ([Attacker(attack='analytic', labels='recovered', defense='unaware', bn='none', features='none')], ['analytic defense-aware (no adaptive mode)'])
         >>> [a.id for a in attackers_for("ig", defended=False, shares_bn=True,
         ...                              knowledge=KnowledgeAxes(labels=("recovered",)))[0]]
         ['ig_labels-recovered_bn-used', 'ig_labels-recovered_bn-ignored']
@@ -432,19 +469,25 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
         bns = list(knowledge.bn)
     elif shares_bn:
         not_tried.append(f"{attack} with the shared BatchNorm statistics (it cannot match them)")
-    return [Attacker(attack, labels=lab, defense=d, bn=b) for lab in labels for d in defenses for b in bns], not_tried
+    fs = list(knowledge.features) if features and cls.feature_variant else ["none"]
+    return [Attacker(attack, labels=lab, defense=d, bn=b, features=f)
+            for lab in labels for d in defenses for b in bns for f in fs], not_tried
 
 
-def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bool = False) -> list[str]:
+def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bool = False,
+                      features: bool = False) -> list[str]:
     """The assumptions the audit's ``knowledge`` leaves out (named beside the verdict)."""
     out = [f"labels {v}" for v in LABEL_KNOWLEDGE if v not in knowledge.labels]
     if defended:
         out += [f"defense-{v}" for v in DEFENSE_KNOWLEDGE if v not in knowledge.defense]
     if shares_bn:
         out += [f"BatchNorm statistics {v}" for v in BN_KNOWLEDGE if v not in knowledge.bn]
+    if features:
+        out += [f"last-layer features {v}" for v in FEATURE_KNOWLEDGE if v not in knowledge.features]
     return out
 
 
-__all__ = ["AttackPlan", "Attacker", "AuditCell", "DEFENSE_KNOWLEDGE", "KNOWLEDGE_TOKENS", "KnowledgeAxes",
+__all__ = ["AttackPlan", "Attacker", "AuditCell", "DEFENSE_KNOWLEDGE", "FEATURE_KNOWLEDGE", "KNOWLEDGE_TOKENS",
+           "KnowledgeAxes",
            "LABEL_KNOWLEDGE", "ProtocolSetting", "attackers_for", "audit_grid", "parse_int_list", "plan_attacks",
            "run_name", "untried_knowledge"]

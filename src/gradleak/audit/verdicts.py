@@ -137,22 +137,24 @@ def improvement(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _knowledge(attacker: str) -> tuple[str, str, str, str]:
-    """``(attack, labels, defense, bn)`` of an attacker id; old ids (``adaptive``, ``unaware``) read as CI-Net's."""
+def _knowledge(attacker: str) -> tuple[str, str, str, str, str]:
+    """``(attack, labels, defense, bn, features)`` of an attacker id; old ids (``adaptive``,
+    ``unaware``) read as CI-Net's."""
     from gradleak.audit.plan import Attacker
 
     try:
         a = Attacker.parse(attacker)
-        return a.attack, a.labels, a.defense, a.bn
+        return a.attack, a.labels, a.defense, a.bn, a.features
     except ConfigError:
-        return attacker, "recovered", {"adaptive": "aware", "unaware": "unaware"}.get(attacker, "none"), "none"
+        return attacker, "recovered", {"adaptive": "aware", "unaware": "unaware"}.get(attacker, "none"), "none", "none"
 
 
 def describe_attacker(attacker: str) -> str:
     """``cinet_aware_labels-known`` -> ``cinet, defense-aware, labels known``."""
-    attack, labels, defense, bn = _knowledge(attacker)
+    attack, labels, defense, bn, features = _knowledge(attacker)
     return ", ".join([attack, *([f"defense-{defense}"] if defense != "none" else []), f"labels {labels}",
-                      *([f"BatchNorm statistics {bn}"] if bn != "none" else [])])
+                      *([f"BatchNorm statistics {bn}"] if bn != "none" else []),
+                      *([f"last-layer features {features}"] if features != "none" else [])])
 
 
 def _malicious(attack: str) -> bool:
@@ -168,16 +170,18 @@ def _malicious(attack: str) -> bool:
 
 def by_knowledge(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """The best mean SSIM under each assumption tried: ``labels-recovered``, ``labels-known``,
-    ``defense-unaware``, ``defense-aware``, ``bn-used``, ``bn-ignored``, ``server-honest``,
+    ``defense-unaware``, ``defense-aware``, ``bn-used``, ``bn-ignored``, ``features-used``,
+    ``features-ignored``, ``server-honest``,
     ``server-malicious``, and per attack (``attack:cinet``)."""
     out: dict[str, float | None] = {}
     for name, s in summaries.items():
         if s.get("ssim_mean") is None:
             continue
-        attack, labels, defense, bn = _knowledge(name)
+        attack, labels, defense, bn, features = _knowledge(name)
         keys = [f"labels-{labels}", f"attack:{attack}", f"server-{'malicious' if _malicious(attack) else 'honest'}"]
         keys += [f"defense-{defense}"] if defense != "none" else []
         keys += [f"bn-{bn}"] if bn != "none" else []
+        keys += [f"features-{features}"] if features != "none" else []
         for k in keys:
             out[k] = max(out.get(k) or -1.0, float(s["ssim_mean"]))
     return out
@@ -201,9 +205,10 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     if not summaries:
         raise ConfigError("audit verdict: expected at least one finished run, got none")
     scored = {n: s for n, s in summaries.items() if s["ssim_mean"] is not None}
-    def strength(n: str) -> tuple[float, bool, bool, bool]:  # a tie goes to the attacker who needs to know less
-        _, labels, defense, bn = _knowledge(n)
-        return round(float(scored[n]["ssim_mean"]), 6), labels == "recovered", defense != "aware", bn != "used"
+    def strength(n: str) -> tuple[float, bool, bool, bool, bool]:  # a tie goes to the attacker who needs to know less
+        _, labels, defense, bn, features = _knowledge(n)
+        return (round(float(scored[n]["ssim_mean"]), 6), labels == "recovered", defense != "aware", bn != "used",
+                features != "used")
 
     name = max(scored, key=strength) if scored else next(iter(summaries))
     best = summaries[name]
@@ -244,14 +249,16 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
 def _contrast(row: dict[str, Any]) -> str:
     """``broken if the attacker knows the labels: SSIM 0.53; with labels recovered: 0.01`` where an assumption decides."""
     known = row.get("by_knowledge") or {}
-    attack, labels, defense, bn = _knowledge(str(row.get("verdict_attacker", "")))
-    mine = {f"labels-{labels}", f"defense-{defense}", f"bn-{bn}",
+    attack, labels, defense, bn, features = _knowledge(str(row.get("verdict_attacker", "")))
+    mine = {f"labels-{labels}", f"defense-{defense}", f"bn-{bn}", f"features-{features}",
             f"server-{'malicious' if _malicious(attack) else 'honest'}"}
     parts = []
     for strong, weak, words in (("labels-known", "labels-recovered", ("knows the labels", "with labels recovered")),
                                 ("defense-aware", "defense-unaware", ("simulates the defense", "defense-unaware")),
                                 ("bn-used", "bn-ignored", ("matches the shared BatchNorm statistics",
                                                            "ignoring them")),
+                                ("features-used", "features-ignored",
+                                 ("uses the last-layer features recovered from the update", "without them")),
                                 ("server-malicious", "server-honest", ("is the server and sends a modified model", "with an honest server"))):
         if strong in mine and weak in known and strong in known:
             hi, lo = known[strong], known[weak]

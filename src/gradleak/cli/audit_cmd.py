@@ -4,7 +4,8 @@ Expands the grid batch size x defense (x protocol settings), simulates each clie
 case's data (built-in photos by default), applies the defense on the client, and attacks it with
 every attack that applies to the victim (``--attacks auto``), each under every assumption about
 what the attacker knows (``--knowledge``: labels recovered or known, defense ignored or simulated,
-shared BatchNorm statistics used or ignored where ``--share-bn-stats`` has the client share them)
+shared BatchNorm statistics used or ignored where ``--share-bn-stats`` has the client share them,
+the last-layer features recovered from the update used or not by the attacks that have that variant)
 and with every ``--seeds`` seed, each a full run folder under ``--out/<cell>/``. The verdict is the
 worst case, names the attacker that broke the cell, and reads "inconclusive" where a run was still
 improving at the end of its budget. It writes ``audit.md``, ``audit.csv``, ``ssim_vs_defense.png``,
@@ -82,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "comma-separated names. An attack named that cannot apply is refused")
     p.add_argument("--knowledge", default=None,
                    help="the attacker assumptions to try: all (default) or some of labels-recovered, labels-known, "
-                        "defense-unaware, defense-aware, bn-used, bn-ignored (with --share-bn-stats); an axis not "
+                        "defense-unaware, defense-aware, bn-used, bn-ignored (with --share-bn-stats), "
+                        "features-used, features-ignored (dlg, idlg, ig; a last layer with a bias); an axis not "
                         "named keeps all its values")
     p.add_argument("--backend", default="local", choices=list(BACKENDS),
                    help="local: this process (--workers 1, default) or a process pool; ray: one Ray task per run")
