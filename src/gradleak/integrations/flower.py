@@ -166,8 +166,8 @@ class FlowerAuditOptions:
             ``inspect_mod``) gives an audit record ``refused``. Clients must build their model from
             the arrays they receive (see examples/flower_inspect); one that loads them into a fixed
             architecture fails instead, which is also recorded.
-        malicious_attack: the malicious server's attack: ``imprint`` or ``trap`` (the attacks of
-            ``gradleak list attacks`` on a model the server modified).
+        malicious_attack: the malicious server's attack: ``imprint``, ``sparse-imprint`` or ``trap``
+            (the attacks of ``gradleak list attacks`` on a model the server modified).
         malicious_units: the block's bins (imprint) or units (trap).
         malicious_batch_size: the clients' batch size, which the server sets; trap units are set to
             fire for about one image of a batch this size.
@@ -371,6 +371,10 @@ class AuditStrategy(Strategy):
         if key is None:
             return msg
         items = list(msg.content[key].items())
+        if len(items) <= len(honest_names):  # not the model this round sent: the strategy gets it as it came
+            log.warning("gradleak audit: a reply of %d arrays to a malicious round whose victim has %d; passed on "
+                        "unchanged", len(items), len(honest_names))
+            return msg
         victim = items[len(items) - len(honest_names):]  # Sequential(block, victim): the block's arrays come first
         msg.content[key] = ArrayRecord(dict(zip(honest_names, (v for _, v in victim), strict=True)))
         return msg
