@@ -10,7 +10,10 @@
 # 3. ResNet-18-ReLU, batch 1: IG and CI-Net with shared statistics and the last-layer features at GPU
 #    budgets (tens of times the iterations 2 CPU cores manage in the same minutes): does either get
 #    past noise with more compute?
-# 4. the `reference` quality variant at batch 64 (the row the first check's time limit cut off).
+# 4. with QREF=1: the `reference` quality variant at batch 64 (measured on the second loan,
+#    2026-12-04: SSIM 0.494 after 1150 iterations; off by default since).
+# The second loan ran it with S64=75 while the budget probe sized GPU runs ~3x short (fixed since):
+# the next loan should run the defaults (2 x 120 s at batch 64 reaches the default's 0.9 point).
 # Each step has its own time limit, so one that hangs cannot take the rest with it.
 set -uo pipefail
 DEVICE="${DEVICE:-cuda}"
@@ -20,7 +23,7 @@ mkdir -p "$OUT"
 if [ "$DEVICE" = "cpu" ]; then
   B64=4; S64=6; SRELU=6; QB=2; QMIN=0.1; QITERS=4
 else
-  B64=64; S64="${S64:-90}"; SRELU="${SRELU:-75}"; QB=64; QMIN="${QMIN:-1.5}"; QITERS=100000
+  B64=64; S64="${S64:-120}"; SRELU="${SRELU:-60}"; QB=64; QMIN="${QMIN:-1.5}"; QITERS=100000
 fi
 timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
 tail -3 "$OUT/gpu-tests.txt"
@@ -32,7 +35,7 @@ done
 timeout $((2 * SRELU + 60)) gradleak compare --model resnet18 --activation relu --batch-size 1 --share-bn-stats \
   --attacks ig,cinet --seconds "$SRELU" --set ig.features=1 --set cinet.features=1 --device "$DEVICE" \
   --out "$OUT/relu-b1" --no-progress 2>&1 | tail -5
-timeout 150 gradleak bench quality --batches "$QB" --iters "$QITERS" --variant reference --target 0.95 \
+[ "${QREF:-0}" = 1 ] || [ "$DEVICE" = cpu ] && timeout 150 gradleak bench quality --batches "$QB" --iters "$QITERS" --variant reference --target 0.95 \
   --minutes "$QMIN" --device "$DEVICE" --json "$OUT/quality-reference.json" 2>&1 | tail -4
 # the small records only (no images, no checkpoints) come back
 find "$OUT" \( -name '*.pt' -o -name '*.safetensors' -o -name '*.png' \) -delete
