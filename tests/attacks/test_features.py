@@ -148,3 +148,17 @@ def test_the_feature_term_breaks_a_relu_victim_the_plain_attack_does_not(make_ca
 
     plain, with_features = mean_ssim({}), mean_ssim({"features": 1.0, "feature_init": 50})
     assert with_features >= 0.42 and with_features - plain >= 0.08, (plain, with_features)
+
+
+def test_the_feature_term_runs_under_the_dpsgd_simulation(make_case):
+    """The defense-aware attacker simulates DP-SGD with per-sample gradients (vmap inside grad): the
+    features the simulation's forward pass shows are functorch tensors that cannot leave it, so the
+    term takes its own forward pass (this failed an audit's DP-SGD cell with an escaped-tensor error)."""
+    import gradleak
+    from gradleak.defenses import dpsgd_update
+
+    server, _, x, y = make_case("lenet", 2)
+    update = dpsgd_update(server, x, y, max_grad_norm=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
+    rec = gradleak.attacks.create("ig", {"iterations": 3, "features": 1.0, "feature_init": 1, "log_every": 1,
+                                         "adaptive": "auto"}).reconstruct(server, update, labels=y)
+    assert rec.iterations == 3 and torch.isfinite(rec.images).all()

@@ -39,8 +39,10 @@ _EPS = 1e-12
 
 
 def _batched(t: torch.Tensor) -> bool:
-    """A functorch-batched tensor (inside ``vmap``): its values cannot leave the transform."""
-    return bool(torch._C._functorch.is_batchedtensor(t))
+    """A tensor inside a functorch transform (``vmap``, or ``grad`` around it, as DP-SGD's per-sample
+    simulation runs): its values cannot leave the transform, so the term takes a forward pass of its own."""
+    f = torch._C._functorch
+    return bool(f.is_batchedtensor(t) or f.is_functorch_wrapped_tensor(t))
 
 
 @dataclass
