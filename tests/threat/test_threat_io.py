@@ -102,8 +102,20 @@ def test_model_state_of_another_architecture_is_refused(tmp_path, lenet_case):
     server, *_ = lenet_case
     path = tmp_path / "m.safetensors"
     save_model_state(server.model, ModelSpec(name="mlp"), path)
-    with pytest.raises(UpdateError, match="do not fit model 'mlp'"):
+    with pytest.raises(UpdateError, match="do not fit model 'mlp'") as e:
         load_model_state(path)
+    assert "expected tensor(s) missing, e.g." in str(e.value) and "unexpected, e.g." in str(e.value)
+
+
+def test_state_mismatch_names_the_first_wrong_shape():
+    from gradleak.models import build_model
+    from gradleak.threat.io import state_mismatch
+
+    model = build_model(ModelSpec(name="lenet"), seed=0)
+    state = dict(model.state_dict())
+    name = next(iter(state))
+    state[name] = torch.zeros(3)
+    assert state_mismatch(model, state) == f"'{name}' expected shape {tuple(model.state_dict()[name].shape)}, got (3,)"
 
 
 def test_client_update_rejects_bad_fields():

@@ -170,6 +170,24 @@ def _malicious_blocks() -> list[tuple[str, str, tuple[str, ...], Callable[[nn.Mo
             ("trap", "units", (), find_trap, lambda shape, k, **flags: TrapBlock(shape, k))]
 
 
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into ``model``, in a few words: the names missing and
+    unexpected (the first of each) and the first tensor whose shape differs, expected against given."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    shape = next(((k, want[k], tuple(state[k].shape)) for k in want if k in state and tuple(state[k].shape) != want[k]),
+                 None)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} expected tensor(s) missing, e.g. '{missing[0]}'")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, e.g. '{extra[0]}'")
+    if shape:
+        parts.append(f"'{shape[0]}' expected shape {shape[1]}, got {shape[2]}")
+    return "; ".join(parts) or "the tensors do not load"
+
+
 def save_model_state(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
     """Write the server model's ``state_dict`` and its spec (the architecture is rebuilt by name).
 
@@ -228,9 +246,9 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
         model = nn.Sequential(blocks[0], model)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise UpdateError(f"model-state file '{path}': tensors do not fit model '{spec.name}' ({first})") from None
+    except RuntimeError:
+        raise UpdateError(f"model-state file '{path}': tensors do not fit model '{spec.name}' "
+                          f"({state_mismatch(model, state)})") from None
     return model.to(device), spec
 
 
@@ -255,9 +273,9 @@ def model_from_arrays(spec: ModelSpec, arrays: dict[str, torch.Tensor], *, spars
                               model)
     try:
         model.load_state_dict(arrays, strict=True)
-    except RuntimeError as e:
+    except RuntimeError:
         raise UpdateError(f"received arrays: they do not fit model '{spec.name}' "
-                          f"({str(e).splitlines()[0]})") from None
+                          f"({state_mismatch(model, arrays)})") from None
     return model
 
 
