@@ -27,13 +27,16 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradleak.errors import ConfigError
 from gradleak.metrics.recognisable import PARTIAL_SSIM, RECOGNISABLE_SSIM
 from gradleak.reporting.runner import RunSummary
+
+if TYPE_CHECKING:
+    from gradleak.audit.plan import Attacker
 
 
 def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,
@@ -137,24 +140,19 @@ def improvement(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _knowledge(attacker: str) -> tuple[str, str, str, str, str]:
-    """``(attack, labels, defense, bn, features)`` of an attacker id; old ids (``adaptive``,
-    ``unaware``) read as CI-Net's."""
+def _knowledge(attacker: str) -> Attacker:
+    """The attacker an id names; old ids (``adaptive``, ``unaware``) read as CI-Net's."""
     from gradleak.audit.plan import Attacker
 
     try:
-        a = Attacker.parse(attacker)
-        return a.attack, a.labels, a.defense, a.bn, a.features
+        return Attacker.parse(attacker)
     except ConfigError:
-        return attacker, "recovered", {"adaptive": "aware", "unaware": "unaware"}.get(attacker, "none"), "none", "none"
+        return Attacker(attacker, defense={"adaptive": "aware", "unaware": "unaware"}.get(attacker, "none"))
 
 
 def describe_attacker(attacker: str) -> str:
     """``cinet_aware_labels-known`` -> ``cinet, defense-aware, labels known``."""
-    attack, labels, defense, bn, features = _knowledge(attacker)
-    return ", ".join([attack, *([f"defense-{defense}"] if defense != "none" else []), f"labels {labels}",
-                      *([f"BatchNorm statistics {bn}"] if bn != "none" else []),
-                      *([f"last-layer features {features}"] if features != "none" else [])])
+    return _knowledge(attacker).describe()
 
 
 def _malicious(attack: str) -> bool:
@@ -177,11 +175,10 @@ def by_knowledge(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None
     for name, s in summaries.items():
         if s.get("ssim_mean") is None:
             continue
-        attack, labels, defense, bn, features = _knowledge(name)
-        keys = [f"labels-{labels}", f"attack:{attack}", f"server-{'malicious' if _malicious(attack) else 'honest'}"]
-        keys += [f"defense-{defense}"] if defense != "none" else []
-        keys += [f"bn-{bn}"] if bn != "none" else []
-        keys += [f"features-{features}"] if features != "none" else []
+        a = _knowledge(name)
+        keys = [f"labels-{a.labels}", f"attack:{a.attack}", f"server-{'malicious' if _malicious(a.attack) else 'honest'}"]
+        keys += [f"{axis}-{v}" for axis, v in (("defense", a.defense), ("bn", a.bn), ("features", a.features))
+                 if v != "none"]
         for k in keys:
             out[k] = max(out.get(k) or -1.0, float(s["ssim_mean"]))
     return out
@@ -206,9 +203,9 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
         raise ConfigError("audit verdict: expected at least one finished run, got none")
     scored = {n: s for n, s in summaries.items() if s["ssim_mean"] is not None}
     def strength(n: str) -> tuple[float, bool, bool, bool, bool]:  # a tie goes to the attacker who needs to know less
-        _, labels, defense, bn, features = _knowledge(n)
-        return (round(float(scored[n]["ssim_mean"]), 6), labels == "recovered", defense != "aware", bn != "used",
-                features != "used")
+        a = _knowledge(n)
+        return (round(float(scored[n]["ssim_mean"]), 6), a.labels == "recovered", a.defense != "aware", a.bn != "used",
+                a.features != "used")
 
     name = max(scored, key=strength) if scored else next(iter(summaries))
     best = summaries[name]
@@ -249,9 +246,9 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
 def _contrast(row: dict[str, Any]) -> str:
     """``broken if the attacker knows the labels: SSIM 0.53; with labels recovered: 0.01`` where an assumption decides."""
     known = row.get("by_knowledge") or {}
-    attack, labels, defense, bn, features = _knowledge(str(row.get("verdict_attacker", "")))
-    mine = {f"labels-{labels}", f"defense-{defense}", f"bn-{bn}", f"features-{features}",
-            f"server-{'malicious' if _malicious(attack) else 'honest'}"}
+    a = _knowledge(str(row.get("verdict_attacker", "")))
+    mine = {f"labels-{a.labels}", f"defense-{a.defense}", f"bn-{a.bn}", f"features-{a.features}",
+            f"server-{'malicious' if _malicious(a.attack) else 'honest'}"}
     parts = []
     for strong, weak, words in (("labels-known", "labels-recovered", ("knows the labels", "with labels recovered")),
                                 ("defense-aware", "defense-unaware", ("simulates the defense", "defense-unaware")),
@@ -300,7 +297,7 @@ def verdict(row: dict[str, Any]) -> str:
     if contrast:
         text += "; " + contrast
     who = row.get("label_attacker")
-    label_by = f" (by {_knowledge(who)[0]})" if who and who != row.get("verdict_attacker") else ""
+    label_by = f" (by {_knowledge(who).attack})" if who and who != row.get("verdict_attacker") else ""
     if acc is not None and acc >= 1.0:
         text += f"; labels recovered exactly{label_by}"
     elif acc is not None and acc > 0:
