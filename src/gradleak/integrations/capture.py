@@ -34,7 +34,7 @@ from gradleak.errors import ConfigError, GradleakError, UpdateError
 from gradleak.labels import recover_labels
 from gradleak.reporting.tables import cell, write_csv, write_markdown
 from gradleak.threat import load_model_state, load_truth, load_update, local_schedule, save_model_state, save_truth
-from gradleak.threat.io import save_update
+from gradleak.threat.io import save_update, state_mismatch
 from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ def server_state(model: ModelSpec | nn.Module, state: Mapping[str, torch.Tensor]
     try:
         net.load_state_dict({k: v.detach().clone().float() if v.is_floating_point() else v.clone()
                              for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise UpdateError(f"server parameters do not fit the audit model ({str(e).splitlines()[0]})") from None
+    except RuntimeError:
+        raise UpdateError(f"server parameters do not fit the audit model ({state_mismatch(net, state)})") from None
     if isinstance(model, ModelSpec):
         return ServerState.from_spec(net, model)
     net.train(bn_mode == "train")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,7 +170,17 @@ def _malicious_blocks() -> list[tuple[str, str, tuple[str, ...], Callable[[nn.Mo
             ("trap", "units", (), find_trap, lambda shape, k, **flags: TrapBlock(shape, k))]
 
 
-def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, what: str, name: str) -> nn.Module:
+    """``model`` with ``state`` loaded (strictly), or an UpdateError ``"<what>: tensors do not fit model
+    '<name>' (<what does not fit>)"``."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UpdateError(f"{what}: tensors do not fit model '{name}' ({state_mismatch(model, state)})") from None
+    return model
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     """What keeps ``state`` from loading into ``model``, in a few words: the names missing and
     unexpected (the first of each) and the first tensor whose shape differs, expected against given."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -244,12 +254,7 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
         raise UpdateError(f"model-state file '{path}': expected an imprint block or trap units, got both")
     if blocks:
         model = nn.Sequential(blocks[0], model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise UpdateError(f"model-state file '{path}': tensors do not fit model '{spec.name}' "
-                          f"({state_mismatch(model, state)})") from None
-    return model.to(device), spec
+    return load_into(model, state, what=f"model-state file '{path}'", name=spec.name).to(device), spec
 
 
 def model_from_arrays(spec: ModelSpec, arrays: dict[str, torch.Tensor], *, sparse: bool = False) -> nn.Module:
@@ -271,12 +276,7 @@ def model_from_arrays(spec: ModelSpec, arrays: dict[str, torch.Tensor], *, spars
     if "0.encoder.weight" in arrays:
         model = nn.Sequential(ImprintBlock(spec.input_shape, int(arrays["0.encoder.weight"].shape[0]), sparse=sparse),
                               model)
-    try:
-        model.load_state_dict(arrays, strict=True)
-    except RuntimeError:
-        raise UpdateError(f"received arrays: they do not fit model '{spec.name}' "
-                          f"({state_mismatch(model, arrays)})") from None
-    return model
+    return load_into(model, arrays, what="received arrays", name=spec.name)
 
 
 def save_truth(images: torch.Tensor, labels: torch.Tensor, path: str | Path, *, names: list[str] | None = None) -> None:
