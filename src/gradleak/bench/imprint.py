@@ -73,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     for activation in args.activations.split(","):
         spec = ModelSpec(name=args.model, activation=activation)
         honest = ServerState.from_spec(build_model(spec, seed=42), spec)
+        public = public_images(spec.image_size)  # the server's photos, loaded once (trap units are set on them)
         for n in (int(b) for b in args.batches.split(",")):
             batch = builtin_batch(n, source="builtin" if n <= 68 else "photos")
             for k in (int(b) for b in args.bins.split(",")):
                 for protocol in protocols:
                     for noise in (float(v) for v in args.evasion.split(",")):
                         # a fresh block for each setting, as the malicious server of the attack builds it
-                        server = ATTACKS.get(args.block).malicious_model(honest, k, batch_size=n,
-                                                                         public=public_images(spec.image_size))
+                        server = ATTACKS.get(args.block).malicious_model(honest, k, batch_size=n, public=public)
                         block = find_imprint(server.model)
                         if noise and block is not None:
                             with torch.no_grad():
