@@ -281,8 +281,8 @@ def _interrupt_forward(monkeypatch, at_call: int, interrupt) -> None:
 
     forward, calls = CINetGenerator.forward, []
 
-    def interrupted_forward(self, z):
-        out = forward(self, z)
+    def interrupted_forward(self, z, *stage):
+        out = forward(self, z, *stage)
         calls.append(1)
         if len(calls) == at_call:
             interrupt()
@@ -372,3 +372,70 @@ def test_layer_cosine_matching_drives_the_update_closer(attack, lenet_case):
     assert distance(rec.images) < distance(noise) / 4
     with pytest.raises(ConfigError, match="cosine-layer"):
         gradleak.attacks.create(attack, {"loss": "cosine-layers"})
+
+
+def test_progressive_generator_stops_at_each_stage_and_fades_between_them():
+    torch.manual_seed(0)
+    gen = CINetGenerator(channels=8, image_size=32, progressive=True).eval().requires_grad_(False)  # eval: no power iteration
+    z = torch.randn(2, 100)
+    full = gen(z)
+    assert torch.equal(gen(z, 2, 1.0), full)
+    for stage, side in ((0, 4), (1, 2)):  # 8 px and 16 px, upsampled to 32 px: constant blocks
+        x = gen(z, stage)
+        assert x.shape == full.shape and 0 <= float(x.min()) and float(x.max()) <= 1
+        blocks = x[..., ::side, ::side].repeat_interleave(side, -1).repeat_interleave(side, -2)
+        assert torch.equal(x, blocks)
+        assert not torch.equal(x[..., :side * 2:side, 0], x[..., :side * 2:side, 0].flip(-1))  # not flat
+    torch.testing.assert_close(gen(z, 1, 0.0), gen(z, 0))  # alpha 0: the previous stage alone
+    half = gen(z, 2, 0.5)
+    lo, hi = torch.minimum(gen(z, 2, 0.0), full), torch.maximum(gen(z, 2, 0.0), full)
+    assert bool(((half >= lo - 1e-6) & (half <= hi + 1e-6)).all())  # tanh is monotone: between the two
+    assert len(gen.state_dict()) == len(CINetGenerator(channels=8, image_size=32).state_dict()) + 4
+    with pytest.raises(ConfigError, match="progressive"):
+        CINetGenerator(channels=8, image_size=32)(z, 0)
+    with pytest.raises(ConfigError, match="0..2"):
+        gen(z, 3)
+
+
+def test_growth_schedule_covers_every_stage_then_the_full_generator():
+    from gradleak.attacks.cinet import growth
+
+    assert growth(5, 0, 3) == (None, 1.0) and growth(0, 10, 3) == (None, 1.0)
+    seen = [growth(t, 10, 3) for t in range(1, 40)]
+    stages = [3 if s is None else s for s, _ in seen]
+    assert stages == sorted(stages)  # never back to a lower stage
+    assert seen[:10] == [(0, 1.0)] * 10 and seen[10] == (1, 0.2) and seen[14] == (1, 1.0)
+    assert seen[20] == (2, 0.2) and seen[23] == (2, 0.8) and all(s == (None, 1.0) for s in seen[24:])
+
+
+def test_a_grown_run_starts_coarse_and_resumes_exactly(tmp_path, lenet_case):
+    server, update, *_ = lenet_case
+    short = gradleak.attacks.create("cinet", {"iterations": 2, "channels": 8, "grow": 5}, seed=1).reconstruct(
+        server, update)
+    x = short.images  # still at the 8 px stage: 4 x 4 blocks
+    assert torch.equal(x, x[..., ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2))
+    assert short.info["config"]["grow"] == 5
+    cfg = {"iterations": 8, "channels": 8, "grow": 2, "log_every": 1, "checkpoint_every": 3}
+    straight = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "a")
+    assert not torch.equal(straight.images, straight.images[..., ::2, ::2].repeat_interleave(2, -1)
+                           .repeat_interleave(2, -2))  # grown to full resolution by iteration 6
+    with pytest.raises(_Stop):
+        gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
+                                                                   callback=_stop_at(4))
+    resumed = gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path / "b",
+                                                                        resume=True)
+    assert resumed.resumed_from == 3
+    torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="grow"):
+        CINetConfig(grow=-1)
+
+
+def test_soft_signed_adam_is_its_own_update(lenet_case):
+    server, update, _, labels = lenet_case
+    runs = {u: gradleak.attacks.create("cinet", {"iterations": 3, "channels": 8, "update": u}, seed=2).reconstruct(
+        server, update, labels=labels) for u in ("sign-adam", "soft-sign-adam", "adam")}
+    assert runs["soft-sign-adam"].info["config"]["update"] == "soft-sign-adam"
+    assert not torch.equal(runs["soft-sign-adam"].images, runs["sign-adam"].images)
+    assert not torch.equal(runs["soft-sign-adam"].images, runs["adam"].images)
+    with pytest.raises(ConfigError, match="soft-sign-adam"):
+        CINetConfig(update="soft-sgd")

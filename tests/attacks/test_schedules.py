@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradleak
-from gradleak.attacks.schedules import WARMUP, make_scheduler
+from gradleak.attacks.schedules import WARMUP, make_scheduler, soft_sign
 from gradleak.errors import ConfigError
 
 
@@ -38,3 +38,30 @@ def test_the_attacks_take_the_schedule_and_beta1(attack, lenet_case):
     assert rec.info["config"]["beta1"] == 0.5 and rec.info["config"]["lr_decay"] == "warmup-cosine"
     with pytest.raises(ConfigError, match="beta1"):
         gradleak.attacks.create(attack, {"beta1": 1.0})
+
+
+def test_soft_sign_goes_from_a_soft_sign_to_the_unsigned_gradient():
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1e-5  # the image gradients' scale
+    m = g.abs().mean()
+    first, last = soft_sign(g, 1, 1000), soft_sign(g, 1000, 1000)
+    assert float(first.abs().max()) <= float(m) * 1.0001  # bounded by the mean magnitude: a soft sign
+    assert torch.equal(torch.sign(first), torch.sign(g))
+    torch.testing.assert_close(last, g, rtol=1e-3, atol=0.0)  # s = 1e-3: unsigned
+    middle = soft_sign(g, 500, 1000)
+    assert float(first.abs().max()) < float(middle.abs().max()) < float(g.abs().max())
+    assert torch.equal(soft_sign(torch.zeros(3), 1, 10), torch.zeros(3))
+    with pytest.raises(ValueError, match="iteration"):
+        soft_sign(g, 0, 10)
+
+
+def test_ig_takes_the_soft_sign(lenet_case):
+    server, update, _, labels = lenet_case
+    runs = {s: gradleak.attacks.create("ig", {"iterations": 3, "signed": s}, seed=0).reconstruct(
+        server, update, labels=labels) for s in (True, "soft", False)}
+    assert runs["soft"].info["config"]["signed"] == "soft"
+    assert not torch.equal(runs["soft"].images, runs[True].images)
+    assert not torch.equal(runs["soft"].images, runs[False].images)
+    with pytest.raises(ConfigError, match="soft"):
+        gradleak.attacks.create("ig", {"signed": "hard"})
+    with pytest.raises(ConfigError, match="lbfgs"):
+        gradleak.attacks.create("dlg", {"signed": "soft"})

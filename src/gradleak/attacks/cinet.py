@@ -26,7 +26,7 @@ from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.loop import Loop, LoopConfig, Step, check_memory, prepare
 from gradleak.attacks.matching import Matcher
-from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
+from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state, soft_sign
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError
@@ -35,7 +35,7 @@ from gradleak.generators.cinet import CINetGenerator, choose_channels, latent
 from gradleak.hardware import precision_warning
 from gradleak.types import ClientUpdate, Reconstruction, ServerState
 
-_UPDATES = ("sign-sgd", "sign-adam", "adam")
+_UPDATES = ("sign-sgd", "sign-adam", "soft-sign-adam", "adam")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -46,7 +46,9 @@ class CINetConfig(LoopConfig):
     Args:
         iterations: T, the number of generator updates.
         lr: eta.
-        update: ``"sign-sgd"`` (Alg. 1), ``"sign-adam"`` (published code) or ``"adam"`` (unsigned, for ablation).
+        update: ``"sign-sgd"`` (Alg. 1), ``"sign-adam"`` (published code), ``"soft-sign-adam"`` (the
+            soft sign of breaching's attacks, from nearly signed to unsigned over the run,
+            :func:`~gradleak.attacks.schedules.soft_sign`) or ``"adam"`` (unsigned, for ablation).
         loss: ``"l2"`` (Alg. 1 line 8), ``"cosine"`` (published code's distance, computed without
             float32 cancellation), ``"cosine-naive"`` (the published code's formula, for ablation) or
             ``"cosine-layer"`` (the mean of each parameter tensor's cosine distance, so the last
@@ -64,6 +66,11 @@ class CINetConfig(LoopConfig):
         latent: ``"fixed"`` (Alg. 1: z0 drawn once, never trained) or ``"learned"`` (z0 is trained
             with the generator, by the same update rule).
         upsample: ``"nearest"`` (paper) or ``"bilinear"`` (Figure 8 ablation).
+        grow: progressive growing (0: off): the generator's 8 px stage is trained alone for ``grow``
+            iterations, then each higher stage in turn for ``grow`` more, fading in over the first half
+            (ProGAN, which the paper's generator starts from); the victim sees each stage's images
+            upsampled (nearest) to its input size. From ``grow * (stages - 1) + grow // 2`` on, the
+            full generator (:func:`growth`).
         norm: generator normalization: ``"batch"``, ``"instance"`` or ``"none"``.
         spectral: spectral normalization of the generator's 3x3 convolutions.
         label_strategy: how labels are recovered from the update (``gradleak.labels``).
@@ -90,6 +97,7 @@ class CINetConfig(LoopConfig):
     nz: int = 100
     latent: str = "fixed"
     upsample: str = "nearest"
+    grow: int = 0
     norm: str = "batch"
     spectral: bool = True
     activation_checkpointing: bool = False
@@ -112,7 +120,7 @@ class CINetConfig(LoopConfig):
         if self.lr_decay not in DECAYS:
             raise ConfigError(f"cinet lr_decay: expected one of {', '.join(DECAYS)}, got {self.lr_decay!r}")
         check_ranges("cinet", self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), nz=(1, 4096),
-                     beta1=(0, 0.999))
+                     beta1=(0, 0.999), grow=(0, None))
         if isinstance(self.channels, int) and not 1 <= self.channels <= 4096:
             raise ConfigError(f"cinet channels: expected 1 to 4096 or a rule (auto, paper, reference), got {self.channels}")
 
@@ -171,7 +179,7 @@ class CINetAttack(Attack):
             torch.default_generator.manual_seed(self.seed)  # the CPU's alone: CUDA generators stay as they were
             gen = CINetGenerator(channels=choice.channels, image_size=h, out_channels=c, nz=cfg.nz,
                                  upsample=cfg.upsample, norm=cfg.norm, spectral=cfg.spectral,
-                                 checkpoint=cfg.activation_checkpointing).to(dev)
+                                 checkpoint=cfg.activation_checkpointing, progressive=cfg.grow > 0).to(dev)
         z = latent(update.num_samples, cfg.nz, generator=rng, device=dev)
         gparams: list[torch.Tensor] = list(gen.parameters())
         if cfg.latent == "learned":
@@ -203,7 +211,7 @@ class CINetAttack(Attack):
         if loop.done > loop.resumed_from:
             loop.save()  # before the last forward, which moves the buffers: a longer resume continues exactly
         with torch.no_grad():
-            images = gen(z)
+            images = gen(z, *growth(loop.done, cfg.grow, len(gen.blocks)))
         return loop.outcome(images, y, setup.labels.strategy, {
             "channel_choice": choice.to_dict(), "label_notes": setup.labels.warnings,
             "label_info": setup.labels.info, "precision_note": precision_note,
@@ -224,6 +232,29 @@ class CINetAttack(Attack):
         rng.set_state(tensors["rng"])
 
 
+def growth(iteration: int, grow: int, blocks: int) -> tuple[int | None, float]:
+    """The generator stage and fade-in weight of progressive growing at ``iteration`` (from 1).
+
+    Stage ``k`` is the output of the generator's block ``k`` (8 px for ``k = 0``); ``None`` is the
+    full generator. Each stage below the last runs ``grow`` iterations; a stage above the first
+    fades in (its weight rising linearly from ``1 / (grow // 2)`` to 1) over its first ``grow // 2``.
+    ``grow = 0`` or ``iteration = 0`` (before any step): the full generator.
+
+    Example:
+        >>> [growth(t, 4, 3) for t in (1, 4, 5, 6, 7, 9, 10, 11)]
+        [(0, 1.0), (0, 1.0), (1, 0.5), (1, 1.0), (1, 1.0), (2, 0.5), (None, 1.0), (None, 1.0)]
+    """
+    if grow <= 0 or iteration <= 0:
+        return None, 1.0
+    stage = min((iteration - 1) // grow, blocks - 1)
+    fade = max(1, grow // 2)
+    offset = (iteration - 1) - stage * grow
+    alpha = 1.0 if stage == 0 else min(1.0, (offset + 1) / fade)
+    if stage == blocks - 1 and alpha >= 1.0:
+        return None, 1.0
+    return stage, alpha
+
+
 class _Stepper:
     """One CI-Net step (Alg. 1 lines 6-11): generate, simulate the update, match, signed update.
 
@@ -238,6 +269,10 @@ class _Stepper:
         self.cfg, self.gen, self.z, self.params, self.opt, self.sched = cfg, gen, z, params, opt, sched
         self.matcher, self.y, self.aux = matcher, y, aux
         self.amp = _PRECISIONS[cfg.precision]
+        self.blocks = len(gen.blocks)  # type: ignore[arg-type]
+
+    def stage(self, it: int) -> tuple[int | None, float]:
+        return growth(it, self.cfg.grow, self.blocks)
 
     def __call__(self, it: int) -> Step:
         cfg = self.cfg
@@ -246,13 +281,13 @@ class _Stepper:
         match: float | None = None
         if it <= cfg.feature_init:  # the features alone: an initialisation target, no simulation
             with autocast:
-                x = self.gen(self.z)
+                x = self.gen(self.z, *self.stage(it))
                 init = self.aux.loss(x, features_only=True)
             assert init is not None
             loss, match = init.float(), float("inf")  # not a matching loss: never at the noise floor
         else:
             with autocast, self.aux.watching():
-                x = self.gen(self.z)
+                x = self.gen(self.z, *self.stage(it))
                 grads = self.matcher.simulate(x, self.y)
             if self.amp is not None:
                 grads = [g.float() for g in grads]
@@ -263,8 +298,14 @@ class _Stepper:
                 loss = loss + extra.float()
         if cfg.tv > 0:
             loss = loss + cfg.tv * total_variation(x.float())
-        for p, g in zip(self.params, torch.autograd.grad(loss, self.params)):
-            p.grad = g.sign() if cfg.update != "adam" else g
+        for p, g in zip(self.params, torch.autograd.grad(loss, self.params, allow_unused=cfg.grow > 0)):
+            if g is None:  # a stage not grown yet, or a To-RGB layer no longer read
+                g = torch.zeros_like(p)
+            elif cfg.update == "soft-sign-adam":
+                g = soft_sign(g, it, cfg.iterations)
+            elif cfg.update != "adam":
+                g = g.sign()
+            p.grad = g
         self.opt.step()
         self.sched.step()
         return Step(loss=loss.detach(), match=match, images=x.detach().float())

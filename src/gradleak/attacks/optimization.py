@@ -24,14 +24,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.loop import Loop, LoopConfig, Step, check_memory, prepare
-from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state
+from gradleak.attacks.schedules import DECAYS, make_scheduler, scheduler_state, soft_sign
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError
@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "optimizer": ("lbfgs", "adam", "sgd"), "loss": ("l2", "cosine", "cosine-layer"), "lr_decay": DECAYS,
-    "init": ("randn", "rand", "zeros", "patterned"), "line_search": (None, "strong_wolfe")}
+    "init": ("randn", "rand", "zeros", "patterned"), "line_search": (None, "strong_wolfe"),
+    "signed": (False, True, "soft")}
 
 PATTERN = 4
 """The side of the random tile of ``init="patterned"`` (breaching's ``patterned-4-randn``)."""
@@ -60,7 +61,9 @@ class OptimizationConfig(LoopConfig):
         loss: gradient distance, ``"l2"`` (DLG), ``"cosine"`` (IG) or ``"cosine-layer"`` (each
             parameter tensor's cosine distance, averaged: every layer weighs the same).
         tv: weight of the total-variation prior (0: none).
-        signed: feed the sign of the image gradient to the optimiser (IG); not with L-BFGS.
+        signed: feed the sign of the image gradient to the optimiser (IG; ``True``), or ``"soft"``: its
+            soft sign, from nearly signed to unsigned over each restart (breaching's ``signed="soft"``,
+            :func:`~gradleak.attacks.schedules.soft_sign`); not with L-BFGS.
         boxed: clamp the images to [0, 1] after every step (IG).
         lr_decay: ``"none"``, ``"step"`` (x0.1 at 3/8, 5/8 and 7/8 of the iterations; IG),
             ``"cosine"`` or ``"warmup-cosine"`` (:func:`gradleak.attacks.schedules.make_scheduler`).
@@ -89,7 +92,7 @@ class OptimizationConfig(LoopConfig):
     lr: float = 1.0
     loss: str = "l2"
     tv: float = 0.0
-    signed: bool = False
+    signed: bool | Literal["soft"] = False
     boxed: bool = False
     lr_decay: str = "none"
     restarts: int = 1
@@ -130,7 +133,7 @@ class IGConfig(OptimizationConfig):
     lr: float = 0.1
     loss: str = "cosine"
     tv: float = 0.1
-    signed: bool = True
+    signed: bool | Literal["soft"] = True
     boxed: bool = True
     lr_decay: str = "step"
     line_search: str | None = None
@@ -222,7 +225,7 @@ class OptimizationAttack(Attack):
 
         def step(it: int) -> Step:
             stage["features_only"] = it <= cfg.feature_init
-            value, match = self._step(run.opt, run.sched, run.x, run.v, soft, objective)
+            value, match = self._step(run.opt, run.sched, run.x, run.v, soft, objective, it)
             if it <= cfg.coarse:  # multi-resolution: the images stay on 2 x 2 blocks
                 with torch.no_grad():
                     run.x.copy_(_coarse(run.x))
@@ -313,9 +316,10 @@ class OptimizationAttack(Attack):
         return opt, make_scheduler(opt, cfg.lr_decay, cfg.iterations)
 
     def _step(self, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, v: torch.Tensor, soft: bool,
-              objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-        """One optimiser step; returns the objective and its matching part before it (L-BFGS: at its
-        first evaluation)."""
+              objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+              iteration: int) -> tuple[float, float]:
+        """One optimiser step (``iteration`` of the restart, from 1); returns the objective and its matching
+        part before it (L-BFGS: at its first evaluation)."""
         cfg = self.config
         variables = [x, v] if soft else [x]
 
@@ -326,7 +330,11 @@ class OptimizationAttack(Attack):
             matches.append(float(match.detach()))
             grads = torch.autograd.grad(loss, variables)  # not .backward(): keep the victim's .grad clean
             for var, g in zip(variables, grads):
-                var.grad = g.sign() if (cfg.signed and var is x) else g
+                if var is x and cfg.signed == "soft":
+                    g = soft_sign(g, iteration, cfg.iterations)
+                elif var is x and cfg.signed:
+                    g = g.sign()
+                var.grad = g
             return loss.detach()
 
         if cfg.optimizer == "lbfgs":

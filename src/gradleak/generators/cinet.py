@@ -77,14 +77,19 @@ class CINetGenerator(nn.Module):
         negative_slope: LeakyReLU slope (0.1 in the published code).
         checkpoint: activation checkpointing of the upsampling blocks (less memory, one more
             generator forward per step); an attribute, so it can be switched on a built generator.
+        progressive: add a To-RGB layer (1x1 convolution) after every block but the last, so that
+            ``forward(z, stage, alpha)`` can stop at a lower resolution (progressive growing).
 
     Shape:
         forward(z): z of shape (N, nz) -> images (N, out_channels, image_size, image_size) in [0, 1].
+        forward(z, stage, alpha): the output of block ``stage`` (``4 * 2**(stage + 1)`` px), blended
+        with the previous stage's by ``alpha`` (``alpha * this + (1 - alpha) * previous`` before the
+        tanh), upsampled (nearest) to ``image_size``; ``stage=None`` is the full generator.
     """
 
     def __init__(self, *, channels: int, image_size: int = 32, out_channels: int = 3, nz: int = 100,
                  upsample: str = "nearest", norm: str = "batch", spectral: bool = True,
-                 negative_slope: float = 0.1, checkpoint: bool = False) -> None:
+                 negative_slope: float = 0.1, checkpoint: bool = False, progressive: bool = False) -> None:
         super().__init__()
         if image_size < 8 or image_size > 256 or image_size & (image_size - 1):
             raise ConfigError(f"CI-Net image size: expected a power of two in 8..256, got {image_size}")
@@ -115,15 +120,38 @@ class CINetGenerator(nn.Module):
             cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Conv2d(cin, out_channels, 1)
+        self.to_rgb = nn.ModuleList([nn.Conv2d(stage_channels(channels, 8 * 2**k), out_channels, 1)
+                                     for k in range(len(blocks) - 1)]) if progressive else None
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, stage: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+        last = len(self.blocks) - 1
+        if stage is not None and not (0 <= stage <= last and 0.0 <= alpha <= 1.0):
+            raise ConfigError(f"CI-Net stage: expected 0..{last} and alpha in [0, 1], got {stage}, {alpha}")
+        if stage is not None and self.to_rgb is None and (stage < last or alpha < 1.0):
+            raise ConfigError("CI-Net stage: this generator was built without To-RGB layers (progressive=False)")
+        end = last if stage is None else stage
         x = self.head(z.view(z.shape[0], self.nz, 1, 1))
-        if self.checkpoint and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = self._checkpointed(block, x)  # type: ignore[arg-type]  # each block is a Sequential
-        else:
-            x = self.blocks(x)
-        return (torch.tanh(self.out(x)) + 1) / 2
+        previous = x
+        for k in range(end + 1):
+            previous = x
+            block = self.blocks[k]
+            x = (self._checkpointed(block, x) if self.checkpoint and torch.is_grad_enabled()  # type: ignore[arg-type]
+                 else block(x))
+        rgb = self._rgb(end, x)
+        if stage is not None and alpha < 1.0 and end > 0:
+            lower = F.interpolate(self._rgb(end - 1, previous), scale_factor=2, mode="nearest")
+            rgb = alpha * rgb + (1.0 - alpha) * lower
+        images = (torch.tanh(rgb) + 1) / 2
+        if end < last:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="nearest")
+        return images
+
+    def _rgb(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``k``'s output as pre-tanh images: the output layer for the last block, else its To-RGB."""
+        if k == len(self.blocks) - 1:
+            return self.out(x)
+        assert self.to_rgb is not None
+        return self.to_rgb[k](x)
 
     def _checkpointed(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """One block under activation checkpointing; the (spectral-normed) weights are inputs."""
