@@ -158,3 +158,12 @@ def test_bench_audit_splits_the_wall_time_into_runs_and_overhead(tmp_path):
     assert row["backend"] == "local" and row["runs"] == 2 and row["failed"] == 0
     assert row["overhead_s"] == pytest.approx(row["wall_s"] - row["runs_s"])
     assert 0 <= row["overhead_share"] <= 1
+
+
+def test_every_quality_variant_is_a_valid_cinet_config():
+    from gradleak.attacks import CINetConfig
+    from gradleak.bench.quality import VARIANTS
+    from gradleak.config import from_dict
+
+    configs = {name: from_dict(CINetConfig, dict(v)) for name, v in VARIANTS.items()}
+    assert configs["grow50"].grow == 50 and configs["soft-sign-adam"].update == "soft-sign-adam"
