@@ -34,6 +34,7 @@ class Plateau:
 MEASURED: tuple[Plateau, ...] = (
     Plateau("lenet", "sigmoid", 1, "cinet", 150, 200, "docs/audit.md, LeNet worst-case audit (100-150 of 200)"),
     Plateau("lenet", "sigmoid", 4, "cinet", 150, 300, "docs/audit.md, LeNet worst-case audit and the prune:0.9 cell"),
+    Plateau("resnet18", "sigmoid", 4, "cinet", 125, 300, "docs/audit.md, ResNet-18-sigmoid batch 4 audit (100-125 of 300)"),
     Plateau("resnet18", "sigmoid", 8, "cinet", 225, 300, "README, iterations to SSIM 0.95 (125-225 over 3 seeds)"),
     Plateau("resnet18", "sigmoid", 16, "cinet", 150, 150, "README, large batches (0.921 at 150, still rising)"),
     Plateau("resnet18", "sigmoid", 32, "cinet", 450, 450, "README, large batches (0.907 at 450)"),
