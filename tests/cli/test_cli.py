@@ -385,10 +385,30 @@ def test_train_writes_a_victim_that_weights_loads(tmp_path, capsys):
     assert json.loads((tmp_path / "s" / "case.json").read_text())["weights"] == str(weights)
     capsys.readouterr()
     assert main(["simulate", "--model", "lenet", "--weights", str(weights), "--out", str(tmp_path / "s2")]) == 2
-    assert "activation 'relu' (flags: 'sigmoid')" in _err(capsys)
+    assert "activation 'relu' (expected 'sigmoid')" in _err(capsys)
     assert main(["audit", "--model", "lenet", "--weights", str(weights), "--batch-sizes", "1",
-                 "--out", str(tmp_path / "a")]) == 2
-    assert "--weights" in _err(capsys) and not (tmp_path / "a").exists()
+                 "--out", str(tmp_path / "a")]) == 2  # the flags name LeNet-sigmoid
+    assert "activation 'relu' (expected 'sigmoid')" in _err(capsys) and not (tmp_path / "a").exists()
+    a = tmp_path / "a2"
+    assert main(["audit", "--model", "lenet", "--activation", "relu", "--weights", str(weights), "--batch-sizes", "1",
+                 "--defenses", "none", "--attacks", "cinet", "--iterations", "2", "--set", "channels=8",
+                 "--utility-steps", "0", "--no-progress", "--out", str(a)]) == 0
+    assert "trained victim" in _err(capsys)  # the default distance was measured weak on trained victims
+    cell = json.loads((a / "fedsgd_n1_none" / "cell.json").read_text())
+    assert cell["settings"]["weights"]["path"] == str(weights) and len(cell["settings"]["weights"]["sha256"]) == 64
+    config = json.loads((a / "fedsgd_n1_none" / "cinet_labels-recovered-s0" / "config.json").read_text())
+    assert config["case"]["weights"]["path"] == str(weights)
+    from gradleak.audit.engine import victim
+    from gradleak.types import ModelSpec
+
+    audited = victim(ModelSpec("lenet", activation="relu"), 42, weights).model
+    assert all(torch.equal(a_, b_) for a_, b_ in zip(audited.state_dict().values(), trained.state_dict().values()))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # another file at the same path: refused on resume
+    rc = main(["audit", "--model", "lenet", "--activation", "relu", "--weights", str(weights), "--batch-sizes", "1",
+               "--defenses", "none", "--attacks", "cinet", "--iterations", "2", "--set", "channels=8",
+               "--utility-steps", "0", "--no-progress", "--out", str(a)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "made with others" in err[-1] and "trained victim" in err[0]
     assert main(["train", "--model", "lenet", "--out", str(weights)]) == 2
     assert "it exists" in _err(capsys)
 

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from gradleak.data import load_batch, public_images
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.models import build_model
 from gradleak.reporting.runner import RunFolder, RunOptions, run_attack, write_json
-from gradleak.threat import save_truth
+from gradleak.threat import load_victim, save_truth
 from gradleak.types import Batch, ClientUpdate, ModelSpec, ServerState
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class AuditOptions:
         imprint_bins: also play a malicious server that sends the victim behind an imprint block of
             this many bins (``--threat malicious``); its attacks (``imprint``) attack that model's
             update (``None``: an honest server only).
+        weights: a model-state file (``gradleak train``, a simulate folder's ``model.safetensors``)
+            whose weights the victim gets instead of ``model_seed``'s initialisation; every worker
+            reads it (on a Ray cluster, a path every node can read). Recorded with its SHA-256.
     """
 
     model_seed: int = 42
@@ -115,6 +119,7 @@ class AuditOptions:
     num_cpus: float = 1
     num_gpus: float = 0
     imprint_bins: int | None = None
+    weights: str | Path | None = None
 
     def __post_init__(self) -> None:
         steps = self.utility_steps
@@ -159,6 +164,7 @@ class RunJob:
     progress: bool
     fill_budget: bool = False
     imprint_bins: int | None = None
+    weights: str | None = None
 
     @property
     def id(self) -> str:
@@ -172,11 +178,11 @@ def _case(job: RunJob) -> tuple[ServerState, Batch, ClientUpdate]:
     """The victim, the cell's private batch and its defended update (cached per process: a cell's runs share them)."""
     cls = ATTACKS.get(job.attacker.attack)
     malicious = cls.knowledge.active_manipulation
-    key = (json.dumps(job.spec.to_dict(), sort_keys=True), job.model_seed, job.data, job.data_root, job.data_seed,
-           job.cell, job.defense_seed, (job.attacker.attack, job.imprint_bins) if malicious else None)
+    key = (json.dumps(job.spec.to_dict(), sort_keys=True), job.model_seed, job.weights, job.data, job.data_root,
+           job.data_seed, job.cell, job.defense_seed, (job.attacker.attack, job.imprint_bins) if malicious else None)
     if key not in _CASES:
         _CASES.clear()  # one cell at a time: the cache holds no more than one batch and update
-        server = ServerState.from_spec(build_model(job.spec, seed=job.model_seed), job.spec)
+        server = victim(job.spec, job.model_seed, job.weights)
         if malicious:  # the malicious server sent a modified model, and the client trained on it
             if job.imprint_bins is None:
                 raise ConfigError(f"audit attacker {job.attacker.id}: expected a malicious server (imprint_bins), "
@@ -190,6 +196,16 @@ def _case(job: RunJob) -> tuple[ServerState, Batch, ClientUpdate]:
                              generator=torch.Generator().manual_seed(job.defense_seed))
         _CASES[key] = (server, batch, update)
     return _CASES[key]
+
+
+def victim(spec: ModelSpec, model_seed: int, weights: str | Path | None) -> ServerState:
+    """The audit's victim: ``spec`` initialised from ``model_seed``, or with the weights of the file ``weights``."""
+    model = build_model(spec, seed=model_seed) if weights is None else load_victim(weights, spec)
+    return ServerState.from_spec(model, spec)
+
+
+def _digest(path: str | Path | None) -> str | None:
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_job(job: RunJob) -> str:
@@ -238,7 +254,9 @@ def cell_finished(folder: str | Path) -> bool:
 
 def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, Any]:
     """What a cell's results depend on (recorded in every ``cell.json``; a rerun with others is refused)."""
-    return _plain({"model": spec.to_dict(), "model_seed": o.model_seed, "data": o.data, "data_seed": o.data_seed,
+    return _plain({"model": spec.to_dict(), "model_seed": o.model_seed,
+                   "weights": None if o.weights is None else {"path": str(o.weights), "sha256": _digest(o.weights)},
+                   "data": o.data, "data_seed": o.data_seed,
                    "data_root": str(o.data_root) if o.data_root else None, "attacks": plan.names,
                    "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},
                    "knowledge": [t for t in o.knowledge.tokens() if not t.startswith(("bn-", "features-"))],
@@ -249,7 +267,7 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
                    "utility": {"steps": o.utility_steps, "lr": o.utility_lr}})
 
 
-LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None, "bn_knowledge": ["used", "ignored"],
+LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None, "weights": None, "bn_knowledge": ["used", "ignored"],
                   "features_knowledge": ["used", "ignored"]}
 """Settings recorded since an earlier version, with the value a folder without them was made with."""
 
@@ -320,7 +338,7 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
     if not cells:
         raise ConfigError("audit grid: expected at least one cell, got none")
     out = Path(out)
-    server = ServerState.from_spec(build_model(spec, seed=o.model_seed), spec)
+    server = victim(spec, o.model_seed, o.weights)
     check_victim(server, cells)
     settings = _settings(spec, plan, o)
     batches: dict[int, Batch] = {}
@@ -360,7 +378,7 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
                     data_root=str(o.data_root) if o.data_root else None, data_seed=o.data_seed,
                     defense_seed=info["defense_seed"], device=o.device, pairing=o.pairing,
                     time_budget=o.time_budget, fill_budget=o.fill_budget and o.time_budget is not None,
-                    imprint_bins=o.imprint_bins,
+                    imprint_bins=o.imprint_bins, weights=None if o.weights is None else str(o.weights),
                     write_images=o.write_images,
                     progress=o.progress and o.backend == "local" and o.workers == 1))
         tell(cell.name, "running")
@@ -377,7 +395,8 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, 
     "inconclusive" when a run was still improving at the end of its budget.
 
     Args:
-        spec: the victim architecture; its weights come from ``build_model(spec, seed=model_seed)``.
+        spec: the victim architecture; its weights come from ``build_model(spec, seed=model_seed)``, or
+            from ``options.weights``.
         cells: the grid (:func:`gradleak.audit.plan.audit_grid`).
         plan: the attacks and their configs (:func:`gradleak.audit.plan.plan_attacks`).
         out: the audit folder.
@@ -406,4 +425,4 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, 
     return [load_row(Path(out) / cell.name) for cell in cells]
 
 
-__all__ = ["AuditOptions", "RunJob", "cell_finished", "plan_runs", "run_attackers", "run_audit", "run_job"]
+__all__ = ["AuditOptions", "RunJob", "cell_finished", "plan_runs", "run_attackers", "run_audit", "run_job", "victim"]

@@ -28,7 +28,8 @@ from typing import Any
 
 from gradleak.attacks import ATTACKS
 from gradleak.audit import AttackPlan, AuditOptions, KnowledgeAxes, audit_grid, parse_int_list, plan_attacks, run_audit
-from gradleak.audit.budgets import budget_warnings
+from gradleak.audit.budgets import budget_warnings, trained_warnings
+from gradleak.audit.engine import victim
 from gradleak.audit.execute import BACKENDS
 from gradleak.audit.verdicts import Condition, failing, verdict
 from gradleak.cli.attack_cmd import finished_note, resume_hint
@@ -46,9 +47,8 @@ from gradleak.cli.common import (
 from gradleak.config import split_preset
 from gradleak.defenses import split_defenses
 from gradleak.errors import ConfigError
-from gradleak.models import build_model
 from gradleak.reporting.audit_report import write_audit_report
-from gradleak.types import ModelSpec, ServerState
+from gradleak.types import ModelSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -115,10 +115,6 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         raise ConfigError(f"--batch-size: the audit takes a list, expected --batch-sizes, got --batch-size {args.batch_size}")
-    if args.weights is not None:
-        raise ConfigError("--weights: the audit builds its victim from --model-seed in every worker; expected no "
-                          "--weights (audit a trained model through gradleak compare --weights, or a live federation "
-                          "through AuditStrategy)")
     device = check_device(args.device)
     cells = audit_grid(batch_sizes=parse_int_list(args.batch_sizes, what="--batch-sizes"),
                        defenses=split_defenses(args.defenses),
@@ -136,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     for line in short:
         print(f"gradleak audit: warning: budget of {line}; a 'not broken' there says little (raise --iterations)",
               file=sys.stderr)
+    if args.weights is not None:
+        for line in trained_warnings(plan.configs):
+            print(f"gradleak audit: warning: {line}", file=sys.stderr)
     print(f"audit: {len(cells)} cells into {out}")
 
     def on_event(name: str, status: str) -> None:
@@ -151,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.no_progress,
                            write_images=not args.no_images, backend=args.backend, workers=args.workers,
                            address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                           imprint_bins=args.imprint_bins if "malicious" in threats else None)
+                           imprint_bins=args.imprint_bins if "malicious" in threats else None,
+                           weights=args.weights)
     def kept(folder: Path) -> str | None:
         cell_dirs = [folder / c.name for c in cells]
         return finished_note(folder, cell_dirs, "cell") if any(d.is_dir() for d in cell_dirs) else None
@@ -213,7 +213,7 @@ def _plan(args: argparse.Namespace, spec: ModelSpec, cells: list, threats: list[
         overrides["label_strategy"] = args.label_strategy
     if args.dry_run:
         overrides["log_every"] = 1
-    server = ServerState.from_spec(build_model(spec, seed=args.model_seed), spec)
+    server = victim(spec, args.model_seed, args.weights)  # a bad --weights file fails here, before anything is written
     steps = sorted({c.protocol.local_steps for c in cells})
     plan = plan_attacks(names, server, local_steps=steps, presets=presets, overrides=overrides,
                         iterations=2 if args.dry_run else args.iterations,

@@ -71,18 +71,13 @@ def case_model(args: argparse.Namespace) -> tuple[Any, Any]:
         UpdateError: the file is not a model state that fits its own spec.
     """
     from gradleak.models import build_model
-    from gradleak.threat import load_model_state
+    from gradleak.threat import load_victim
 
     spec = case_spec(args)
     weights = getattr(args, "weights", None)
     if weights is None:
         return build_model(spec, seed=args.model_seed), spec
-    model, stored = load_model_state(weights)
-    if stored.to_dict() != {**spec.to_dict(), "bn_mode": stored.bn_mode}:
-        differ = [f"{k} {stored.to_dict()[k]!r} (flags: {v!r})" for k, v in spec.to_dict().items()
-                  if k != "bn_mode" and stored.to_dict().get(k) != v]
-        raise ConfigError(f"--weights '{weights}': expected the architecture the flags name, got a file with "
-                          + ", ".join(differ))
+    model = load_victim(weights, spec)
     return model, spec  # the client's BatchNorm mode is the flags'
 
 

@@ -257,6 +257,25 @@ def load_model_state(path: str | Path, *, device: torch.device | str = "cpu") ->
     return load_into(model, state, what=f"model-state file '{path}'", name=spec.name).to(device), spec
 
 
+def load_victim(path: str | Path, spec: ModelSpec, *, what: str = "--weights") -> nn.Module:
+    """The victim ``spec`` names with its weights from a model-state file (``gradleak train``, ``simulate``).
+
+    The file's architecture must be the one ``spec`` names (its BatchNorm mode aside: that is the
+    client's, taken from ``spec``).
+
+    Raises:
+        ConfigError: the file holds another architecture, naming each field that differs.
+        UpdateError: the file is missing or malformed, or its tensors do not fit its own spec.
+    """
+    model, stored = load_model_state(path)
+    differ = [f"{k} {stored.to_dict()[k]!r} (expected {v!r})" for k, v in spec.to_dict().items()
+              if k != "bn_mode" and stored.to_dict().get(k) != v]
+    if differ:
+        raise ConfigError(f"{what} '{path}': expected the architecture named ({spec.name}), got a file with "
+                          + ", ".join(differ))
+    return model
+
+
 def model_from_arrays(spec: ModelSpec, arrays: dict[str, torch.Tensor], *, sparse: bool = False) -> nn.Module:
     """The model a simulated client builds from the arrays it was sent: the victim ``spec`` names, behind
     a malicious block when the arrays hold one (``0.encoder.weight``), as a client that runs whatever
