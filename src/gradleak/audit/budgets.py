@@ -100,7 +100,8 @@ def trained_warnings(configs: Mapping[str, Any]) -> list[str]:
         return []
     return ["trained victim: on a ResNet-18-sigmoid trained 10 epochs, CI-Net's default cosine distance reached SSIM "
             "0.065 at batch 1 after 300 iterations and the per-layer one 0.190 (docs/attacks.md, trained victims); "
-            "audit again with --set cinet.loss=cosine-layer and a larger --iterations before reading 'not broken'"]
+            "audit again with --set cinet.loss=cosine-layer (on a trained ResNet-18-ReLU it did worse: run both) and a "
+            "larger --iterations before reading 'not broken'"]
 
 
 __all__ = ["MEASURED", "Plateau", "budget_warnings", "needed", "trained_warnings"]
