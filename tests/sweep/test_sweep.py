@@ -155,3 +155,37 @@ def test_ray_backend_on_a_local_runtime(tmp_path: Path, ray_runtime):
         assert metrics["summary"]["iterations"] == 10
     report = (tmp_path / "report.md").read_text()
     assert "4 done, 0 failed" in report and "`ray` backend" in report
+
+
+def test_a_grid_with_weights_attacks_that_victim_and_refuses_another_file(tmp_path: Path):
+    """``weights:`` gives every trial the file's victim (recorded with its SHA-256); a file of another
+    architecture is refused before anything is written, and another file at the same path on resume."""
+    import hashlib
+
+    from gradleak.models import build_model
+    from gradleak.threat import save_model_state
+    from gradleak.types import ModelSpec
+
+    spec = ModelSpec("lenet", activation="relu")
+    weights = tmp_path / "w.safetensors"
+    save_model_state(build_model(spec, seed=7), spec, weights)
+    base = {"model": {"name": "lenet", "activation": "relu"}, "batch_sizes": [1], "iterations": 2,
+            "attacks": [{"name": "cinet", "set": {"channels": 8, "checkpoint_every": 0}}]}
+    wrong = SweepGrid.from_dict({**base, "model": "lenet", "weights": str(weights)})  # names LeNet-sigmoid
+    with pytest.raises(ConfigError, match=r"activation 'relu' \(expected 'sigmoid'\)"):
+        run_sweep(wrong, out=tmp_path / "o2", backend="local", workers=1)
+    assert not (tmp_path / "o2").exists()
+
+    grid = SweepGrid.from_dict({**base, "weights": str(weights)})
+    out = tmp_path / "out"
+    rows = run_sweep(grid, out=out, backend="local", workers=1)  # in this process
+    assert [r["status"] for r in rows] == ["done"]
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    trial = trial_folder(out, grid.trials()[0])
+    assert json.loads((trial / "trial.json").read_text())["weights"] == {"path": str(weights), "sha256": sha}
+    case = json.loads((trial / "cinet_labels-recovered-s0" / "config.json").read_text())["case"]
+    assert case["weights"] == {"path": str(weights), "sha256": sha}
+
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # another file at the same path
+    with pytest.raises(ConfigError, match="same settings"):
+        run_sweep(grid, out=out, backend="local", workers=1)

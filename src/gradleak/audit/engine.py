@@ -204,7 +204,8 @@ def victim(spec: ModelSpec, model_seed: int, weights: str | Path | None) -> Serv
     return ServerState.from_spec(model, spec)
 
 
-def _digest(path: str | Path | None) -> str | None:
+def digest(path: str | Path | None) -> str | None:
+    """The SHA-256 of the file at ``path`` (``None`` for none): what a run's settings record of a weights file."""
     return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -255,7 +256,7 @@ def cell_finished(folder: str | Path) -> bool:
 def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, Any]:
     """What a cell's results depend on (recorded in every ``cell.json``; a rerun with others is refused)."""
     return _plain({"model": spec.to_dict(), "model_seed": o.model_seed,
-                   "weights": None if o.weights is None else {"path": str(o.weights), "sha256": _digest(o.weights)},
+                   "weights": None if o.weights is None else {"path": str(o.weights), "sha256": digest(o.weights)},
                    "data": o.data, "data_seed": o.data_seed,
                    "data_root": str(o.data_root) if o.data_root else None, "attacks": plan.names,
                    "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from gradleak.audit.engine import cell_finished
+from gradleak.audit.engine import cell_finished, digest
 from gradleak.audit.execute import check_backend, execute
 from gradleak.audit.plan import AuditCell, ProtocolSetting, audit_grid
 from gradleak.config import check_keys, check_value, from_dict
@@ -87,6 +87,11 @@ class SweepGrid:
         seeds: seeds of the attack and of the defense's noise (axis).
         data_seeds: which images to draw (axis; built-in CIFAR/ImageNet batches do not depend on it).
         model_seed: victim initialisation seed.
+        weights: a model-state file (``gradleak train``, a simulate folder's ``model.safetensors``)
+            whose weights the victim gets instead of ``model_seed``'s; its architecture must be
+            ``model``'s, and every worker (every Ray node) must be able to read the path. Its
+            SHA-256 is part of each trial's settings, so another file at the same path is refused
+            on resume.
         data: data source of :func:`gradleak.data.load_batch`.
         data_root: local dataset copy, for sources that need one.
         iterations: one iteration budget for every attack (``None``: each attack's own).
@@ -109,6 +114,7 @@ class SweepGrid:
     seeds: tuple[int, ...] = (0,)
     data_seeds: tuple[int, ...] = (0,)
     model_seed: int = 42
+    weights: str | None = None
     data: str = "builtin"
     data_root: str | None = None
     iterations: int | None = None
@@ -176,7 +182,7 @@ class SweepGrid:
         if "defenses" in d:
             d["defenses"] = tuple(str(v) for v in _list(d["defenses"], "defenses"))
         hints = typing.get_type_hints(cls)
-        for key in ("model_seed", "data", "data_root", "iterations", "labels", "utility_steps", "utility_lr",
+        for key in ("model_seed", "weights", "data", "data_root", "iterations", "labels", "utility_steps", "utility_lr",
                     "time_budget", "device", "num_cpus", "num_gpus", "pairing", "name"):
             if key in d:
                 d[key] = check_value(f"sweep {key}", hints[key], d[key])
@@ -265,6 +271,8 @@ def _trial_doc(grid: SweepGrid, trial: Trial) -> dict[str, Any]:
         doc.pop(key)
     doc.update(attack=asdict(trial.attack), cell=json.loads(json.dumps(asdict(trial.cell), default=str)),
                seed=trial.seed, data_seed=trial.data_seed, id=trial.id)
+    if grid.weights is not None:
+        doc["weights"] = {"path": grid.weights, "sha256": digest(grid.weights)}
     return doc
 
 
@@ -282,7 +290,7 @@ def run_trial(grid: SweepGrid, trial: Trial, out: str, dry_run: bool = False) ->
     folder = trial_folder(out, trial)
     knowledge = KnowledgeAxes(labels=("known",) if grid.labels == "given" else ("recovered",))
     options = AuditOptions(model_seed=grid.model_seed, data=grid.data, data_root=grid.data_root,
-                           data_seed=trial.data_seed, utility_steps=grid.utility_steps, utility_lr=grid.utility_lr,
+                           data_seed=trial.data_seed, weights=grid.weights, utility_steps=grid.utility_steps, utility_lr=grid.utility_lr,
                            knowledge=knowledge, device=grid.device, seed=trial.seed,
                            pairing=grid.pairing, time_budget=grid.time_budget,
                            fill_budget=grid.iterations is None, progress=False)
@@ -297,12 +305,11 @@ def _check(grid: SweepGrid, trials: list[Trial], out: Path, dry_run: bool) -> li
     """Refuse folders made with other settings; return the trials still to run (writing their trial.json)."""
     from gradleak.attacks.base import resolve_config
     from gradleak.audit.cell import check_victim
-    from gradleak.models import build_model
-    from gradleak.types import ServerState
+    from gradleak.audit.engine import victim
 
     for a in grid.attacks:  # unknown presets or fields fail before anything runs
         resolve_config(a.name, iterations=grid.iterations, preset=a.preset, overrides=a.overrides)
-    check_victim(ServerState.from_spec(build_model(grid.model, seed=grid.model_seed), grid.model), grid.cells())
+    check_victim(victim(grid.model, grid.model_seed, grid.weights), grid.cells())
     out.mkdir(parents=True, exist_ok=True)
     todo = []
     for trial in trials:
