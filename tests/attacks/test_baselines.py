@@ -171,6 +171,8 @@ def test_configs_reject_bad_values():
         gradleak.attacks.create("idlg", {"signed": True})
     with pytest.raises(ConfigError, match="loss"):
         gradleak.attacks.create("ig", {"loss": "l1"})
+    with pytest.raises(ConfigError, match="gias config signed: expected true or false or one of 'soft', got 'hard'"):
+        gradleak.attacks.create("gias", {"signed": "hard"})
     server, _, update = _lenet_case(1)
     with pytest.raises(ConfigError, match="ships none"):
         gradleak.attacks.create("gias").reconstruct(server, update)
@@ -287,14 +289,15 @@ def _fitted_generator(images: torch.Tensor, latent: int = 8, steps: int = 500) -
     return gen.eval(), codes
 
 
-def test_gias_recovers_an_image_from_the_generators_range():
+@pytest.mark.parametrize("signed", [True, "soft"])
+def test_gias_recovers_an_image_from_the_generators_range(signed):
     prior = builtin_batch(20, source="cifar10", size=SIZE)  # the attacker's public data
     gen, _ = _fitted_generator(prior.images)
     server, _, _ = _lenet_case(1)
     private = prior.images[:1]
     update = fedsgd_update(server, private, prior.labels[:1])
     cfg = {"latent_iterations": 100, "generator_iterations": 50, "restarts": 2, "loss": "l2", "tv": 0.0,
-           "log_every": 10}
+           "log_every": 10, "signed": signed}
     before = [p.detach().clone() for p in gen.parameters()]
     rec = GIASAttack(cfg, generator=gen, seed=0).reconstruct(server, update)
     assert all(torch.equal(a, b) for a, b in zip(before, gen.parameters()))  # the user's generator is untouched

@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from torch import nn
 from gradleak.attacks.base import ATTACKS, Attack, ProgressCallback
 from gradleak.attacks.checkpoint import flatten_optimizer, unflatten_optimizer
 from gradleak.attacks.loop import Loop, LoopConfig, Step, prepare
-from gradleak.attacks.schedules import make_scheduler, scheduler_state
+from gradleak.attacks.schedules import make_scheduler, scheduler_state, soft_sign
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import ConfigError
@@ -71,7 +71,9 @@ class GIASConfig(LoopConfig):
         generator_lr: Adam step size of the parameter search.
         loss: gradient distance, ``"cosine"`` (GIAS) or ``"l2"``.
         tv: weight of the total-variation prior.
-        signed: feed signed gradients to Adam (both stages, as the published code's closure does).
+        signed: feed signed gradients to Adam (both stages, as the published code's closure does),
+            or ``"soft"``: their soft sign, from nearly signed to unsigned over each stage
+            (:func:`~gradleak.attacks.schedules.soft_sign`, as ``ig``'s ``signed="soft"``).
         lr_decay: ``"step"`` (x0.1 at 3/8, 5/8, 7/8 of each stage) or ``"none"``.
         restarts: latent-search trials; the lowest matching loss is kept.
         label_strategy: how labels are recovered from the update (``gradleak.labels``).
@@ -92,7 +94,7 @@ class GIASConfig(LoopConfig):
     generator_lr: float = 1e-4
     loss: str = "cosine"
     tv: float = 1e-6
-    signed: bool = True
+    signed: bool | Literal["soft"] = True
     lr_decay: str = "step"
     restarts: int = 1
     log_every: int = 50
@@ -379,7 +381,11 @@ class GIASAttack(Attack):
         def step(it: int) -> Step:
             loss, match = objective(forward())
             for var, g in zip(variables, torch.autograd.grad(loss, variables)):
-                var.grad = g.sign() if cfg.signed else g
+                if cfg.signed == "soft":
+                    g = soft_sign(g, it, iterations)
+                elif cfg.signed:
+                    g = g.sign()
+                var.grad = g
             opt.step()
             sched.step()
             run.iteration = it
