@@ -167,3 +167,23 @@ def test_every_quality_variant_is_a_valid_cinet_config():
 
     configs = {name: from_dict(CINetConfig, dict(v)) for name, v in VARIANTS.items()}
     assert configs["grow50"].grow == 50 and configs["soft-sign-adam"].update == "soft-sign-adam"
+
+
+@pytest.mark.slow
+def test_bench_quality_with_shared_batchnorm_statistics_keeps_its_own_run_folder(tmp_path, one_thread):
+    """``--share-bn-stats``: the demo client uploads its BatchNorm statistics; the run gets its own
+    resumable folder (``-bn``) and is named ``+bn`` in the table, beside the plain run."""
+    from gradleak.bench.common import demo_case
+
+    _, update, _, _ = demo_case(2, share_bn_stats=True)
+    assert update.buffers and all(k.endswith(("running_mean", "running_var")) for k in update.buffers)
+    assert not demo_case(2)[1].buffers
+    args = ["bench", "quality", "--batches", "2", "--iters", "4", "--every", "2", "--variant", "default",
+            "--out", str(tmp_path / "runs")]
+    assert main(args + ["--share-bn-stats", "--json", str(tmp_path / "bn.json")]) == 0
+    assert main(args + ["--json", str(tmp_path / "plain.json")]) == 0
+    bn, plain = (json.loads((tmp_path / f"{n}.json").read_text())["results"][0] for n in ("bn", "plain"))
+    assert bn["share_bn_stats"] and not plain["share_bn_stats"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["b2-32px-default-s0", "b2-32px-default-s0-bn"]
+    assert bn["curve"] != plain["curve"]  # the statistics term changes the run
+    assert main(["bench", "quality", "--from", str(tmp_path / "bn.json")]) == 0

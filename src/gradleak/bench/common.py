@@ -16,10 +16,12 @@ from gradleak.types import ModelSpec, ServerState
 
 
 def demo_case(batch: int, *, size: int = 32, model: str = "resnet18", activation: str = "sigmoid",
-              device: str = "cpu", data_root: str | Path | None = None):
+              device: str = "cpu", data_root: str | Path | None = None, share_bn_stats: bool = False):
     """The demo case: untrained CIFAR ResNet-18-sigmoid (seed 42), built-in photos, FedSGD.
 
     ``data_root``: draw the batch from a local CIFAR-10 copy (torchvision's format) instead.
+    ``share_bn_stats``: the client also uploads its BatchNorm running-statistics change (the attacks
+    then match it, ``bn_stats``).
     """
     spec = ModelSpec(name=model, image_size=size, activation=activation,
                      num_classes=1000 if model == "resnet18-imagenet" else 10)
@@ -30,7 +32,7 @@ def demo_case(batch: int, *, size: int = 32, model: str = "resnet18", activation
         data = builtin_batch(batch, size=size, source="builtin" if size == 32 else "photos",
                              num_classes=spec.num_classes)
     server = ServerState.from_spec(net, spec)
-    update = fedsgd_update(server, data.images.to(device), data.labels.to(device))
+    update = fedsgd_update(server, data.images.to(device), data.labels.to(device), share_bn_stats=share_bn_stats)
     return server, update, data.images, data.labels
 
 

@@ -74,6 +74,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grow50": dict(grow=50),
     "grow100": dict(grow=100),
     "soft-sign-adam": dict(update="soft-sign-adam"),
+    # with --share-bn-stats: the statistics term's weight (default 0.1)
+    "bn1": dict(bn_stats=1.0),
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
 
@@ -88,20 +90,23 @@ def _more_to_do(previous: dict[str, Any], iters: int, target: float | None, minu
 
 def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: bool = False,
         seed: int = 0, out: Path | None = None, target: float | None = None,
-        minutes: float | None = None, size: int = 32, data_root: str | None = None) -> dict[str, Any]:
+        minutes: float | None = None, size: int = 32, data_root: str | None = None,
+        share_bn_stats: bool = False) -> dict[str, Any]:
     """One CI-Net run on the demo case at ``batch``, read every ``every`` iterations.
 
+    ``share_bn_stats``: the client also shares its BatchNorm statistics, which the attack matches.
     With ``out`` the run checkpoints at every reading into ``out/b<batch>-<size>px-<variant>-s<seed>/``
+    (``...-s<seed>-bn/`` with shared statistics)
     and a second call resumes it, or returns the recorded result of a finished one (unless the call
     gives it more iterations or minutes, or a target it has not reached: then it continues).
     """
-    folder = None if out is None else Path(out) / f"b{batch}-{size}px-{variant}-s{seed}"
+    folder = None if out is None else Path(out) / (f"b{batch}-{size}px-{variant}-s{seed}" + ("-bn" if share_bn_stats else ""))
     record = folder / "run.json" if folder is not None else None
     previous = json.loads(record.read_text()) if record is not None and record.is_file() else None
     if previous is not None and previous.get("finished") and not _more_to_do(previous, iters, target, minutes):
         return previous
     server, update, images, _ = demo_case(batch, size=size, model="resnet18" if size <= 64 else "resnet18-imagenet",
-                                          device=device, data_root=data_root)
+                                          device=device, data_root=data_root, share_bn_stats=share_bn_stats)
     cfg = {**VARIANTS[variant], "iterations": iters, "log_every": every,
            "checkpoint_every": every if folder is not None else 0}
     attack = gradleak.attacks.create("cinet", cfg, device=device, seed=seed)
@@ -124,7 +129,7 @@ def run(batch: int, variant: str, iters: int, every: int, device: str, verbose: 
         last = int(curve[-1][0]) if curve else 0
         # each threshold at the first reading above it: [iteration, on-clock seconds], or None
         reached = {str(t): next(([int(c[0]), c[3]] for c in curve if c[1] >= t), None) for t in THRESHOLDS}
-        return {"batch": batch, "size": size, "variant": variant, "seed": seed, "channels": channels, "device": device,
+        return {"batch": batch, "size": size, "variant": variant, "share_bn_stats": share_bn_stats, "seed": seed, "channels": channels, "device": device,
                 "seconds": total, "s_per_it": total / max(last, 1), "iterations": last,
                 "final_ssim": curve[-1][1] if curve else None, "final_psnr": curve[-1][2] if curve else None,
                 "reached": reached, "curve": curve,
@@ -173,6 +178,11 @@ def _recorded(path: Path) -> list[dict[str, Any]]:
     return results
 
 
+def _name(r: dict[str, Any]) -> str:
+    """The variant, with ``+bn`` where the client shared its BatchNorm statistics."""
+    return r["variant"] + ("+bn" if r.get("share_bn_stats") else "")
+
+
 def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     """SSIM against iterations and against on-clock wall time, one line per run."""
     from gradleak.reporting.figures import subplots
@@ -182,7 +192,7 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> None:
         if not r["curve"]:
             continue
         it, ssim_, _, sec = zip(*r["curve"])
-        label = f"batch {r['batch']} {r['variant']} ({r['channels']} ch)" + (f" s{r['seed']}" if r["seed"] else "")
+        label = (f"batch {r['batch']} {_name(r)} ({r['channels']} ch)" + (f" s{r['seed']}" if r["seed"] else ""))
         axes[0].plot(it, ssim_, label=label)
         axes[1].plot([t / 60 for t in sec], ssim_, label=label)
     for ax, xlabel in zip(axes, ("iteration", "wall time (min, on the clock)")):
@@ -202,9 +212,9 @@ def _run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     for b in (int(x) for x in args.batches.split(",")):
         for v, seed in ((v, int(s)) for v in args.variant or list(VARIANTS) for s in args.seeds.split(",")):
             r = run(b, v, args.iters, args.every, args.device, args.verbose, seed, args.out, args.target, args.minutes,
-                  args.size, args.data_root)
+                  args.size, args.data_root, args.share_bn_stats)
             results.append(r)
-            print(f"batch {b} {v} seed {seed}: final SSIM {r['final_ssim']:.3f}, PSNR {r['final_psnr']:.2f} dB, "
+            print(f"batch {b} {_name(r)} seed {seed}: final SSIM {r['final_ssim']:.3f}, PSNR {r['final_psnr']:.2f} dB, "
                   f"{r['s_per_it']:.3f} s/it, reached {r['reached']}", flush=True)
             write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                    "results": results})
@@ -228,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=None, help="stop a run after this much on-clock time")
     p.add_argument("--size", type=int, default=32, help="image size (above 64 px: the ImageNet-stem ResNet-18)")
     p.add_argument("--data-root", default=None, help="a local CIFAR-10 copy to draw the batch from (default: built-in)")
+    p.add_argument("--share-bn-stats", action="store_true",
+                   help="the client also uploads its BatchNorm statistics (the attack matches them: bn_stats)")
     p.add_argument("--plot", default=None, help="write SSIM against iterations and wall time (PNG)")
     p.add_argument("--from", dest="recorded", action="append", default=None, type=Path, metavar="JSON",
                    help="run nothing: table (and --plot) from the results that earlier runs wrote with --json (repeatable)")
@@ -245,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(["batch", "variant", "channels", "seed", "s/it", "iterations", "final SSIM", "final PSNR"]
                 + [f"SSIM {t}" for t in THRESHOLDS],
-                [[r["batch"], r["variant"], r["channels"], r["seed"], r["s_per_it"], r["iterations"], r["final_ssim"],
+                [[r["batch"], _name(r), r["channels"], r["seed"], r["s_per_it"], r["iterations"], r["final_ssim"],
                   r["final_psnr"]] + [cell(r, t) for t in THRESHOLDS] for r in results])
     print(f"threads {torch.get_num_threads()}; seconds are on the clock (SSIM readings excluded)")
     return 0
