@@ -6,7 +6,9 @@ table adds what was measured beforehand, so that a budget too small is named bef
 spends its time. An entry is the iterations after which CI-Net's mean SSIM (default settings, one
 seed) stayed within 0.02 of its best on that victim and batch size; ``None`` means it had not
 plateaued within the longest run measured (``measured_up_to``). Batch sizes between entries take
-the largest measured batch below them, a lower bound: larger batches need more.
+the largest measured batch below them, a lower bound: larger batches need more. An entry holds for
+the client's BatchNorm mode it was measured in (``bn_mode``; ``None`` for a victim without BatchNorm):
+the same ResNet-18-ReLU is noise at every budget in train mode and breaks in eval mode.
 """
 
 from __future__ import annotations
@@ -29,16 +31,20 @@ class Plateau:
     iterations: int | None
     measured_up_to: int
     source: str
+    bn_mode: str | None = "train"
 
 
 MEASURED: tuple[Plateau, ...] = (
-    Plateau("lenet", "sigmoid", 1, "cinet", 150, 200, "docs/audit.md, LeNet worst-case audit (100-150 of 200)"),
-    Plateau("lenet", "sigmoid", 4, "cinet", 150, 300, "docs/audit.md, LeNet worst-case audit and the prune:0.9 cell"),
+    Plateau("lenet", "sigmoid", 1, "cinet", 150, 200, "docs/audit.md, LeNet worst-case audit (100-150 of 200)", None),
+    Plateau("lenet", "sigmoid", 4, "cinet", 150, 300, "docs/audit.md, LeNet worst-case audit and the prune:0.9 cell",
+            None),
     Plateau("resnet18", "sigmoid", 4, "cinet", 125, 300, "docs/audit.md, ResNet-18-sigmoid batch 4 audit (100-125 of 300)"),
     Plateau("resnet18", "sigmoid", 8, "cinet", 225, 300, "README, iterations to SSIM 0.95 (125-225 over 3 seeds)"),
     Plateau("resnet18", "sigmoid", 16, "cinet", 150, 150, "README, large batches (0.921 at 150, still rising)"),
     Plateau("resnet18", "sigmoid", 32, "cinet", 450, 450, "README, large batches (0.907 at 450)"),
     Plateau("resnet18", "sigmoid", 64, "cinet", None, 500, "README, large batches (0.418 at 500, +0.014 per 25)"),
+    Plateau("resnet18", "relu", 4, "cinet", 300, 400,
+            "docs/audit.md, eval-mode ResNet-18-ReLU batch 4 audit (within 0.02 of the best from 200-300 of 400)", "eval"),
 )
 
 
@@ -50,9 +56,11 @@ def needed(spec: ModelSpec, batch_size: int, attack: str) -> Plateau | None:
         16
         >>> needed(ModelSpec("resnet18", activation="relu"), 8, "cinet") is None
         True
+        >>> needed(ModelSpec("resnet18", activation="relu", bn_mode="eval"), 8, "cinet").iterations
+        300
     """
     rows = [p for p in MEASURED if (p.model, p.activation, p.attack) == (spec.name, spec.activation, attack)
-            and p.batch_size <= batch_size]
+            and p.bn_mode in (None, spec.bn_mode) and p.batch_size <= batch_size]
     return max(rows, key=lambda p: p.batch_size, default=None)
 
 
@@ -77,7 +85,8 @@ def budget_warnings(spec: ModelSpec, batch_sizes: Sequence[int], configs: Mappin
             p = needed(spec, n, name)
             if p is None:
                 continue
-            where = f"{spec.name}-{spec.activation} at batch {p.batch_size}"
+            mode = f" (BatchNorm {p.bn_mode} mode)" if p.bn_mode == "eval" else ""
+            where = f"{spec.name}-{spec.activation}{mode} at batch {p.batch_size}"
             if p.iterations is None:
                 out.append(f"{name} at batch {n}: {budget} iterations; on {where} it was still improving after "
                            f"{p.measured_up_to} ({p.source})")
