@@ -76,6 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "soft-sign-adam": dict(update="soft-sign-adam"),
     # with --share-bn-stats: the statistics term's weight (default 0.1)
     "bn1": dict(bn_stats=1.0),
+    "bn10": dict(bn_stats=10.0),
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
 
