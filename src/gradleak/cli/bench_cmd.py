@@ -8,6 +8,7 @@
     gradleak bench adaptive  # the adaptive attacker's step cost against the unaware one, per defense
     gradleak bench audit     # the audit engine's own overhead against its attack runs, local and Ray
     gradleak bench imprint   # the imprint attack (malicious server): images recovered exactly at batch 64 and 256
+    gradleak bench landscape # how far from the private batch the gradient still points the update's way
 
 ``gradleak bench NAME --help`` lists each one's options; the same runs as
 ``python -m gradleak.bench.NAME``.
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "adaptive": "seconds per CI-Net iteration, unaware and adaptive, per defense",
     "audit": "the audit engine's overhead (planning, dispatch, verdicts, report) against its attack runs",
     "imprint": "the imprint attack (malicious server): images recovered exactly from one update",
+    "landscape": "the gradient's cosine with the update at the batch mixed with noise: the basin's width",
 }
 
 
