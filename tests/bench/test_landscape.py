@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gradleak.bench.landscape import gradient_landscape, parse_victim, victim_server
 from gradleak.cli.main import main
@@ -49,3 +50,20 @@ def test_the_benchmark_prints_a_row_per_victim_and_batch_and_writes_json(tmp_pat
         ("lenet-relu", "eval", 2)]
     assert all(len(r["mean_cosine"]) == len(r["mixes"]) == 7 for r in rows)
     assert "| lenet-sigmoid" in capsys.readouterr().out
+
+
+def test_batch_stats_mode_computes_train_mode_values_at_the_batch():
+    data = builtin_batch(2)
+    frozen = victim_server("resnet18", "relu", "batch-stats", None, data.images)
+    train = victim_server("resnet18", "relu", "train", None)
+    assert not frozen.model.training
+    with torch.no_grad():
+        expected = train.model(data.images)
+        got = frozen.model(data.images)
+        alone, alone_train = frozen.model(data.images[:1]), train.model(data.images[:1])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # fixed statistics: each image's output no longer depends on the rest of the batch, unlike train mode's
+    torch.testing.assert_close(alone, got[:1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone_train, expected[:1], atol=1e-2)
+    with pytest.raises(ConfigError, match="private images"):
+        victim_server("resnet18", "relu", "batch-stats", None)

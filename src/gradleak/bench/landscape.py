@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gradleak.bench.common import print_table, write_json
 from gradleak.data import builtin_batch
@@ -43,14 +44,21 @@ DEFAULT_VICTIMS = ("resnet18-relu:train", "resnet18-relu:eval", "resnet18-sigmoi
                    "convnet-relu:train", "convnet-relu:eval", "lenet-relu:train")
 
 
+MODES = ("train", "eval", "batch-stats")
+"""The client's BatchNorm: train mode (each batch's own statistics, the default client), eval mode
+(the running statistics: 0 and 1 in an untrained victim), ``batch-stats``: eval mode with the running
+statistics set to the private batch's own (one train-mode forward with momentum 1; the forward
+values of train mode at the batch, without its coupling of the samples)."""
+
+
 def parse_victim(text: str) -> tuple[str, str, str]:
     """``"resnet18-relu:train"`` -> ``("resnet18", "relu", "train")``; the mode defaults to train."""
     body, _, mode = text.partition(":")
     name, _, activation = body.rpartition("-")
     mode = mode or "train"
-    if not name or not activation or mode not in ("train", "eval"):
-        raise ConfigError(f"--victims: expected MODEL-ACTIVATION[:train|eval] such as 'resnet18-relu:train', "
-                          f"got {text!r}")
+    if not name or not activation or mode not in MODES:
+        raise ConfigError(f"--victims: expected MODEL-ACTIVATION[:{'|'.join(MODES)}] such as "
+                          f"'resnet18-relu:train', got {text!r}")
     return name, activation, mode
 
 
@@ -79,16 +87,39 @@ def gradient_landscape(server: ServerState, images: torch.Tensor, labels: torch.
     return {"mixes": list(mixes), "mean_cosine": mean, "first_cosine": first, "radius": radius}
 
 
-def victim_server(name: str, activation: str, mode: str, weights: str | None) -> ServerState:
-    spec = ModelSpec(name=name, activation=activation, bn_mode=mode)
+def victim_server(name: str, activation: str, mode: str, weights: str | None,
+                  images: torch.Tensor | None = None) -> ServerState:
+    """The victim (seed 42, or ``weights``) in the client's BatchNorm ``mode`` (:data:`MODES`);
+    ``batch-stats`` needs the private ``images``."""
+    spec = ModelSpec(name=name, activation=activation, bn_mode="train" if mode == "train" else "eval")
     model = build_model(spec, seed=42) if weights is None else load_victim(weights, spec)
+    if mode == "batch-stats":
+        if images is None:
+            raise ConfigError("BatchNorm mode 'batch-stats': expected the private images")
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        counts: dict[nn.Module, int] = {}
+        hooks = [m.register_forward_hook(lambda m, inp, out: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
+                 for m in norms]
+        model.train()
+        with torch.no_grad():
+            for m in norms:
+                m.momentum = 1.0
+            model(images)
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+                m.running_var.mul_(  # type: ignore[union-attr]
+                    (counts[m] - 1) / counts[m])  # the unbiased estimate back to train mode's
+        for h in hooks:
+            h.remove()
+        model.eval()
     return ServerState.from_spec(model, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--victims", default=",".join(DEFAULT_VICTIMS),
-                   help="comma-separated MODEL-ACTIVATION[:train|eval] (the client's BatchNorm mode)")
+                   help="comma-separated MODEL-ACTIVATION[:train|eval|batch-stats] (the client's BatchNorm mode)")
     p.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     p.add_argument("--weights", default=None, help="a trained victim's weights (safetensors), for every victim")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise mixed in")
@@ -101,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     results, rows = [], []
     for name, activation, mode in victims:
-        server = victim_server(name, activation, mode, args.weights)
         for n in batches:
             data = builtin_batch(n)  # every victim here has 10 classes
+            server = victim_server(name, activation, mode, args.weights, data.images)
             r = gradient_landscape(server, data.images, data.labels, seed=args.seed)
             r.update(victim=f"{name}-{activation}", bn_mode=mode, batch=n, weights=args.weights)
             results.append(r)
