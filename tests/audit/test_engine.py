@@ -128,3 +128,18 @@ def test_the_recovered_last_layer_features_break_a_cell_that_reads_unbroken_with
     doc = json.loads((out / "audit.json").read_text())
     assert doc["cells"][0]["by_knowledge"]["features-ignored"] <= 0.36
     assert "broken if the attacker uses the last-layer features" in row["verdict"]
+
+
+@pytest.mark.slow
+def test_a_not_broken_cell_on_a_narrow_basin_says_the_attacks_failed_at_optimisation(tmp_path):
+    """Every cell records the victim's basin (gradleak.audit.landscape); on the untrained ResNet-18-ReLU with
+    train-mode BatchNorm (radius 0.05, measured) a "not broken" verdict says it is the attacks' barrier."""
+    out = tmp_path / "narrow"
+    assert main(["audit", "--model", "resnet18", "--activation", "relu", "--batch-sizes", "1", "--defenses", "none",
+                 "--attacks", "cinet", "--iterations", "2", "--set", "channels=8", "--knowledge", "labels-recovered",
+                 "--utility-steps", "0", "--no-progress", "--out", str(out)]) == 0
+    cell = json.loads((out / "fedsgd_n1_none" / "cell.json").read_text())
+    assert cell["basin"]["radius"] == 0.05 and cell["basin"]["mean_cosine"][2] < 0.5
+    row = _csv(out / "audit.csv")["fedsgd_n1_none"]
+    assert row["verdict"].startswith("not broken by these attacks at this budget; the victim's gradient "
+                                      "decorrelates within 5% pixel noise of the batch")

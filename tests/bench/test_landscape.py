@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from gradleak.bench.landscape import gradient_landscape, parse_victim, victim_server
+from gradleak.audit.landscape import gradient_landscape
+from gradleak.bench.landscape import parse_victim, victim_server
 from gradleak.cli.main import main
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError

@@ -33,6 +33,7 @@ import torch
 from gradleak.attacks import ATTACKS
 from gradleak.audit.cell import cell_seed, cell_update, check_victim, utility
 from gradleak.audit.execute import check_backend, execute
+from gradleak.audit.landscape import gradient_landscape
 from gradleak.audit.plan import (
     Attacker,
     AttackPlan,
@@ -313,7 +314,10 @@ def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Pa
         "cell": cell.name, "batch_size": cell.batch_size, "defense": cell.defense,
         "defense_spec": cell.parsed().spec(), "protocol": asdict(cell.protocol), "protocol_tag": cell.protocol.tag(),
         "privacy": update.metadata.get("privacy"), "attacker_names": [a.id for a in attackers],
-        "not_tried": not_tried, "defense_seed": seed, "settings": settings}
+        "not_tried": not_tried, "defense_seed": seed, "settings": settings,
+        # the victim's basin at this batch (deterministic; seconds): a "not broken" on a narrow one is an
+        # optimisation barrier of the attacks, and the verdict says so
+        "basin": gradient_landscape(server, batch.images, batch.labels)}
     if info_path.is_file():  # an interrupted cell: keep the utility already measured
         info["utility"] = json.loads(info_path.read_text()).get("utility")
     else:

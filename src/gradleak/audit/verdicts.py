@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradleak.audit.landscape import narrow
 from gradleak.errors import ConfigError
 from gradleak.metrics.recognisable import PARTIAL_SSIM, RECOGNISABLE_SSIM
 from gradleak.reporting.runner import RunSummary
@@ -277,6 +278,8 @@ def verdict(row: dict[str, Any]) -> str:
         >>> verdict({"ssim_mean": 0.2, "recognisable_fraction": 0.0, "inconclusive": True,
         ...          "still_improving": [{"attacker": "cinet_labels-known", "per_100": 0.05, "measure": "ssim"}]})
         'inconclusive: still improving (+0.050 SSIM per 100 iterations at the end, cinet, labels known)'
+        >>> verdict({"ssim_mean": 0.03, "recognisable_fraction": 0.0, "basin": {"radius": 0.05}})
+        "not broken by these attacks at this budget; the victim's gradient decorrelates within 5% pixel noise of the batch (basin radius): these attacks fail at optimisation here, which is not safety"
     """
     s, acc, frac = row.get("ssim_mean"), row.get("label_accuracy"), row.get("recognisable_fraction")
     by = f" ({describe_attacker(row['verdict_attacker'])})" if row.get("verdict_attacker") else ""
@@ -293,6 +296,9 @@ def verdict(row: dict[str, Any]) -> str:
         text = f"partial leak: coarse shapes and colours{by}"
     else:
         text = "not broken by these attacks at this budget"
+    if s is not None and not frac and not row.get("inconclusive") and narrow(row.get("basin")):
+        text += (f"; the victim's gradient decorrelates within {row['basin']['radius']:.0%} pixel noise of the batch "
+                 "(basin radius): these attacks fail at optimisation here, which is not safety")
     contrast = _contrast(row) if s is not None else ""
     if contrast:
         text += "; " + contrast

@@ -24,25 +24,20 @@ information: the update still determines the batch (the cosine is exactly 1 at t
 from __future__ import annotations
 
 import argparse
-import statistics
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from gradleak.audit.landscape import MIXES, gradient_landscape
 from gradleak.bench.common import print_table, write_json
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
 from gradleak.models import build_model
-from gradleak.threat import fedsgd_update
 from gradleak.threat.io import load_victim
-from gradleak.types import ClientUpdate, ModelSpec, ServerState
+from gradleak.types import ModelSpec, ServerState
 
-MIXES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 DEFAULT_VICTIMS = ("resnet18-relu:train", "resnet18-relu:eval", "resnet18-sigmoid:train",
                    "convnet-relu:train", "convnet-relu:eval", "lenet-relu:train")
-
 
 MODES = ("train", "eval", "batch-stats")
 """The client's BatchNorm: train mode (each batch's own statistics, the default client), eval mode
@@ -60,31 +55,6 @@ def parse_victim(text: str) -> tuple[str, str, str]:
         raise ConfigError(f"--victims: expected MODEL-ACTIVATION[:{'|'.join(MODES)}] such as "
                           f"'resnet18-relu:train', got {text!r}")
     return name, activation, mode
-
-
-def layer_cosines(update: ClientUpdate, target: ClientUpdate) -> tuple[float, float]:
-    """(mean over weight tensors of each tensor's cosine, the first weight tensor's cosine)."""
-    cosines = [float(F.cosine_similarity(update.tensors[n].flatten(), t.flatten(), dim=0))
-               for n, t in target.tensors.items() if t.dim() >= 2]
-    return statistics.fmean(cosines), cosines[0]
-
-
-def gradient_landscape(server: ServerState, images: torch.Tensor, labels: torch.Tensor, *,
-                       mixes: tuple[float, ...] = MIXES, seed: int = 0) -> dict[str, Any]:
-    """The client's gradient at the batch mixed with ``t`` of uniform noise against its update.
-
-    Returns ``{"mixes": [...], "mean_cosine": [...], "first_cosine": [...], "radius": t or None}``;
-    ``radius`` is the first mix whose mean cosine is below 0.5 (``None``: never within the grid).
-    """
-    target = fedsgd_update(server, images, labels)
-    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)).to(images)
-    mean, first = [], []
-    for t in mixes:
-        m, f = layer_cosines(fedsgd_update(server, (1 - t) * images + t * noise, labels), target)
-        mean.append(m)
-        first.append(f)
-    radius = next((t for t, m in zip(mixes, mean) if m < 0.5), None)
-    return {"mixes": list(mixes), "mean_cosine": mean, "first_cosine": first, "radius": radius}
 
 
 def victim_server(name: str, activation: str, mode: str, weights: str | None,

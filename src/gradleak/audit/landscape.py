@@ -1,0 +1,68 @@
+"""The basin: how far from the private batch the victim's gradient still points the update's way.
+
+An attack that matches gradients can only find the batch if the gradient, taken at a candidate near
+it, still points the way the update does. :func:`gradient_landscape` measures that on the victim
+itself: the client's FedSGD gradient at ``(1 - t) x + t u`` (``x`` the private batch, ``u`` uniform
+noise in [0, 1]) against the gradient at ``x``, each weight tensor's cosine similarity averaged over
+tensors (every layer weighs the same; the whole-vector cosine is dominated by the last layer, which
+barely depends on the images). ``radius`` is the first t of the grid at which that mean falls below
+0.5. It uses the private batch: a measurement of a victim, never an attack.
+
+Measured (docs/attacks.md, ``gradleak bench landscape``): every victim gradleak's attacks break
+keeps a radius of 0.5 or more (ResNet-18-sigmoid 0.5, ResNet-18-ReLU in eval mode beyond 1); the
+untrained ResNet-18-ReLU with train-mode BatchNorm, which no attack breaks, has 0.05 (the mean
+cosine is 0.33 at 5% noise). A radius of :data:`NARROW` or less marks a cell's "not broken" as an
+optimisation barrier of these attacks: the update still determines the batch (the cosine is 1 at
+t = 0).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gradleak.threat import fedsgd_update
+from gradleak.types import ClientUpdate, ServerState
+
+MIXES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""The fractions of noise mixed in."""
+NARROW = 0.1
+"""A radius at or below this is narrow: every victim the attacks failed on had 0.05-0.1, every one
+they broke 0.5 or more (docs/attacks.md)."""
+
+
+def layer_cosines(update: ClientUpdate, target: ClientUpdate) -> tuple[float, float]:
+    """(mean over weight tensors of each tensor's cosine, the first weight tensor's cosine)."""
+    cosines = [float(F.cosine_similarity(update.tensors[n].flatten(), t.flatten(), dim=0))
+               for n, t in target.tensors.items() if t.dim() >= 2]
+    return statistics.fmean(cosines), cosines[0]
+
+
+def gradient_landscape(server: ServerState, images: torch.Tensor, labels: torch.Tensor, *,
+                       mixes: tuple[float, ...] = MIXES, seed: int = 0) -> dict[str, Any]:
+    """The client's gradient at the batch mixed with ``t`` of uniform noise against its gradient at the batch.
+
+    Returns ``{"mixes": [...], "mean_cosine": [...], "first_cosine": [...], "radius": t or None}``;
+    ``radius`` is the first mix whose mean cosine is below 0.5 (``None``: never within the grid).
+    """
+    target = fedsgd_update(server, images, labels)
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)).to(images)
+    mean, first = [], []
+    for t in mixes:
+        m, f = layer_cosines(fedsgd_update(server, (1 - t) * images + t * noise, labels), target)
+        mean.append(m)
+        first.append(f)
+    radius = next((t for t, m in zip(mixes, mean) if m < 0.5), None)
+    return {"mixes": list(mixes), "mean_cosine": mean, "first_cosine": first, "radius": radius}
+
+
+def narrow(basin: dict[str, Any] | None) -> bool:
+    """Whether a recorded basin is narrow (radius <= :data:`NARROW`)."""
+    radius = (basin or {}).get("radius")
+    return radius is not None and float(radius) <= NARROW
+
+
+__all__ = ["MIXES", "NARROW", "gradient_landscape", "layer_cosines", "narrow"]
