@@ -295,7 +295,7 @@ def gives_features(server: ServerState) -> bool:
 
 
 def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Path, plan: AttackPlan,
-                  settings: dict[str, Any], o: AuditOptions) -> dict[str, Any]:
+                  settings: dict[str, Any], o: AuditOptions, basin: dict[str, Any]) -> dict[str, Any]:
     """Write ``cell.json`` (and the truth): the cell's attackers, what is not tried, privacy and utility."""
     info_path = folder / "cell.json"
     attackers: list[Attacker] = []
@@ -315,9 +315,9 @@ def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Pa
         "defense_spec": cell.parsed().spec(), "protocol": asdict(cell.protocol), "protocol_tag": cell.protocol.tag(),
         "privacy": update.metadata.get("privacy"), "attacker_names": [a.id for a in attackers],
         "not_tried": not_tried, "defense_seed": seed, "settings": settings,
-        # the victim's basin at this batch (deterministic; seconds): a "not broken" on a narrow one is an
-        # optimisation barrier of the attacks, and the verdict says so
-        "basin": gradient_landscape(server, batch.images, batch.labels)}
+        # the victim's basin at this batch: a "not broken" on a narrow one is an optimisation barrier of the
+        # attacks, and the verdict says so
+        "basin": basin}
     if info_path.is_file():  # an interrupted cell: keep the utility already measured
         info["utility"] = json.loads(info_path.read_text()).get("utility")
     else:
@@ -347,12 +347,18 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
     check_victim(server, cells)
     settings = _settings(spec, plan, o)
     batches: dict[int, Batch] = {}
+    basins: dict[int, dict[str, Any]] = {}
 
     def batch_of(total: int) -> Batch:
         if total not in batches:
             batches[total] = load_batch(o.data, total, size=spec.image_size, num_classes=spec.num_classes,
                                         seed=o.data_seed, root=o.data_root)
         return batches[total]
+
+    def basin_of(total: int) -> dict[str, Any]:  # it depends on the victim and the batch, not on the defense
+        if total not in basins:
+            basins[total] = gradient_landscape(server, batch_of(total).images, batch_of(total).labels)
+        return basins[total]
 
     batch_of(max(c.batch_size * c.protocol.clients for c in cells))  # too few images fails before any cell runs
     for cell in cells:  # every folder is checked before anything is written
@@ -367,8 +373,9 @@ def plan_runs(spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, out
         if cell_finished(folder):
             tell(cell.name, "skipped")
             continue
-        batch = batch_of(cell.batch_size * cell.protocol.clients)
-        info = _prepare_cell(server, cell, batch, folder, plan, settings, o)
+        total = cell.batch_size * cell.protocol.clients
+        batch = batch_of(total)
+        info = _prepare_cell(server, cell, batch, folder, plan, settings, o, basin_of(total))
         case = {**{k: v for k, v in settings.items() if k != "attack_configs"},
                 "audit_cell": {k: v for k, v in info.items() if k != "settings"}, "images": batch.names}
         for attacker_id in info["attacker_names"]:

@@ -33,6 +33,7 @@ from gradleak.bench.common import print_table, write_json
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
 from gradleak.models import build_model
+from gradleak.threat.batchnorm import tracked_layers
 from gradleak.threat.io import load_victim
 from gradleak.types import ModelSpec, ServerState
 
@@ -66,7 +67,7 @@ def victim_server(name: str, activation: str, mode: str, weights: str | None,
     if mode == "batch-stats":
         if images is None:
             raise ConfigError("BatchNorm mode 'batch-stats': expected the private images")
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        norms = list(tracked_layers(model).values())
         momenta = [m.momentum for m in norms]
         counts: dict[nn.Module, int] = {}
         hooks = [m.register_forward_hook(lambda m, inp, out: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
@@ -78,8 +79,7 @@ def victim_server(name: str, activation: str, mode: str, weights: str | None,
             model(images)
             for m, momentum in zip(norms, momenta):
                 m.momentum = momentum
-                m.running_var.mul_(  # type: ignore[union-attr]
-                    (counts[m] - 1) / counts[m])  # the unbiased estimate back to train mode's
+                m.running_var.mul_((counts[m] - 1) / counts[m])  # type: ignore[union-attr]  # unbiased -> biased
         for h in hooks:
             h.remove()
         model.eval()
