@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gradleak.audit.landscape import gradient_landscape
+from gradleak.audit.landscape import flat, gradient_landscape
 from gradleak.bench.landscape import parse_victim, victim_server
 from gradleak.cli.main import main
 from gradleak.data import builtin_batch
@@ -33,6 +33,19 @@ def test_train_mode_batchnorm_narrows_the_basin_of_a_relu_resnet():
                                    mixes=(0.05, 0.2))
     assert train["mean_cosine"][0] < 0.5 and train["radius"] == 0.05
     assert min(evaluated["mean_cosine"]) > 0.9 and evaluated["radius"] is None
+
+
+def test_an_unnormalised_sigmoid_resnet_is_flat_and_the_broken_victims_are_not():
+    # ResNet-18-sigmoid in eval mode on the untrained statistics: the gradient at pure noise keeps a mean
+    # layer cosine of 0.9992 with the update (measured), and no attack breaks it; the broken victims do not
+    data = builtin_batch(1)
+    results = {(model, mode): gradient_landscape(victim_server(model, "sigmoid", mode, None), data.images, data.labels,
+                                        mixes=(0.5, 1.0))
+               for model, mode in (("resnet18", "eval"), ("resnet18", "train"), ("lenet", "train"))}
+    at_noise = flat(results["resnet18", "eval"])
+    assert at_noise is not None and at_noise > 0.995
+    assert flat(results["resnet18", "train"]) is None and flat(results["lenet", "train"]) is None
+    assert flat(None) is None and flat({"radius": 0.05}) is None  # an older cell without the grid
 
 
 @pytest.mark.parametrize("text", ["resnet18", "resnet18-relu:test", "-relu"])

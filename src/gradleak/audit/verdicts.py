@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradleak.audit.landscape import narrow
+from gradleak.audit.landscape import flat, narrow
 from gradleak.errors import ConfigError
 from gradleak.metrics.recognisable import PARTIAL_SSIM, RECOGNISABLE_SSIM
 from gradleak.reporting.runner import RunSummary
@@ -280,6 +280,9 @@ def verdict(row: dict[str, Any]) -> str:
         'inconclusive: still improving (+0.050 SSIM per 100 iterations at the end, cinet, labels known)'
         >>> verdict({"ssim_mean": 0.03, "recognisable_fraction": 0.0, "basin": {"radius": 0.05}})
         "not broken by these attacks at this budget; the victim's gradient decorrelates within 5% pixel noise of the batch (basin radius): these attacks fail at optimisation here, which is not safety"
+        >>> verdict({"ssim_mean": 0.17, "recognisable_fraction": 0.0,
+        ...          "basin": {"radius": None, "mixes": [0.5, 1.0], "mean_cosine": [1.0, 0.9992]}})
+        "not broken by these attacks at this budget; the victim's gradient barely depends on the images (mean layer cosine 0.9992 between the update and the gradient at pure noise): these attacks fail at optimisation here, which is not safety"
     """
     s, acc, frac = row.get("ssim_mean"), row.get("label_accuracy"), row.get("recognisable_fraction")
     by = f" ({describe_attacker(row['verdict_attacker'])})" if row.get("verdict_attacker") else ""
@@ -296,9 +299,15 @@ def verdict(row: dict[str, Any]) -> str:
         text = f"partial leak: coarse shapes and colours{by}"
     else:
         text = "not broken by these attacks at this budget"
-    if s is not None and not frac and not row.get("inconclusive") and narrow(row.get("basin")):
+    quiet = s is not None and not frac and not row.get("inconclusive")
+    at_noise = flat(row.get("basin"))
+    if quiet and narrow(row.get("basin")):
         text += (f"; the victim's gradient decorrelates within {row['basin']['radius']:.0%} pixel noise of the batch "
                  "(basin radius): these attacks fail at optimisation here, which is not safety")
+    elif quiet and at_noise is not None:
+        text += (f"; the victim's gradient barely depends on the images (mean layer cosine {min(at_noise, 0.9999):.4f} "
+                 "between the update and the gradient at pure noise): these attacks fail at optimisation here, "
+                 "which is not safety")
     contrast = _contrast(row) if s is not None else ""
     if contrast:
         text += "; " + contrast
