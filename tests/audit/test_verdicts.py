@@ -11,6 +11,7 @@ from gradleak.audit.verdicts import (
     failing,
     improvement,
     verdict,
+    with_undefended,
     worst_case,
 )
 
@@ -54,6 +55,25 @@ def test_a_plateaued_run_reads_not_broken():
 def test_a_broken_cell_is_broken_even_while_a_run_still_climbs():
     row = worst_case({"cinet_labels-recovered": [_run([0.9, 0.2], trace=CLIMBING)]}, defended=False)
     assert not row["inconclusive"] and verdict(row).startswith("leaks: 50% of images recognisable")
+
+
+def _cell(defense, ssims, batch=4, protocol="fedsgd"):
+    row = worst_case({"cinet_labels-recovered": [_run(ssims, trace=PLATEAU)]}, defended=defense != "none")
+    return {**row, "defense_spec": defense, "batch_size": batch, "protocol_tag": protocol}
+
+
+def test_a_defense_is_credited_only_where_the_attacks_break_the_undefended_update():
+    # ResNet-18-sigmoid in eval mode (docs/audit.md): undefended 0.21, DP-SGD 0.07: the DP-SGD cell says
+    # nothing about DP-SGD; where the undefended update leaks, the same "not broken" carries no such note
+    rows = with_undefended([_cell("none", [0.2, 0.22]), _cell("dpsgd:1.0", [0.07, 0.08]),
+                            _cell("none", [0.9, 0.95], batch=1), _cell("noise:1e-3", [0.2, 0.3], batch=1),
+                            _cell("prune:0.9", [0.1], batch=8)])  # batch 8 has no undefended cell
+    unbroken_base, dp, leaky_base, noise, alone = (verdict(r) for r in rows)
+    assert "undefended" not in unbroken_base and "undefended" not in leaky_base
+    assert dp.startswith("not broken by these attacks at this budget; the undefended update is not broken either "
+                         "(SSIM 0.210): this cell says nothing about the defense"), dp
+    assert noise == "not broken by these attacks at this budget; labels recovered exactly"
+    assert "undefended" not in alone
 
 
 def test_without_an_ssim_trace_the_matching_loss_decides():

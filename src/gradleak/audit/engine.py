@@ -43,7 +43,7 @@ from gradleak.audit.plan import (
     run_name,
     untried_knowledge,
 )
-from gradleak.audit.verdicts import load_row
+from gradleak.audit.verdicts import load_row, with_undefended
 from gradleak.data import load_batch, public_images
 from gradleak.errors import ConfigError, GradleakError
 from gradleak.models import build_model
@@ -434,7 +434,7 @@ def run_audit(*, spec: ModelSpec, cells: Sequence[AuditCell], plan: AttackPlan, 
     tell = on_event or (lambda name, status: None)
     for cell in {j.cell.name: j.cell for j in jobs}:
         tell(cell, "done")
-    return [load_row(Path(out) / cell.name) for cell in cells]
+    return with_undefended([load_row(Path(out) / cell.name) for cell in cells])
 
 
 __all__ = ["AuditOptions", "RunJob", "cell_finished", "plan_runs", "run_attackers", "run_audit", "run_job", "victim"]

@@ -308,6 +308,10 @@ def verdict(row: dict[str, Any]) -> str:
         text += (f"; the victim's gradient barely depends on the images (mean layer cosine {min(at_noise, 0.9999):.4f} "
                  "between the update and the gradient at pure noise): these attacks fail at optimisation here, "
                  "which is not safety")
+    base = row.get("undefended")
+    if quiet and base and base.get("ssim_mean") is not None and not base.get("recognisable_fraction"):
+        text += (f"; the undefended update is not broken either (SSIM {base['ssim_mean']:.3f}): this cell says nothing "
+                 "about the defense")
     contrast = _contrast(row) if s is not None else ""
     if contrast:
         text += "; " + contrast
@@ -390,6 +394,31 @@ def load_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def with_undefended(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each defended row with ``undefended``: the worst case of the undefended cell of its protocol and batch size.
+
+    A defense can only be credited where the attacks break the update without it; :func:`verdict` says when
+    they do not (the cell then measures the attacks, not the defense).
+
+    Example:
+        >>> rows = [{"protocol_tag": "fedsgd", "batch_size": 4, "defense_spec": "none", "ssim_mean": 0.2,
+        ...          "recognisable_fraction": 0.0},
+        ...         {"protocol_tag": "fedsgd", "batch_size": 4, "defense_spec": "dpsgd:1.0", "ssim_mean": 0.07,
+        ...          "recognisable_fraction": 0.0}]
+        >>> verdict(with_undefended(rows)[1])
+        'not broken by these attacks at this budget; the undefended update is not broken either (SSIM 0.200): this cell says nothing about the defense'
+    """
+    base = {(r.get("protocol_tag"), r.get("batch_size")): r for r in rows if r.get("defense_spec", "none") == "none"}
+    out = []
+    for r in rows:
+        b = base.get((r.get("protocol_tag"), r.get("batch_size")))
+        defended = r.get("defense_spec", "none") != "none"
+        out.append({**r, "undefended": {"ssim_mean": b.get("ssim_mean"),
+                                        "recognisable_fraction": b.get("recognisable_fraction")}}
+                   if defended and b is not None else r)
+    return out
+
+
 def load_row(folder: Path) -> dict[str, Any]:
     """One audit row from a finished cell folder: ``cell.json`` and every attacker's runs, worst case first.
 
@@ -407,4 +436,4 @@ def load_row(folder: Path) -> dict[str, Any]:
 
 __all__ = ["CONDITION_METRICS", "Condition", "END_WINDOW", "PARTIAL_SSIM", "RECOGNISABLE_SSIM", "STILL_IMPROVING_LOSS",
            "STILL_IMPROVING_SSIM", "attacker_summary", "bootstrap_ci", "by_knowledge", "describe_attacker", "failing",
-           "improvement", "load_row", "load_runs", "verdict", "worst_case"]
+           "improvement", "load_row", "load_runs", "verdict", "with_undefended", "worst_case"]
