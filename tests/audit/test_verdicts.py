@@ -74,6 +74,8 @@ def test_a_defense_is_credited_only_where_the_attacks_break_the_undefended_updat
                          "(SSIM 0.210): this cell says nothing about the defense"), dp
     assert noise == "not broken by these attacks at this budget; labels recovered exactly"
     assert "undefended" not in alone
+    climbing = with_undefended([{**_cell("none", [0.2]), "inconclusive": True}, _cell("sign", [0.1])])[1]
+    assert "not broken either (SSIM 0.200, still improving at its budget's end)" in verdict(climbing)
 
 
 def test_without_an_ssim_trace_the_matching_loss_decides():

@@ -310,8 +310,9 @@ def verdict(row: dict[str, Any]) -> str:
                  "which is not safety")
     base = row.get("undefended")
     if quiet and base and base.get("ssim_mean") is not None and not base.get("recognisable_fraction"):
-        text += (f"; the undefended update is not broken either (SSIM {base['ssim_mean']:.3f}): this cell says nothing "
-                 "about the defense")
+        still = ", still improving at its budget's end" if base.get("inconclusive") else ""
+        text += (f"; the undefended update is not broken either (SSIM {base['ssim_mean']:.3f}{still}): this cell says "
+                 "nothing about the defense")
     contrast = _contrast(row) if s is not None else ""
     if contrast:
         text += "; " + contrast
@@ -413,8 +414,7 @@ def with_undefended(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         b = base.get((r.get("protocol_tag"), r.get("batch_size")))
         defended = r.get("defense_spec", "none") != "none"
-        out.append({**r, "undefended": {"ssim_mean": b.get("ssim_mean"),
-                                        "recognisable_fraction": b.get("recognisable_fraction")}}
+        out.append({**r, "undefended": {k: b.get(k) for k in ("ssim_mean", "recognisable_fraction", "inconclusive")}}
                    if defended and b is not None else r)
     return out
 
