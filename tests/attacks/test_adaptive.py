@@ -10,7 +10,7 @@ import torch
 
 import gradleak
 from conftest import make_case
-from gradleak.attacks.adaptive import DefenseModel, likelihood_distance
+from gradleak.attacks.adaptive import DefenseModel, likelihood_distance, noise_floor, stopping_floor
 from gradleak.attacks.matching import build_matcher
 from gradleak.cli.main import main
 from gradleak.defenses import defended_update, dpsgd_update, parse_defense, recorded_defense
@@ -114,12 +114,20 @@ def test_noise_defenses_match_with_their_likelihood(lenet_case):
 def test_noise_floor_is_the_likelihood_of_the_true_batch(lenet_case):
     # the loss the true images would have: E||n||^2 / ||t||^2 concentrates for 62k entries
     server, _, x, y = lenet_case
-    for text in ("noise:1e-3", "laplace:1e-3", "clip:1+noise:1e-3", "dpsgd:2.0"):
+    for text in ("noise:1e-3", "laplace:1e-3", "clip:1+noise:1e-3"):
         update = _defended(lenet_case, text)
         matcher, simulated = _at_truth(lenet_case, update)
         assert matcher.floor is not None and matcher.adaptive["noise_floor"] == matcher.floor
         assert float(matcher.distance("cosine", simulated)) == pytest.approx(matcher.floor, rel=0.03), text
         assert matcher.at_floor(matcher.floor) and not matcher.at_floor(1.01 * matcher.floor)
+    # DP-SGD: the floor is still the true batch's loss, but it sits within the noise's own spread of the
+    # loss of an all-zero update (1), so it is no stopping point
+    update = _defended(lenet_case, "dpsgd:2.0")
+    matcher, simulated = _at_truth(lenet_case, update)
+    floor = noise_floor("l2", 2.0 / x.shape[0], update.gradients())
+    assert float(matcher.distance("cosine", simulated)) == pytest.approx(floor, rel=0.03)
+    assert 1.0 - floor < 3.0 * floor * (2.0 / sum(t.numel() for t in update.gradients())) ** 0.5
+    assert matcher.floor is None and matcher.adaptive["noise_floor"] is None
     assert _at_truth(lenet_case, _defended(lenet_case, "prune:0.9"))[0].floor is None
     update = simulate_clients(server, x, y, num_clients=2, defense=parse_defense("noise:1e-3"),
                               generator=torch.Generator().manual_seed(0))
@@ -139,6 +147,26 @@ def test_adaptive_attacks_stop_at_the_noise_floor(lenet_case, one_thread):
                                           if name == "cinet" else {"iterations": 20, "adaptive": "off"}).reconstruct(
             server, update)
         assert unaware.iterations == 20 and unaware.stopped_early is None
+
+
+def test_a_floor_inside_the_noise_spread_is_no_stopping_point():
+    # the signal's share of the loss (1 - floor) against the floor's own relative spread sqrt(2 / n)
+    big = [torch.full((1000,), 1.0)]  # ||t||^2 = 1000, n = 1000
+    assert stopping_floor("l2", 0.5, big) == pytest.approx(0.25)  # sigma 0.5: a quarter of the update is noise
+    assert stopping_floor("l2", 0.999, big) is None  # 1 - floor = 0.002 < 3 * 0.998 * sqrt(2 / 1000) = 0.13
+    assert stopping_floor("l1", 0.5, big) == pytest.approx(0.5)
+
+
+def test_an_adaptive_attack_on_dp_sgd_runs_its_budget(one_thread):
+    # before, a noise floor drawn above the loss of the first candidate stopped CI-Net after one
+    # iteration (ResNet-18, DP-SGD, batch 4 and 8: the audit then read "not broken" off one step)
+    server, _, x, y = make_case("lenet", 4)
+    for seed in range(3):  # three noise draws: a floor above 1 came with about half of them
+        update = dpsgd_update(server, x, y, max_grad_norm=1.0, noise_multiplier=1.0,
+                              generator=torch.Generator().manual_seed(seed))
+        rec = gradleak.attacks.create("cinet", {"iterations": 6, "channels": 8}).reconstruct(server, update)
+        assert rec.info["adaptive"]["active"] and rec.info["adaptive"]["noise_floor"] is None
+        assert rec.iterations == 6 and rec.stopped_early is None, rec.outcome()
 
 
 def test_per_sample_clipping_matches_opacus_and_is_differentiable(lenet_case, one_thread):

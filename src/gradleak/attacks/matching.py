@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradleak.attacks.adaptive import DefenseModel, check_adaptive, likelihood_distance, noise_floor
+from gradleak.attacks.adaptive import DefenseModel, check_adaptive, likelihood_distance, stopping_floor
 from gradleak.errors import ConfigError, UpdateError
 from gradleak.functional import gradient_distance, model_gradients
 from gradleak.threat.aggregate import client_updates, simulate_update
@@ -120,7 +120,8 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
 
         likelihood, described = model.likelihood, model.describe()
         scale = model.noise_scale(update.num_samples)
-        described["noise_floor"] = None if scale is None else noise_floor(likelihood, scale, tensors)  # type: ignore[arg-type]
+        # None also where the noise drowns the signal: no stopping point, the attack runs its budget
+        described["noise_floor"] = None if scale is None else stopping_floor(likelihood, scale, tensors)  # type: ignore[arg-type]
     info = {"requested": adaptive, "active": True, **described}
     return Matcher(tensors, simulate, f"{mode}, defense simulated ({described['defense']})", info, likelihood,
                    described.get("noise_floor"))
@@ -167,7 +168,7 @@ def _adaptive_aggregate(update: ClientUpdate, victim: nn.Module) -> tuple[Simula
         else:  # the aggregate's noise sum_k w_k n_k has variance sum_k w_k^2 var_k (Laplace: var = 2 b^2)
             scale = math.sqrt(sum(w * w * s * s * (2.0 if model_of(p).likelihood == "l1" else 1.0)
                                   for w, s, p in zip(weights, scales, parts)))
-        floor = noise_floor(likelihood, scale, update.gradients())
+        floor = stopping_floor(likelihood, scale, update.gradients())
     described = {"defense": " / ".join(specs), "per_client": True, "likelihood": likelihood, "noise_floor": floor}
     return (lambda images, labels: simulate_update(update, model=victim, images=images, labels=labels,
                                                    create_graph=True, client=client)), likelihood, described
