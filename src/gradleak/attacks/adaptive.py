@@ -15,8 +15,9 @@ al. 2019; Tramer et al. 2020); the adaptive attacker puts the defense into its f
 * ``clip``: the same norm clip on the simulated update (differentiable).
 * ``noise`` / ``laplace``: the matching loss is the noise's negative log-likelihood, squared (L2) or
   absolute (L1) error, normalised by the update's own magnitude; the attack stops when the loss
-  reaches the value the true batch would have (the noise floor, :func:`noise_floor`), since
-  below it the candidates fit the noise (Morozov's discrepancy principle: measured on LeNet with
+  reaches the value the true batch would have (the noise floor, :func:`noise_floor`; only where
+  it can be told from the noise's own spread, :func:`stopping_floor`), since below it the
+  candidates fit the noise (Morozov's discrepancy principle: measured on LeNet with
   ``noise:1e-4``, SSIM 0.82 at the floor, 0.54 at 200 iterations and 0.39 at 600).
 * ``dpsgd``: per-sample gradients of the candidates (``torch.func``), clipped as the client did,
   summed and averaged, then the Gaussian likelihood.
