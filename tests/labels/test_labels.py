@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradleak.cli.main import main
-from gradleak.errors import UnknownNameError, UnsupportedModelError, UpdateError
+from gradleak.errors import ConfigError, UnknownNameError, UnsupportedModelError, UpdateError
 from gradleak.labels import LABEL_STRATEGIES, LabelResult, counts_to_labels, label_accuracy, last_layer, recover_labels
 from gradleak.labels.ilrg import LOW_CONFIDENCE, ilrg
 from gradleak.models import build_model
@@ -196,6 +196,11 @@ def test_auto_replaces_low_confidence_ilrg_by_bias_count(lenet, monkeypatch):
     assert result.strategy == "bias-count" and counts(result.labels) == counts(y)
     assert any("instead of low-confidence ilrg" in w for w in result.warnings)
     assert "score" in result.info["ilrg"]
+    # after a clip bias-count's scale is wrong too: a low-confidence search falls through to LLG
+    from gradleak.defenses import defended_update
+
+    clipped = recover_labels(lenet, defended_update(lenet, x, y, defense="clip:1", generator=torch.Generator()))
+    assert clipped.strategy == "llg" and "low confidence with the update's scale searched" in clipped.info["skipped"]["ilrg"]
 
 
 def test_a_modified_update_is_detected_and_auto_falls_back(lenet):
@@ -330,9 +335,42 @@ def test_auto_under_a_recorded_defense_prefers_what_survives_it():
     plain = recover_labels(server, defended_update(server, x, y, defense="none", generator=torch.Generator()))
     assert plain.strategy == "ilrg"
     clipped = recover_labels(server, defended_update(server, x, y, defense="clip:1", generator=torch.Generator()))
-    assert clipped.strategy == "llg" and "rescales it" in clipped.info["skipped"]["ilrg"]
+    assert clipped.strategy == "ilrg" and "scale" in clipped.info  # the clip's factor searched, not assumed
+    assert "rescales it" in clipped.info["skipped"]["bias-count"]
+    private = recover_labels(server, defended_update(server, x, y, defense="dpsgd:1.0", generator=torch.Generator()))
+    assert "rescales it" in private.info["skipped"]["ilrg"]  # DP-SGD's noise: no integer counts to search for
     noisy_update = defended_update(server, x, y, defense="noise:1e-3", generator=torch.Generator().manual_seed(0))
     noisy = recover_labels(server, noisy_update)
     assert noisy.strategy == "llg" and "yin" not in noisy.info["skipped"]
     yin = recover_labels(server, noisy_update, strategy="yin")
     assert label_accuracy(noisy.labels, y) > label_accuracy(yin.labels, y)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_ilrg_finds_the_unknown_scale_of_a_clipped_update(lenet, seed):
+    # known answer: clip:1 multiplies the gradient by 1/||g||; the searched factor is ||g|| and the
+    # counts are exact, repeats included, where LLG (the old choice after a clip) misses some
+    from gradleak.defenses import defended_update
+
+    x, y = batch(8, seed=seed, labels=[3, 3, 3, 1, 7, 7, 0, 5])
+    plain = fedsgd_update(lenet, x, y)
+    norm = math.sqrt(sum(float(t.double().square().sum()) for t in plain.tensors.values()))
+    assert norm > 1.5  # the clip does shrink it
+    clipped = defended_update(lenet, x, y, defense="clip:1", generator=torch.Generator())
+    searched = ilrg(lenet, clipped, scale="search")
+    assert searched.labels.tolist() == sorted(y.tolist())
+    assert searched.info["scale"] == pytest.approx(norm, rel=0.03)  # the grid's step is 1.5%
+    assert searched.info["score"] < LOW_CONFIDENCE
+    assert recover_labels(lenet, clipped).labels.tolist() == sorted(y.tolist())
+    assert label_accuracy(recover_labels(lenet, clipped, strategy="llg").labels, y) < 1.0
+
+
+def test_ilrg_scale_search_on_an_unclipped_update_keeps_it(lenet):
+    # an update at its own scale: the search returns 1 and iLRG's usual counts
+    x, y = batch(6, seed=3)
+    update = fedsgd_update(lenet, x, y)
+    result = ilrg(lenet, update, scale="search")
+    assert result.info["scale"] == pytest.approx(1.0, rel=0.03)
+    assert result.labels.tolist() == ilrg(lenet, update).labels.tolist() == sorted(y.tolist())
+    with pytest.raises(ConfigError, match="expected 'known' or 'search'"):
+        ilrg(lenet, update, scale="guess")

@@ -29,6 +29,14 @@ explain the bias gradient (true counts are integers; a wrong ``rho`` gives fract
 chosen ``rho`` and this consistency score are reported in ``LabelResult.info``; a poor score adds
 a warning.
 
+**An update of unknown scale** (``scale="search"``): a norm clip multiplies the whole update by
+``s = C / ||g|| <= 1``, and the server does not know ``||g||``. The embeddings and probabilities
+(steps 1-2) are ratios and do not change; only the counts' equation sees ``s``, and every ``s``
+solves it with some real counts (``k(s) = N pi + s k_1``). The true one gives integer counts with
+exact zeros for the absent classes, which is what the consistency score measures, so the update is
+multiplied back by each ``u = 1/s`` of a log grid (:data:`SCALE_GRID`, refined around its best
+point) and the ``u`` with the lowest score wins (gradleak; measured in docs/labels.md).
+
 References:
     Ma, Sun, Yang, Wang, Lou and Chen, "Instance-wise Batch Label Restoration via Gradients in
     Federated Learning", ICLR 2023.
@@ -36,6 +44,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -59,6 +68,10 @@ from gradleak.types import ClientUpdate, ServerState
 
 SHRINKAGE_GRID: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, math.inf)
 """Values of ``rho`` tried by ``shrinkage="auto"``: 0 is the paper's estimator, inf the pooled one."""
+
+SCALE_GRID: tuple[float, ...] = tuple(10.0 ** (k / 20) for k in range(121))
+"""Factors ``u`` by which ``scale="search"`` multiplies an update of unknown scale back: 1 to 1e6,
+20 a decade (a clip only shrinks an update, so ``u >= 1``); the best one is refined 8x finer."""
 
 LOW_CONFIDENCE = 0.15
 """Consistency score (mean distance of the real counts of present classes from integers, plus the
@@ -151,9 +164,36 @@ def _evaluate(layer: LastLayer, n: int, rho: float, pooled: torch.Tensor | None,
     return counts, residual, _score(counts, residual)
 
 
+def _rescaled(layer: LastLayer, factor: float) -> LastLayer:
+    """``layer`` with its gradients multiplied by ``factor``."""
+    grad_bias = None if layer.grad_bias is None else layer.grad_bias * factor
+    return dataclasses.replace(layer, grad_weight=layer.grad_weight * factor, grad_bias=grad_bias)
+
+
+def _best_rho(layer: LastLayer, n: int, rhos: list[float], *,
+              nonnegative: bool) -> tuple[float, torch.Tensor, float, float]:
+    """(rho, counts, residual, score) of the ``rho`` with the smallest score (the earlier on a tie)."""
+    pooled = pooled_embedding(layer, n) if any(r != 0.0 for r in rhos) else None
+    tried = [(rho, *_evaluate(layer, n, rho, pooled, nonnegative=nonnegative)) for rho in rhos]
+    return min(tried, key=lambda t: (round(t[3], 9), rhos.index(t[0])))
+
+
+def _search_scale(layer: LastLayer, n: int, rhos: list[float], *,
+                  nonnegative: bool) -> tuple[float, tuple[float, torch.Tensor, float, float]]:
+    """The factor of :data:`SCALE_GRID` (then refined) whose rescaled gradient scores best, and its fit."""
+    def fit(u: float) -> tuple[float, tuple[float, torch.Tensor, float, float]]:
+        return u, _best_rho(_rescaled(layer, u), n, rhos, nonnegative=nonnegative)
+
+    best = min((fit(u) for u in SCALE_GRID), key=lambda t: round(t[1][3], 9))
+    step = 10.0 ** (1 / 20)
+    fine = [best[0] * step ** (k / 8) for k in range(-8, 9)]
+    return min((fit(u) for u in fine if u >= 1.0), key=lambda t: round(t[1][3], 9))
+
+
 @LABEL_STRATEGIES.register("ilrg")
 def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None = None,
-         shrinkage: float | str = "auto", grid: Sequence[float] = SHRINKAGE_GRID) -> LabelResult:
+         shrinkage: float | str = "auto", grid: Sequence[float] = SHRINKAGE_GRID,
+         scale: str = "known") -> LabelResult:
     """Recover per-class counts, repeats allowed, by iLRG (Ma et al. 2023) with gradleak's stabilisation.
 
     Assumptions (checked where they can be):
@@ -180,10 +220,13 @@ def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
             counts set to 0) or a number ``rho >= 0`` (``math.inf``: one pooled embedding for every
             class).
         grid: the values of ``rho`` tried by ``"auto"``.
+        scale: ``"known"``: the update is at the gradient's own scale; ``"search"``: it was
+            shrunk by an unknown factor (a norm clip), found as the one that gives integer counts.
 
     Returns:
         A :class:`~gradleak.labels.LabelResult` with N labels; ``info`` holds ``counts`` (real),
-        ``rho`` and ``score``.
+        ``rho`` and ``score``, and with ``scale="search"`` the factor ``scale`` the update was
+        multiplied back by.
 
     Raises:
         UnsupportedModelError: no final ``nn.Linear`` with bias.
@@ -200,15 +243,19 @@ def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
         raise ConfigError(f"ilrg shrinkage: expected 'auto', 'paper' or a number >= 0, got {shrinkage!r}")
     if not rhos:
         raise ConfigError("ilrg shrinkage grid: expected at least one value, got none")
+    if scale not in ("known", "search"):
+        raise ConfigError(f"ilrg scale: expected 'known' or 'search', got {scale!r}")
     layer = layer or last_layer(server, update)
     n = require_batch("ilrg", update)
     _, grad_b = layer.require_bias("ilrg")
     layer.require_scale("ilrg")
     check_softmax_bias("ilrg", grad_b)
-    pooled = pooled_embedding(layer, n) if any(r != 0.0 for r in rhos) else None
-    tried = [(rho, *_evaluate(layer, n, rho, pooled, nonnegative=shrinkage != "paper")) for rho in rhos]
-    # the smallest score wins; on a tie the earlier (less shrunk, closer to the paper) rho
-    rho, counts, residual, score = min(tried, key=lambda t: (round(t[3], 9), rhos.index(t[0])))
+    factor = 1.0
+    nonnegative = shrinkage != "paper"
+    if scale == "search":
+        factor, (rho, counts, residual, score) = _search_scale(layer, n, rhos, nonnegative=nonnegative)
+    else:
+        rho, counts, residual, score = _best_rho(layer, n, rhos, nonnegative=nonnegative)
     notes: list[str] = []
     if not math.isfinite(score):
         raise UpdateError("label strategy 'ilrg': expected finite class-wise probabilities, got none finite for "
@@ -219,4 +266,6 @@ def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
                      f"(untrained model, one step, true batch size) may not hold and counts may be wrong")
     info = {"counts": [round(float(c), 4) for c in counts], "rho": rho if math.isfinite(rho) else "inf",
             "score": round(score, 4), "residual": round(residual, 4)}
+    if scale == "search":
+        info["scale"] = round(factor, 4)
     return make_result(counts_to_labels(counts, n), "ilrg", layer, warnings=notes, info=info)

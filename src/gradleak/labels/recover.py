@@ -3,7 +3,8 @@
 ``auto`` tries the strategies in order of strength and uses the first whose assumptions hold;
 every strategy it skips is recorded, with the reason, in ``LabelResult.warnings``. For an update
 that records a defense the order is :data:`AUTO_ORDER_DEFENDED` (LLG before Yin), and after a
-clipping defense iLRG and bias-count are skipped (:data:`RESCALING`); without one:
+clipping defense bias-count is skipped and iLRG searches the update's unknown scale
+(:data:`RESCALING`; after DP-SGD's noise both are skipped); without one:
 
 1. ``idlg`` for a batch of one (exact);
 2. ``ilrg`` (exact counts with repeats on untrained models; needs a bias, an unmodified softmax
@@ -50,8 +51,14 @@ each other (0.42-0.62) and neither is good."""
 
 RESCALING = frozenset({"clip", "dpsgd"})
 """Recorded defenses that rescale the update by a factor the server does not know (the norm before
-clipping is private): iLRG's and bias-count's counts assume the gradient's own scale, so ``auto``
-skips them (measured under ``clip:1``, docs/labels.md: iLRG 0.53 / 0.72 at N = 8 / 32, LLG 0.91 / 0.67)."""
+clipping is private): bias-count's counts assume the gradient's own scale, so ``auto`` skips it, and
+runs iLRG with ``scale="search"``, which finds the factor as the one that gives integer counts
+(measured under ``clip:1``, docs/labels.md: iLRG at the wrong scale 0.53 / 0.72 at N = 8 / 32, LLG
+0.91 / 0.67, iLRG with the scale searched 1.00 / 1.00). A low-confidence search falls through to
+LLG. Under DP-SGD (per-sample clipping, then noise) iLRG is skipped too."""
+
+SEARCH_SCALE = frozenset({"clip"})
+"""The rescaling defenses after which iLRG searches the scale rather than being skipped."""
 
 _STRATEGY_FUNCTIONS = {"idlg": idlg, "ilrg": ilrg, "yin": yin, "llg": llg, "bias-count": bias_count}
 
@@ -81,18 +88,27 @@ def auto(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
     skipped: dict[str, str] = {}
     order = list(AUTO_ORDER_DEFENDED if update.defenses else AUTO_ORDER)
     rescaled = sorted(RESCALING & set(update.defenses))
+    search_scale = bool(rescaled) and set(rescaled) <= SEARCH_SCALE
     if rescaled:
-        for name in ("ilrg", "bias-count"):
+        for name in ("bias-count",) if search_scale else ("ilrg", "bias-count"):
             order.remove(name)
             skipped[name] = (f"the update records {', '.join(rescaled)}, which rescales it by an unknown factor; "
                              "its counts assume the gradient's own scale")
     order = [s for s in order if s != "idlg" or update.num_samples == 1]
     for name in order:
         try:
-            result = _STRATEGY_FUNCTIONS[name](server, update, layer=layer)
+            if name == "ilrg" and search_scale:
+                result = ilrg(server, update, layer=layer, scale="search")
+            else:
+                result = _STRATEGY_FUNCTIONS[name](server, update, layer=layer)
         except (UnsupportedModelError, UpdateError) as e:
             skipped[name] = str(e)
             logger.warning("label recovery: %s skipped: %s", name, e)
+            continue
+        if name == "ilrg" and search_scale and result.info["score"] > LOW_CONFIDENCE:
+            skipped[name] = (f"low confidence with the update's scale searched (consistency score "
+                             f"{result.info['score']:.2f} > {LOW_CONFIDENCE})")
+            logger.warning("label recovery: ilrg skipped: %s", skipped[name])
             continue
         notes = [f"label recovery: {s} skipped: {why}" for s, why in skipped.items()]
         info = {**result.info, "requested": "auto", "skipped": skipped}
