@@ -374,3 +374,29 @@ def test_ilrg_scale_search_on_an_unclipped_update_keeps_it(lenet):
     assert result.labels.tolist() == ilrg(lenet, update).labels.tolist() == sorted(y.tolist())
     with pytest.raises(ConfigError, match="expected 'known' or 'search'"):
         ilrg(lenet, update, scale="guess")
+
+
+def test_quantized_bias_sum_is_checked_against_the_rounding_bound(lenet):
+    # quantize:b moves each bias entry by at most half a step, so the sum by at most C * step / 2:
+    # iLRG accepts such an update (it refused it when the bound was the float rounding's) and its
+    # counts stay exact; noise, which no bound covers, is still refused
+    from gradleak.defenses import defended_update
+    from gradleak.labels.last_layer import check_softmax_bias
+
+    x, y = batch(32, seed=1)  # its quantized bias sums to 0.5% of its mass: 5x the float bound
+    update = defended_update(lenet, x, y, defense="quantize:8", generator=torch.Generator())
+    layer = last_layer(lenet, update)
+    step = float(layer.grad_bias.abs().max()) / 127
+    assert layer.bias_sum_slack == pytest.approx(C * step / 2)
+    assert abs(float(layer.grad_bias.sum())) <= layer.bias_sum_slack
+    with pytest.raises(UpdateError, match="sum to 0"):
+        check_softmax_bias("ilrg", layer.grad_bias)  # without the bound: refused
+    result = recover_labels(lenet, update)
+    assert result.strategy == "ilrg" and counts(result.labels) == counts(y)
+    noisy = defended_update(lenet, x, y, defense="noise:1e-3", generator=torch.Generator().manual_seed(0))
+    assert last_layer(lenet, noisy).bias_sum_slack == 0.0
+    with pytest.raises(UpdateError, match="sum to 0"):
+        ilrg(lenet, noisy)
+    # a malformed record (an update file is untrusted) gives no bound, not a crash
+    odd = update.replace(metadata={"defense_params": [{"name": "quantize", "bits": "8"}, 3]})
+    assert last_layer(lenet, odd).bias_sum_slack == 0.0

@@ -68,7 +68,7 @@ def bias_count(server: ServerState, update: ClientUpdate, *, layer: LastLayer | 
     n = require_batch("bias-count", update)
     _, grad_b = layer.require_bias("bias-count")
     layer.require_scale("bias-count")
-    check_softmax_bias("bias-count", grad_b)
+    check_softmax_bias("bias-count", grad_b, slack=layer.bias_sum_slack)
     counts = n * (mean_probabilities(server, num_images=num_images) - grad_b)
     return make_result(counts_to_labels(counts, n), "bias-count", layer,
                        info={"counts": [round(float(c), 4) for c in counts]})

@@ -249,7 +249,7 @@ def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
     n = require_batch("ilrg", update)
     _, grad_b = layer.require_bias("ilrg")
     layer.require_scale("ilrg")
-    check_softmax_bias("ilrg", grad_b)
+    check_softmax_bias("ilrg", grad_b, slack=layer.bias_sum_slack)
     factor = 1.0
     nonnegative = shrinkage != "paper"
     if scale == "search":

@@ -88,6 +88,9 @@ class LastLayer:
         nonnegative_features: whether the layer's input was non-negative on random probe images
             (ReLU/sigmoid features); iDLG-by-weight, Yin and LLG rely on it.
         notes: caveats about the update every strategy should pass on as warnings.
+        bias_sum_slack: how far from zero the bias gradient's sum may be moved by a recorded
+            defense that only rounds it (``quantize:b``: ``C * step / 2``, each entry within half a
+            step of the true one), in gradient scale; 0 otherwise.
     """
 
     weight_name: str
@@ -100,6 +103,7 @@ class LastLayer:
     scale_known: bool
     nonnegative_features: bool
     notes: tuple[str, ...] = ()
+    bias_sum_slack: float = 0.0
 
     @property
     def num_classes(self) -> int:
@@ -228,7 +232,24 @@ def last_layer(server: ServerState, update: ClientUpdate) -> LastLayer:
     return LastLayer(
         weight_name=w_name, bias_name=b_name, weight=weight, bias=bias,
         grad_weight=gw, grad_bias=gb, num_samples=int(update.num_samples),
-        scale_known=scale_known, nonnegative_features=nonneg, notes=tuple(notes))
+        scale_known=scale_known, nonnegative_features=nonneg, notes=tuple(notes),
+        bias_sum_slack=_rounding_slack(update, gb))
+
+
+def _rounding_slack(update: ClientUpdate, grad_bias: torch.Tensor | None) -> float:
+    """The sum's bound under the coarsest ``quantize`` recorded in the update's metadata (0 if none).
+
+    ``quantize:b`` rounds each tensor to multiples of ``max|t| / (2^(b-1) - 1)``, and the largest entry
+    is kept exactly, so the step is known from the bias gradient itself.
+    """
+    entries = update.metadata.get("defense_params", [])
+    recorded = [e.get("bits") for e in entries if isinstance(e, dict) and e.get("name") == "quantize"] \
+        if isinstance(entries, list) else []
+    bits: list[int] = [b for b in recorded if isinstance(b, int) and not isinstance(b, bool) and b >= 2]
+    if not bits or grad_bias is None:
+        return 0.0
+    step = float(grad_bias.abs().max()) / (2 ** (min(bits) - 1) - 1)
+    return grad_bias.numel() * step / 2
 
 
 def _gradient_factor(update: ClientUpdate) -> tuple[float, bool, list[str]]:
@@ -249,23 +270,27 @@ def _gradient_factor(update: ClientUpdate) -> tuple[float, bool, list[str]]:
     return -1.0 / (float(update.local_lr) * steps), True, notes
 
 
-def check_softmax_bias(strategy: str, grad_bias: torch.Tensor, *, rtol: float = 1e-3) -> None:
+def check_softmax_bias(strategy: str, grad_bias: torch.Tensor, *, rtol: float = 1e-3, slack: float = 0.0) -> None:
     """Raise unless the bias gradient sums to zero over classes, as softmax cross-entropy's does.
 
     Each sample contributes ``p_i - y_i``, whose entries sum to 0. A sum far from 0 means another
     loss, soft labels that do not sum to one, or a defense (noise, pruning, quantization) changed
     the update.
 
+    ``slack`` widens the bound by what a recorded rounding may move the sum
+    (:attr:`LastLayer.bias_sum_slack`).
+
     Raises:
-        UpdateError: ``|sum(grad_b)| > rtol * sum(|grad_b|)``.
+        UpdateError: ``|sum(grad_b)| > rtol * sum(|grad_b|) + slack``.
     """
     total = float(grad_bias.sum())
     mass = float(grad_bias.abs().sum())
     if mass == 0.0:
         raise UpdateError(f"label strategy '{strategy}': expected a non-zero bias gradient, got all zeros")
-    if abs(total) > rtol * mass:
+    if abs(total) > rtol * mass + slack:
+        within = f" or within the recorded quantization's bound {slack:.3g}" if slack else ""
         raise UpdateError(
-            f"label strategy '{strategy}': expected the bias gradient to sum to 0 over classes (softmax "
+            f"label strategy '{strategy}': expected the bias gradient to sum to 0 over classes{within} (softmax "
             f"cross-entropy, unmodified update), got sum {total:.3g} ({abs(total) / mass:.1%} of its mass)")
 
 
