@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -181,13 +181,13 @@ def _best_rho(layer: LastLayer, n: int, rhos: list[float], *,
 def _search_scale(layer: LastLayer, n: int, rhos: list[float], *,
                   nonnegative: bool) -> tuple[float, tuple[float, torch.Tensor, float, float]]:
     """The factor of :data:`SCALE_GRID` (then refined) whose rescaled gradient scores best, and its fit."""
-    def fit(u: float) -> tuple[float, tuple[float, torch.Tensor, float, float]]:
-        return u, _best_rho(_rescaled(layer, u), n, rhos, nonnegative=nonnegative)
+    def best(factors: Iterable[float]) -> tuple[float, tuple[float, torch.Tensor, float, float]]:
+        fits = ((u, _best_rho(_rescaled(layer, u), n, rhos, nonnegative=nonnegative)) for u in factors)
+        return min(fits, key=lambda t: round(t[1][3], 9))
 
-    best = min((fit(u) for u in SCALE_GRID), key=lambda t: round(t[1][3], 9))
-    step = 10.0 ** (1 / 20)
-    fine = [best[0] * step ** (k / 8) for k in range(-8, 9)]
-    return min((fit(u) for u in fine if u >= 1.0), key=lambda t: round(t[1][3], 9))
+    coarse, _ = best(SCALE_GRID)
+    step = SCALE_GRID[1] / SCALE_GRID[0]
+    return best(u for u in (coarse * step ** (k / 8) for k in range(-8, 9)) if u >= 1.0)
 
 
 @LABEL_STRATEGIES.register("ilrg")

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradleak.defenses import QuantizeDefense, quantization_scale, recorded_defense
 from gradleak.errors import UnsupportedModelError, UpdateError
 from gradleak.registry import Registry
 from gradleak.types import ClientUpdate, ServerState
@@ -237,19 +238,19 @@ def last_layer(server: ServerState, update: ClientUpdate) -> LastLayer:
 
 
 def _rounding_slack(update: ClientUpdate, grad_bias: torch.Tensor | None) -> float:
-    """The sum's bound under the coarsest ``quantize`` recorded in the update's metadata (0 if none).
+    """The sum's bound under the coarsest ``quantize`` the update records (0 if none, or a bad record).
 
-    ``quantize:b`` rounds each tensor to multiples of ``max|t| / (2^(b-1) - 1)``, and the largest entry
-    is kept exactly, so the step is known from the bias gradient itself.
+    ``quantize:b`` rounds each tensor to multiples of its :func:`~gradleak.defenses.quantization_scale`,
+    and the largest entry is kept exactly, so the step is known from the bias gradient itself.
     """
-    entries = update.metadata.get("defense_params", [])
-    recorded = [e.get("bits") for e in entries if isinstance(e, dict) and e.get("name") == "quantize"] \
-        if isinstance(entries, list) else []
-    bits: list[int] = [b for b in recorded if isinstance(b, int) and not isinstance(b, bool) and b >= 2]
-    if not bits or grad_bias is None:
+    if grad_bias is None or "quantize" not in update.defenses:
         return 0.0
-    step = float(grad_bias.abs().max()) / (2 ** (min(bits) - 1) - 1)
-    return grad_bias.numel() * step / 2
+    try:
+        parts = recorded_defense(update).parts()
+    except UpdateError:  # an update file is untrusted: a malformed record gives no bound
+        return 0.0
+    bits = [p.bits for p in parts if isinstance(p, QuantizeDefense)]
+    return grad_bias.numel() * float(quantization_scale(grad_bias, min(bits))) / 2 if bits else 0.0
 
 
 def _gradient_factor(update: ClientUpdate) -> tuple[float, bool, list[str]]:

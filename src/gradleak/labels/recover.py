@@ -96,23 +96,22 @@ def auto(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
                              "its counts assume the gradient's own scale")
     order = [s for s in order if s != "idlg" or update.num_samples == 1]
     for name in order:
+        options = {"scale": "search"} if name == "ilrg" and search_scale else {}
         try:
-            if name == "ilrg" and search_scale:
-                result = ilrg(server, update, layer=layer, scale="search")
-            else:
-                result = _STRATEGY_FUNCTIONS[name](server, update, layer=layer)
+            result = _STRATEGY_FUNCTIONS[name](server, update, layer=layer, **options)
         except (UnsupportedModelError, UpdateError) as e:
             skipped[name] = str(e)
             logger.warning("label recovery: %s skipped: %s", name, e)
             continue
-        if name == "ilrg" and search_scale and result.info["score"] > LOW_CONFIDENCE:
+        low_confidence = name == "ilrg" and result.info["score"] > LOW_CONFIDENCE
+        if low_confidence and search_scale:  # bias-count's scale is wrong here too: on to LLG
             skipped[name] = (f"low confidence with the update's scale searched (consistency score "
                              f"{result.info['score']:.2f} > {LOW_CONFIDENCE})")
             logger.warning("label recovery: ilrg skipped: %s", skipped[name])
             continue
         notes = [f"label recovery: {s} skipped: {why}" for s, why in skipped.items()]
         info = {**result.info, "requested": "auto", "skipped": skipped}
-        if name == "ilrg" and result.info["score"] > LOW_CONFIDENCE:
+        if low_confidence:
             try:
                 prior = bias_count(server, update, layer=layer)
             except (UnsupportedModelError, UpdateError) as e:  # same assumptions as ilrg: rare
