@@ -400,3 +400,59 @@ def test_quantized_bias_sum_is_checked_against_the_rounding_bound(lenet):
     # a malformed record (an update file is untrusted) gives no bound, not a crash
     odd = update.replace(metadata={"defense_params": [{"name": "quantize", "bits": "8"}, 3]})
     assert last_layer(lenet, odd).bias_sum_slack == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([0.5, 0.9]))
+def test_support_fill_keeps_kept_entries_and_meets_the_bound_and_column_sums(seed, sparsity):
+    # a top-k-pruned gradient of softmax cross-entropy: the fill may change only the zeroed entries,
+    # each within the smallest kept magnitude, and restores the columns' zero sums where the bound allows
+    from gradleak.defenses import TopKPruneDefense
+    from gradleak.labels.support import complete_support
+
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(6, C, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.one_hot(torch.randint(0, C, (6,), generator=g), C).double()
+    feats = torch.rand(6, 20, generator=g, dtype=torch.float64)
+    gb, gw = (p - y).mean(0), (p - y).T @ feats / 6
+    pruned = TopKPruneDefense(sparsity).transform({"b": gb, "w": gw}, generator=g)
+    w, b, filled = complete_support(pruned["w"], pruned["b"])
+    assert filled == int((pruned["w"] == 0).sum() + (pruned["b"] == 0).sum())
+    for full, kept in ((b, pruned["b"]), (w, pruned["w"])):
+        nz = kept != 0
+        assert torch.equal(full[nz], kept[nz])
+        tau = float(kept[nz].abs().min())
+        assert bool((full[~nz].abs() <= tau * (1 + 1e-9)).all())
+    # where a column's zeroed entries can make up its kept sum within the bound, the sum is zero
+    for full, kept in ((b[:, None], pruned["b"][:, None]), (w, pruned["w"])):
+        tau = float(kept[kept != 0].abs().min())
+        reachable = kept.sum(0).abs() <= (kept == 0).sum(0) * tau * (1 - 1e-6)
+        assert torch.allclose(full.sum(0)[reachable], torch.zeros(int(reachable.sum()), dtype=full.dtype),
+                              atol=1e-9 * float(gb.abs().max()))
+
+
+def test_pruned_updates_labels_are_counted_on_the_filled_gradient(lenet):
+    # before the fill, iLRG and bias-count refused every pruned update (its bias no longer sums to zero)
+    # and auto fell to LLG (docs/labels.md, "Labels under pruning"); on the bench's own batches of
+    # built-in photos, untrained LeNet, N = 8, prune:0.5, the filled gradient gives exact counts
+    from gradleak.bench.labels import draw
+    from gradleak.data import builtin_batch
+    from gradleak.defenses import defended_update
+
+    pool = builtin_batch(512, source="photos")
+    llg_exact = []
+    for trial in range(3):
+        idx = draw(pool.labels, 8, seed=1000 * trial + 8, unique=False)
+        x, y = pool.images[idx], pool.labels[idx]
+        update = defended_update(lenet, x, y, defense="prune:0.5", generator=torch.Generator().manual_seed(trial))
+        layer = last_layer(lenet, update)
+        assert layer.pruned and layer.for_counts() is layer.for_counts()  # filled once per layer
+        filled = layer.for_counts()
+        assert abs(float(filled.grad_bias.sum())) <= 1e-9 and int((filled.grad_bias == 0).sum()) == 0
+        result = recover_labels(lenet, update)
+        assert result.strategy in ("ilrg", "bias-count") and counts(result.labels) == counts(y), trial
+        assert any("filled back" in w for w in result.warnings)
+        llg_exact.append(counts(recover_labels(lenet, update, strategy="llg").labels) == counts(y))
+    assert not all(llg_exact)  # what auto returned before
+    plain = last_layer(lenet, defended_update(lenet, x, y, defense="none", generator=torch.Generator()))
+    assert not plain.pruned and plain.for_counts() is plain

@@ -66,8 +66,10 @@ def bias_count(server: ServerState, update: ClientUpdate, *, layer: LastLayer | 
     """
     layer = layer or last_layer(server, update)
     n = require_batch("bias-count", update)
-    _, grad_b = layer.require_bias("bias-count")
+    layer.require_bias("bias-count")
     layer.require_scale("bias-count")
+    layer = layer.for_counts()
+    _, grad_b = layer.require_bias("bias-count")
     check_softmax_bias("bias-count", grad_b, slack=layer.bias_sum_slack)
     counts = n * (mean_probabilities(server, num_images=num_images) - grad_b)
     return make_result(counts_to_labels(counts, n), "bias-count", layer,

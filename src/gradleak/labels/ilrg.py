@@ -247,8 +247,10 @@ def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
         raise ConfigError(f"ilrg scale: expected 'known' or 'search', got {scale!r}")
     layer = layer or last_layer(server, update)
     n = require_batch("ilrg", update)
-    _, grad_b = layer.require_bias("ilrg")
+    layer.require_bias("ilrg")
     layer.require_scale("ilrg")
+    layer = layer.for_counts()
+    _, grad_b = layer.require_bias("ilrg")
     check_softmax_bias("ilrg", grad_b, slack=layer.bias_sum_slack)
     factor = 1.0
     nonnegative = shrinkage != "paper"

@@ -32,6 +32,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ from torch import nn
 
 from gradleak.defenses import QuantizeDefense, quantization_scale, recorded_defense
 from gradleak.errors import UnsupportedModelError, UpdateError
+from gradleak.labels.support import complete_support
 from gradleak.registry import Registry
 from gradleak.types import ClientUpdate, ServerState
 
@@ -92,6 +95,8 @@ class LastLayer:
         bias_sum_slack: how far from zero the bias gradient's sum may be moved by a recorded
             defense that only rounds it (``quantize:b``: ``C * step / 2``, each entry within half a
             step of the true one), in gradient scale; 0 otherwise.
+        pruned: the update records top-k pruning (``prune:s``): its zeros are entries the defense
+            removed, which :meth:`for_counts` fills back.
     """
 
     weight_name: str
@@ -105,10 +110,30 @@ class LastLayer:
     nonnegative_features: bool
     notes: tuple[str, ...] = ()
     bias_sum_slack: float = 0.0
+    pruned: bool = False
 
     @property
     def num_classes(self) -> int:
         return int(self.weight.shape[0])
+
+    @functools.cached_property
+    def _filled(self) -> LastLayer:
+        grad_weight, grad_bias, filled = complete_support(self.grad_weight, self.grad_bias)
+        if not filled:
+            return dataclasses.replace(self, pruned=False)
+        note = (f"the update records pruning: {filled} zeroed entries of the last layer's gradient were filled "
+                f"back (rank-one fit, column sums zero, each within the smallest kept magnitude) before counting")
+        return dataclasses.replace(self, grad_weight=grad_weight, grad_bias=grad_bias, pruned=False,
+                                   notes=(*self.notes, note))
+
+    def for_counts(self) -> LastLayer:
+        """The layer count strategies (``ilrg``, ``bias-count``) read: pruned entries filled back.
+
+        After a recorded ``prune`` the zeroed entries of the gradient are filled by
+        :func:`~gradleak.labels.support.complete_support` (computed once per layer, a note added);
+        otherwise the layer itself.
+        """
+        return self._filled if self.pruned else self
 
     def require_bias(self, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The bias and its gradient; raises when the layer has none."""
@@ -234,7 +259,7 @@ def last_layer(server: ServerState, update: ClientUpdate) -> LastLayer:
         weight_name=w_name, bias_name=b_name, weight=weight, bias=bias,
         grad_weight=gw, grad_bias=gb, num_samples=int(update.num_samples),
         scale_known=scale_known, nonnegative_features=nonneg, notes=tuple(notes),
-        bias_sum_slack=_rounding_slack(update, gb))
+        bias_sum_slack=_rounding_slack(update, gb), pruned="prune" in update.defenses)
 
 
 def _rounding_slack(update: ClientUpdate, grad_bias: torch.Tensor | None) -> float:
