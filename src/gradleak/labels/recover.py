@@ -4,7 +4,8 @@
 every strategy it skips is recorded, with the reason, in ``LabelResult.warnings``. For an update
 that records a defense the order is :data:`AUTO_ORDER_DEFENDED` (LLG before Yin), and after a
 clipping defense bias-count is skipped and iLRG searches the update's unknown scale
-(:data:`RESCALING`; after DP-SGD's noise both are skipped); without one:
+(:data:`RESCALING`; after DP-SGD's noise both are skipped); after pruning both count on the
+gradient with its zeroed entries filled back (:mod:`gradleak.labels.support`); without one:
 
 1. ``idlg`` for a batch of one (exact);
 2. ``ilrg`` (exact counts with repeats on untrained models; needs a bias, an unmodified softmax
@@ -44,10 +45,11 @@ AUTO_ORDER: tuple[str, ...] = ("idlg", "ilrg", "yin", "llg", "bias-count")
 AUTO_ORDER_DEFENDED: tuple[str, ...] = ("idlg", "ilrg", "llg", "yin", "bias-count")
 """``auto``'s order for an update that records a defense. Measured with ``gradleak bench labels
 --defenses ...`` (docs/labels.md, "Labels under defenses": untrained LeNet and ResNet-18-sigmoid,
-N = 8 and 32, prune, quantize, sign, noise, clip): iLRG refuses most defended updates itself (their
-bias gradient no longer sums to zero), and then LLG, which needs only signs and ratios, recovered
-0.59-0.91 of the labels at N = 8 against Yin's 0.50-0.62; under pruning the two are within noise of
-each other (0.42-0.62) and neither is good."""
+N = 8 and 32, prune, quantize, sign, noise, clip): iLRG refuses the defended updates whose bias
+gradient no longer sums to zero (noise, sign), and then LLG, which needs only signs and ratios,
+recovered 0.59-0.91 of the labels at N = 8 against Yin's 0.50-0.62. Quantized updates are checked
+against the rounding's bound and pruned ones are filled back before counting
+(:meth:`~gradleak.labels.last_layer.LastLayer.for_counts`), so iLRG or bias-count count those."""
 
 RESCALING = frozenset({"clip", "dpsgd"})
 """Recorded defenses that rescale the update by a factor the server does not know (the norm before
