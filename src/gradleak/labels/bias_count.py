@@ -21,7 +21,7 @@ from gradleak.labels.last_layer import (
     LABEL_STRATEGIES,
     LabelResult,
     LastLayer,
-    check_softmax_bias,
+    counting_layer,
     counts_to_labels,
     last_layer,
     make_result,
@@ -66,11 +66,7 @@ def bias_count(server: ServerState, update: ClientUpdate, *, layer: LastLayer | 
     """
     layer = layer or last_layer(server, update)
     n = require_batch("bias-count", update)
-    layer.require_bias("bias-count")
-    layer.require_scale("bias-count")
-    layer = layer.for_counts()
-    _, grad_b = layer.require_bias("bias-count")
-    check_softmax_bias("bias-count", grad_b, slack=layer.bias_sum_slack)
+    layer, grad_b = counting_layer("bias-count", layer)
     counts = n * (mean_probabilities(server, num_images=num_images) - grad_b)
     return make_result(counts_to_labels(counts, n), "bias-count", layer,
                        info={"counts": [round(float(c), 4) for c in counts]})

@@ -58,7 +58,7 @@ from gradleak.labels.last_layer import (
     LABEL_STRATEGIES,
     LabelResult,
     LastLayer,
-    check_softmax_bias,
+    counting_layer,
     counts_to_labels,
     last_layer,
     make_result,
@@ -247,11 +247,7 @@ def ilrg(server: ServerState, update: ClientUpdate, *, layer: LastLayer | None =
         raise ConfigError(f"ilrg scale: expected 'known' or 'search', got {scale!r}")
     layer = layer or last_layer(server, update)
     n = require_batch("ilrg", update)
-    layer.require_bias("ilrg")
-    layer.require_scale("ilrg")
-    layer = layer.for_counts()
-    _, grad_b = layer.require_bias("ilrg")
-    check_softmax_bias("ilrg", grad_b, slack=layer.bias_sum_slack)
+    layer, _ = counting_layer("ilrg", layer)
     factor = 1.0
     nonnegative = shrinkage != "paper"
     if scale == "search":

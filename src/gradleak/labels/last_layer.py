@@ -120,7 +120,7 @@ class LastLayer:
     def _filled(self) -> LastLayer:
         grad_weight, grad_bias, filled = complete_support(self.grad_weight, self.grad_bias)
         if not filled:
-            return dataclasses.replace(self, pruned=False)
+            return self
         note = (f"the update records pruning: {filled} zeroed entries of the last layer's gradient were filled "
                 f"back (rank-one fit, column sums zero, each within the smallest kept magnitude) before counting")
         return dataclasses.replace(self, grad_weight=grad_weight, grad_bias=grad_bias, pruned=False,
@@ -318,6 +318,25 @@ def check_softmax_bias(strategy: str, grad_bias: torch.Tensor, *, rtol: float = 
         raise UpdateError(
             f"label strategy '{strategy}': expected the bias gradient to sum to 0 over classes{within} (softmax "
             f"cross-entropy, unmodified update), got sum {total:.3g} ({abs(total) / mass:.1%} of its mass)")
+
+
+def counting_layer(strategy: str, layer: LastLayer) -> tuple[LastLayer, torch.Tensor]:
+    """The layer and bias gradient a count strategy (``ilrg``, ``bias-count``) solves with, checked.
+
+    Requires a bias and the gradient's scale, fills a pruned update's zeroed entries back
+    (:meth:`LastLayer.for_counts`) and checks that the bias gradient sums to zero within a recorded
+    rounding's bound (:func:`check_softmax_bias`).
+
+    Raises:
+        UnsupportedModelError: no bias.
+        UpdateError: a delta without ``local_lr``, or a bias gradient that does not sum to zero.
+    """
+    layer.require_bias(strategy)
+    layer.require_scale(strategy)
+    layer = layer.for_counts()
+    _, grad_b = layer.require_bias(strategy)
+    check_softmax_bias(strategy, grad_b, slack=layer.bias_sum_slack)
+    return layer, grad_b
 
 
 def require_batch(strategy: str, update: ClientUpdate, *, exactly: int | None = None,
