@@ -1,8 +1,8 @@
 """Shared fixtures: small deterministic cases on the CPU, no downloads; the environment, set once.
 
 ``GRADLEAK_TEST_THREADS`` sets torch's thread count for the whole run (default 2): 1 leaves a core
-to a benchmark running beside the tests, and CI runs the quick tests on 1 (the slow ones on 2), so a
-tolerance that holds on one thread count only fails in CI.
+to a benchmark running beside the tests, and CI runs the slow tests on 1 (in two pytest-xdist
+workers) and the quick ones on 2, so a tolerance that holds on one thread count only fails in CI.
 """
 
 from __future__ import annotations
