@@ -6,23 +6,27 @@ import pytest
 
 from gradleak.audit.verdicts import (
     END_WINDOW,
+    OVERSHOT_SSIM,
     STILL_IMPROVING_SSIM,
     Condition,
     failing,
     improvement,
+    overshoot,
     verdict,
     with_undefended,
     worst_case,
 )
 
 
-def _run(ssims, seed=0, *, trace=None, labels="recovered", accuracy=1.0):
-    """A run's metrics.json: per-image SSIM, and an SSIM trace over iterations (``{iteration: mean SSIM}``)."""
-    trace = trace or {}
+def _run(ssims, seed=0, *, trace=None, labels="recovered", accuracy=1.0, loss=None):
+    """A run's metrics.json: per-image SSIM, an SSIM trace over iterations (``{iteration: mean SSIM}``)
+    and optionally a matching-loss trace (``{iteration: loss}``)."""
+    trace, loss = trace or {}, loss or {}
     return {"summary": {"seed": seed, "label_accuracy": accuracy, "labels": "given" if labels == "known" else labels,
                         "seconds": 1.0, "iterations": max(trace, default=5)},
             "per_image": [{"truth": j, "reconstruction": j, "ssim": v, "psnr": 10.0} for j, v in enumerate(ssims)],
-            "history": {"ssim_iteration": list(trace), "ssim": list(trace.values())}, "run": f"x-s{seed}"}
+            "history": {"ssim_iteration": list(trace), "ssim": list(trace.values()), "iteration": list(loss),
+                        "loss": list(loss.values())}, "run": f"x-s{seed}"}
 
 
 # Mean SSIM every 25 iterations of a CI-Net run at batch 64 (README, large batches: 0.188 at 50,
@@ -122,3 +126,37 @@ def test_fail_if_counts_an_inconclusive_cell_unless_allowed():
     assert failing([climbing], limit) == [(climbing, None)]
     assert failing([climbing], limit, inconclusive_fails=False) == []
     assert failing([climbing], []) == []  # no gate asked for
+
+
+# CI-Net, defense-aware, against `sign` (LeNet-sigmoid, batch 1, 1000 iterations; runs/audit-lenet-sign-1000,
+# docs/audit.md): the mean SSIM peaked at 0.427 at iteration 275 and ended at 0.269 while the matching
+# loss kept falling, every 250 iterations here.
+SIGN_SSIM = {25: 0.22, 125: 0.37, 275: 0.427, 425: 0.398, 575: 0.338, 725: 0.322, 875: 0.266, 1000: 0.269}
+SIGN_LOSS = {25: 2.07e-2, 275: 4.63e-3, 525: 2.56e-3, 775: 2.02e-3, 1000: 1.9e-3}
+
+
+def test_a_run_that_fell_from_its_peak_while_its_loss_kept_falling_overshot_its_budget():
+    run = _run([0.269], trace=SIGN_SSIM, loss=SIGN_LOSS)
+    over = overshoot(run)
+    assert over == {"peak": 0.427, "peak_iteration": 275, "final": 0.269, "fall": pytest.approx(0.158)}
+    assert over["fall"] >= OVERSHOT_SSIM
+    # the loss rose after the peak: the attacker had a signal to stop on, not an overshoot
+    assert overshoot(_run([0.269], trace=SIGN_SSIM, loss={**SIGN_LOSS, 525: 5e-3, 775: 6e-3, 1000: 7e-3})) is None
+    # a plateau's wobble is no overshoot
+    assert overshoot(_run([0.25], trace=PLATEAU, loss={25: 1.0, 300: 0.5})) is None
+
+    # alone in its cell, the run's peak lies in a higher band (partial leak) than its end: inconclusive
+    row = worst_case({"cinet_aware_labels-recovered": [run]}, defended=True)
+    assert row["inconclusive"] and not row["still_improving"]
+    assert verdict(row).startswith("inconclusive: a shorter budget reads higher (cinet, defense-aware, labels "
+                                   "recovered: mean SSIM 0.427 at iteration 275, 0.269 at its end")
+    # beside a plateaued run in the same band (IG at 0.328 there) the verdict stands and says it
+    ig = _run([0.328], trace={10: 0.02, 410: 0.398, 700: 0.33, 1000: 0.328}, loss={10: 0.1, 500: 8e-3, 1000: 6.8e-3})
+    row = worst_case({"cinet_aware_labels-recovered": [run], "ig_aware_labels-recovered": [ig]}, defended=True)
+    assert not row["inconclusive"] and [o["attacker"] for o in row["overshot"]] == ["cinet_aware_labels-recovered"]
+    text = verdict(row)
+    assert text.startswith("partial leak") and "a shorter budget read higher (cinet, defense-aware" in text
+    # a peak at or below what the cell reports changes nothing
+    row = worst_case({"cinet_aware_labels-recovered": [run], "ig_aware_labels-recovered": [_run([0.5], trace=PLATEAU)]},
+                     defended=True)
+    assert row["overshot"] == [] and "shorter budget" not in verdict(row)

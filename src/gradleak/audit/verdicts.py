@@ -141,6 +141,50 @@ def improvement(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+OVERSHOT_SSIM = 0.1
+"""A run whose mean-SSIM trace peaked this much above its final value, while its matching loss kept
+falling past the peak, overshot its budget: an attacker who stopped earlier, with nothing but the
+update to go by, would have read higher. Ten times sign-Adam's wobble on a plateau (about 0.01).
+Measured: under ``sign`` (LeNet-sigmoid, batch 1, CI-Net defense-aware, 1000 iterations) the mean
+SSIM rose to 0.427 at iteration 275 and fell to 0.265 at the end while the loss fell from 4.6e-3 to
+2.0e-3: matching the signs alone is many-to-one, and the attack fits the part the images do not
+determine (docs/audit.md)."""
+
+
+def overshoot(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether one run's SSIM peaked well before its end while its matching loss kept falling (``None``: it did not).
+
+    Returns ``{"peak", "peak_iteration", "final", "fall"}`` when the best mean SSIM of its trace
+    exceeds the last by :data:`OVERSHOT_SSIM` or more and the lowest matching loss after the peak is
+    below the loss at the peak (the attacker had no signal to stop on).
+
+    Example:
+        >>> run = {"history": {"ssim_iteration": [100, 200, 300, 400], "ssim": [0.3, 0.43, 0.35, 0.27],
+        ...                    "iteration": [100, 200, 300, 400], "loss": [4e-3, 3e-3, 2.5e-3, 2e-3]}}
+        >>> overshoot(run)["peak"], overshoot(run)["peak_iteration"], round(overshoot(run)["fall"], 2)
+        (0.43, 200, 0.16)
+        >>> run["history"]["loss"] = [4e-3, 3e-3, 3.5e-3, 3.2e-3]  # the loss said stop at the peak
+        >>> overshoot(run) is None
+        True
+    """
+    history = metrics.get("history") or {}
+    points = [(int(i), float(v)) for i, v in zip(history.get("ssim_iteration") or [], history.get("ssim") or [])
+              if v is not None and math.isfinite(float(v))]
+    losses = [(int(i), float(v)) for i, v in zip(history.get("iteration") or [], history.get("loss") or [])
+              if v is not None and math.isfinite(float(v))]
+    if len(points) < 3 or not losses:
+        return None
+    peak_it, peak = max(points, key=lambda p: p[1])
+    final = points[-1][1]
+    if peak - final < OVERSHOT_SSIM:
+        return None
+    at_peak = [v for i, v in losses if i <= peak_it]
+    after = [v for i, v in losses if i > peak_it]
+    if not at_peak or not after or min(after) >= at_peak[-1]:
+        return None
+    return {"peak": peak, "peak_iteration": peak_it, "final": final, "fall": peak - final}
+
+
 def _knowledge(attacker: str) -> Attacker:
     """The attacker an id names; old ids (``adaptive``, ``unaware``) read as CI-Net's."""
     from gradleak.audit.plan import Attacker
@@ -185,6 +229,12 @@ def by_knowledge(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None
     return out
 
 
+def _band(ssim: float | None) -> int:
+    """The verdict band a mean SSIM falls in: 0 not broken, 1 partial leak, 2 recognisable on average."""
+    v = float(ssim or 0.0)
+    return 2 if v >= RECOGNISABLE_SSIM else 1 if v >= PARTIAL_SSIM else 0
+
+
 def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
                not_tried: Sequence[str] = ()) -> dict[str, Any]:
     """The cell's verdict values from every attacker's runs (``{attacker id: [metrics.json, ...]}``).
@@ -195,8 +245,10 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     reconstructed with SSIM >= :data:`RECOGNISABLE_SSIM`), ``verdict_attacker``, ``attackers``
     (each one's pooled metrics), ``by_knowledge`` (the best under each assumption),
     ``verdict_run`` (the run folder of that attacker's best seed), ``still_improving`` (the runs
-    still improving at their budget's end, :func:`improvement`), ``inconclusive`` (no image
-    recognisable and some run still improving) and ``not_tried``. ``label_accuracy`` is over the
+    still improving at their budget's end, :func:`improvement`), ``overshot`` (the runs whose SSIM
+    peaked above the cell's worst case and fell while their loss kept falling, :func:`overshoot`),
+    ``inconclusive`` (no image recognisable, and some run still improving or one whose peak lies in a
+    higher verdict band than the worst case: partial from 0.3, recognisable from 0.5) and ``not_tried``. ``label_accuracy`` is over the
     runs that recovered their labels (``None`` when every run was given them).
     """
     summaries = {name: attacker_summary(runs) for name, runs in attackers.items() if runs}
@@ -212,6 +264,7 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     best = summaries[name]
     per_image: dict[int, float] = {}
     improving: list[dict[str, Any]] = []
+    overshot: list[dict[str, Any]] = []
     for attacker, runs in attackers.items():
         for r in runs:
             for p in r["per_image"]:
@@ -220,11 +273,18 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
             trend = improvement(r)
             if trend and trend["still_improving"]:
                 improving.append({"attacker": attacker, "run": r.get("run"), **trend})
+            over = overshoot(r)
+            if over:
+                overshot.append({"attacker": attacker, "run": r.get("run"), **over})
     row = {k: v for k, v in best.items() if k not in ("seeds", "runs")}
     run_means = {r.get("run"): float(np.mean([p["ssim"] for p in r["per_image"] if p.get("ssim") is not None]))
                  for r in attackers.get(name, []) if any(p.get("ssim") is not None for p in r["per_image"])}
     recognisable = (sum(v >= RECOGNISABLE_SSIM for v in per_image.values()) / len(per_image)) if per_image else None
     improving.sort(key=lambda t: -t["per_100"])
+    # only a peak above what the cell reports could change its verdict
+    overshot = sorted((o for o in overshot if o["peak"] > float(best["ssim_mean"] or 0.0) + STILL_IMPROVING_SSIM),
+                      key=lambda o: (-round(o["peak"], 6), _knowledge(o["attacker"]).labels != "recovered",
+                                     _knowledge(o["attacker"]).defense == "aware"))
     row.update({
         "verdict_attacker": name,
         "verdict_run": max(run_means, key=run_means.__getitem__) if run_means else None,
@@ -236,8 +296,9 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
                               key=lambda n: (summaries[n]["label_accuracy"], n == name), default=None),
         "seconds": float(sum(s["seconds"] for s in summaries.values())),
         "attackers": summaries, "by_knowledge": by_knowledge(summaries), "defended": defended,
-        "not_tried": list(not_tried), "still_improving": improving,
-        "inconclusive": bool(improving) and not recognisable,
+        "not_tried": list(not_tried), "still_improving": improving, "overshot": overshot,
+        "inconclusive": bool(improving or [o for o in overshot if _band(o["peak"]) > _band(best["ssim_mean"])])
+                        and not recognisable,
         "seeds": sorted({seed for s in summaries.values() for seed in s["seeds"] if seed is not None}),
         "warnings": list(dict.fromkeys(w for runs in attackers.values() for r in runs for w in r.get("warnings") or [])),
     })
@@ -266,6 +327,11 @@ def _contrast(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _overshot(o: dict[str, Any]) -> str:
+    return (f"{describe_attacker(o['attacker'])}: mean SSIM {o['peak']:.3f} at iteration {o['peak_iteration']}, "
+            f"{o['final']:.3f} at its end, while its matching loss kept falling")
+
+
 def verdict(row: dict[str, Any]) -> str:
     """A plain-language reading of one cell from its worst-case values.
 
@@ -278,6 +344,12 @@ def verdict(row: dict[str, Any]) -> str:
         >>> verdict({"ssim_mean": 0.2, "recognisable_fraction": 0.0, "inconclusive": True,
         ...          "still_improving": [{"attacker": "cinet_labels-known", "per_100": 0.05, "measure": "ssim"}]})
         'inconclusive: still improving (+0.050 SSIM per 100 iterations at the end, cinet, labels known)'
+        >>> verdict({"ssim_mean": 0.27, "recognisable_fraction": 0.0, "inconclusive": True, "still_improving": [],
+        ...          "overshot": [{"attacker": "cinet_aware_labels-recovered", "peak": 0.427, "peak_iteration": 275, "final": 0.265}]})
+        'inconclusive: a shorter budget reads higher (cinet, defense-aware, labels recovered: mean SSIM 0.427 at iteration 275, 0.265 at its end, while its matching loss kept falling)'
+        >>> verdict({"ssim_mean": 0.33, "recognisable_fraction": 0.0, "inconclusive": False, "still_improving": [],
+        ...          "overshot": [{"attacker": "cinet_aware_labels-recovered", "peak": 0.427, "peak_iteration": 275, "final": 0.265}]})
+        'partial leak: coarse shapes and colours; a shorter budget read higher (cinet, defense-aware, labels recovered: mean SSIM 0.427 at iteration 275, 0.265 at its end, while its matching loss kept falling)'
         >>> verdict({"ssim_mean": 0.03, "recognisable_fraction": 0.0, "basin": {"radius": 0.05}})
         "not broken by these attacks at this budget; the victim's gradient decorrelates within 5% pixel noise of the batch (basin radius): these attacks fail at optimisation here, which is not safety"
         >>> verdict({"ssim_mean": 0.17, "recognisable_fraction": 0.0,
@@ -290,11 +362,13 @@ def verdict(row: dict[str, Any]) -> str:
         text = "not scored"
     elif frac:
         text = f"leaks: {frac:.0%} of images recognisable{by}"
-    elif row.get("inconclusive"):
+    elif row.get("inconclusive") and row.get("still_improving"):
         t = row["still_improving"][0]
         unit = "SSIM" if t.get("measure") == "ssim" else "of the matching loss"
         text = (f"inconclusive: still improving (+{t['per_100']:.3f} {unit} per 100 iterations at the end, "
                 f"{describe_attacker(t['attacker'])})")
+    elif row.get("inconclusive") and row.get("overshot"):
+        text = f"inconclusive: a shorter budget reads higher ({_overshot(row['overshot'][0])})"
     elif s >= PARTIAL_SSIM:
         text = f"partial leak: coarse shapes and colours{by}"
     else:
@@ -313,6 +387,8 @@ def verdict(row: dict[str, Any]) -> str:
         still = ", still improving at its budget's end" if base.get("inconclusive") else ""
         text += (f"; the undefended update is not broken either (SSIM {base['ssim_mean']:.3f}{still}): this cell says "
                  "nothing about the defense")
+    if row.get("overshot") and not text.startswith("inconclusive: a shorter"):
+        text += f"; a shorter budget read higher ({_overshot(row['overshot'][0])})"
     contrast = _contrast(row) if s is not None else ""
     if contrast:
         text += "; " + contrast
@@ -434,6 +510,6 @@ def load_row(folder: Path) -> dict[str, Any]:
             "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"), "dp": bool(privacy)}
 
 
-__all__ = ["CONDITION_METRICS", "Condition", "END_WINDOW", "PARTIAL_SSIM", "RECOGNISABLE_SSIM", "STILL_IMPROVING_LOSS",
+__all__ = ["CONDITION_METRICS", "Condition", "END_WINDOW", "OVERSHOT_SSIM", "PARTIAL_SSIM", "RECOGNISABLE_SSIM", "STILL_IMPROVING_LOSS",
            "STILL_IMPROVING_SSIM", "attacker_summary", "bootstrap_ci", "by_knowledge", "describe_attacker", "failing",
-           "improvement", "load_row", "load_runs", "verdict", "with_undefended", "worst_case"]
+           "improvement", "load_row", "load_runs", "overshoot", "verdict", "with_undefended", "worst_case"]

@@ -248,7 +248,7 @@ def audit_document(rows: Sequence[dict[str, Any]], *, title: str = "", command: 
     keep = ("cell", "protocol_tag", "batch_size", "defense", "defense_spec", "epsilon", "delta", "ssim_mean",
             "ssim_std", "ssim_ci", "ssim_worst_image", "recognisable_fraction", "psnr_mean", "fsim_mean", "lpips_mean",
             "label_accuracy", "label_strategy", "verdict_attacker", "verdict_run", "by_knowledge", "inconclusive",
-            "still_improving", "seeds", "not_tried", "warnings", "utility", "seconds")
+            "still_improving", "overshot", "seeds", "not_tried", "warnings", "utility", "seconds")
     cells = []
     for r in rows:
         cell = {k: r.get(k) for k in keep}
@@ -341,7 +341,8 @@ assumption tried about what the attacker knows: the labels <em>recovered</em> fr
 (<em>defense-unaware</em>) or simulated (<em>defense-aware</em>: its name and parameters are public metadata of the
 update). The cell's verdict is the worst of them over every attack seed, and names the attacker; the SSIM columns
 give the best under each assumption. A cell where some run was still improving when its budget ended reads
-<em>inconclusive</em> (blue): a longer run may break it. SSIM
+<em>inconclusive</em> (blue): a longer run may break it; so does a cell where a run's SSIM peaked in a higher band
+than the cell's verdict and fell while its matching loss kept falling (a shorter budget reads higher). SSIM
 compares each reconstruction with its private image (1 = identical); an image counts as recognisable from SSIM
 {RECOGNISABLE_SSIM} on (red), from a mean of {PARTIAL_SSIM} coarse shapes and colours show (orange); the bracket is a
 bootstrap 95% interval of the mean over images and seeds, "best image" the best reconstruction of any one image.
