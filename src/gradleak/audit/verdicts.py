@@ -146,8 +146,8 @@ OVERSHOT_SSIM = 0.1
 falling past the peak, overshot its budget: an attacker who stopped earlier, with nothing but the
 update to go by, would have read higher. Ten times sign-Adam's wobble on a plateau (about 0.01).
 Measured: under ``sign`` (LeNet-sigmoid, batch 1, CI-Net defense-aware, 1000 iterations) the mean
-SSIM rose to 0.427 at iteration 275 and fell to 0.265 at the end while the loss fell from 4.6e-3 to
-2.0e-3: matching the signs alone is many-to-one, and the attack fits the part the images do not
+SSIM rose to 0.427 at iteration 275 and fell to 0.269 at the end while the loss fell from 4.6e-3 to
+1.5e-3: matching the signs alone is many-to-one, and the attack fits the part the images do not
 determine (docs/audit.md)."""
 
 
