@@ -42,6 +42,7 @@ from gradleak.audit.plan import (
     attackers_for,
     run_name,
     untried_knowledge,
+    with_budgets,
 )
 from gradleak.audit.verdicts import load_row, with_undefended
 from gradleak.data import load_batch, public_images
@@ -94,6 +95,9 @@ class AuditOptions:
         imprint_bins: also play a malicious server that sends the victim behind an imprint block of
             this many bins (``--threat malicious``); its attacks (``imprint``) attack that model's
             update (``None``: an honest server only).
+        budgets: iteration budgets every iterative attacker also runs with, one run folder each
+            (``--budgets``; ``None``: the attack configs' own). The worst case is taken over them:
+            a longer run can read lower against a many-to-one defense.
         weights: a model-state file (``gradleak train``, a simulate folder's ``model.safetensors``)
             whose weights the victim gets instead of ``model_seed``'s initialisation; every worker
             reads it (on a Ray cluster, a path every node can read). Recorded with its SHA-256.
@@ -121,8 +125,16 @@ class AuditOptions:
     num_gpus: float = 0
     imprint_bins: int | None = None
     weights: str | Path | None = None
+    budgets: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.budgets is not None:
+            if not self.budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.budgets) \
+                    or len(set(self.budgets)) != len(self.budgets):
+                raise ConfigError(f"audit budgets: expected distinct positive iteration counts, got {self.budgets!r}")
+            if self.time_budget is not None:
+                raise ConfigError("audit budgets: expected iteration budgets or a wall-clock budget (--seconds), "
+                                  "got both")
         steps = self.utility_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"audit utility steps: expected a non-negative integer, got {steps!r}")
@@ -265,12 +277,12 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
                    "bn_knowledge": list(o.knowledge.bn), "features_knowledge": list(o.knowledge.features), "seed": o.seed, "seeds": o.attack_seeds(),
                    "pairing": o.pairing, "time_budget": o.time_budget, "fill_budget": o.fill_budget,
                    "threat": ["honest", "malicious"] if o.imprint_bins else ["honest"], "imprint_bins": o.imprint_bins,
-                   "images": o.write_images,
+                   "images": o.write_images, "budgets": list(o.budgets) if o.budgets else None,
                    "utility": {"steps": o.utility_steps, "lr": o.utility_lr}})
 
 
 LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None, "weights": None, "bn_knowledge": ["used", "ignored"],
-                  "features_knowledge": ["used", "ignored"]}
+                  "features_knowledge": ["used", "ignored"], "budgets": None}
 """Settings recorded since an earlier version, with the value a folder without them was made with."""
 
 
@@ -306,6 +318,7 @@ def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Pa
                                       shares_bn=cell.protocol.share_bn_stats, features=features)
         attackers += mine
         not_tried += missing
+    attackers = with_budgets(attackers, o.budgets)
     not_tried += untried_knowledge(o.knowledge, defended=cell.defended, shares_bn=cell.protocol.share_bn_stats,
                                    features=features)
     seed = cell_seed(o.seed, cell)

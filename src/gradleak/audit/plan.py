@@ -277,24 +277,26 @@ class Attacker:
     defense: str = "none"
     bn: str = "none"
     features: str = "none"
+    budget: int | None = None
 
     @property
     def id(self) -> str:
-        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>[_bn-<bn>][_features-<f>]``
+        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>[_bn-<bn>][_features-<f>][_it-<budget>]``
         (then ``-s<seed>``)."""
         middle = "" if self.defense == "none" else f"_{self.defense}"
         return (f"{self.attack}{middle}_labels-{self.labels}" + ("" if self.bn == "none" else f"_bn-{self.bn}")
-                + ("" if self.features == "none" else f"_features-{self.features}"))
+                + ("" if self.features == "none" else f"_features-{self.features}")
+                + ("" if self.budget is None else f"_it-{self.budget}"))
 
     @classmethod
     def parse(cls, text: str) -> Attacker:
         m = re.fullmatch(r"(.+?)(?:_(aware|unaware))?_labels-(recovered|known)(?:_bn-(used|ignored))?"
-                         r"(?:_features-(used|ignored))?", text)
+                         r"(?:_features-(used|ignored))?(?:_it-(\d+))?", text)
         if not m:
             raise ConfigError(f"audit attacker: expected '<attack>[_aware|_unaware]_labels-<recovered|known>"
-                              f"[_bn-<used|ignored>][_features-<used|ignored>]', got {text!r}")
+                              f"[_bn-<used|ignored>][_features-<used|ignored>][_it-<iterations>]', got {text!r}")
         return cls(m.group(1), labels=m.group(3), defense=m.group(2) or "none", bn=m.group(4) or "none",
-                   features=m.group(5) or "none")
+                   features=m.group(5) or "none", budget=int(m.group(6)) if m.group(6) else None)
 
     def describe(self) -> str:
         parts = [self.attack]
@@ -305,12 +307,15 @@ class Attacker:
             parts.append(f"BatchNorm statistics {self.bn}")
         if self.features != "none":
             parts.append(f"last-layer features {self.features}")
+        if self.budget is not None:
+            parts.append(f"{self.budget} iterations")
         return ", ".join(parts)
 
     def config(self, attack_config: Any) -> Any:
         """``attack_config`` for this attacker: ``adaptive="off"`` when unaware, ``"auto"`` otherwise;
         ``bn_stats=0`` when it ignores shared BatchNorm statistics; the feature term on (at
-        :data:`FEATURE_WEIGHT`, :data:`FEATURE_INIT`, unless the config has its own) or off."""
+        :data:`FEATURE_WEIGHT`, :data:`FEATURE_INIT`, unless the config has its own) or off; its
+        own iteration budget (``Attack.budget``) where it has one."""
         changes: dict[str, Any] = {}
         if ATTACKS.get(self.attack).adaptive:
             changes["adaptive"] = "off" if self.defense == "unaware" else "auto"
@@ -323,6 +328,8 @@ class Attacker:
                 changes.update(features=0.0, feature_init=0)
             elif not own:
                 changes.update(features=FEATURE_WEIGHT, feature_init=FEATURE_INIT)
+        if self.budget is not None:
+            changes.update(ATTACKS.get(self.attack).budget(self.budget, attack_config))
         if isinstance(attack_config, Mapping):
             return {**attack_config, **changes}
         return dataclasses.replace(attack_config, **changes) if changes else attack_config
@@ -444,7 +451,7 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
         ['cinet_unaware_labels-recovered', 'cinet_aware_labels-recovered', 'cinet_unaware_labels-known',
          'cinet_aware_labels-known']
         >>> attackers_for("analytic", defended=True, knowledge=KnowledgeAxes(labels=("recovered",)))
-        ([Attacker(attack='analytic', labels='recovered', defense='unaware', bn='none', features='none')], ['analytic defense-aware (no adaptive mode)'])
+        ([Attacker(attack='analytic', labels='recovered', defense='unaware', bn='none', features='none', budget=None)], ['analytic defense-aware (no adaptive mode)'])
         >>> [a.id for a in attackers_for("ig", defended=False, shares_bn=True,
         ...                              knowledge=KnowledgeAxes(labels=("recovered",)))[0]]
         ['ig_labels-recovered_bn-used', 'ig_labels-recovered_bn-ignored']
@@ -474,6 +481,24 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
             for lab in labels for d in defenses for b in bns for f in fs], not_tried
 
 
+def with_budgets(attackers: Sequence[Attacker], budgets: Sequence[int] | None) -> list[Attacker]:
+    """Each iterative attacker once per iteration budget (``--budgets``); the others as they are.
+
+    A budget is one more choice of the attacker's: against a many-to-one defense a longer run can
+    read lower (:func:`gradleak.audit.verdicts.overshoot`), so the worst case is taken over budgets too.
+
+    Example:
+        >>> [a.id for a in with_budgets([Attacker("cinet"), Attacker("analytic")], [100, 300])]
+        ['cinet_labels-recovered_it-100', 'cinet_labels-recovered_it-300', 'analytic_labels-recovered']
+        >>> with_budgets([Attacker("cinet")], None) == [Attacker("cinet")]
+        True
+    """
+    if not budgets:
+        return list(attackers)
+    return [dataclasses.replace(a, budget=int(b)) if ATTACKS.get(a.attack).iterative else a
+            for a in attackers for b in (budgets if ATTACKS.get(a.attack).iterative else budgets[:1])]
+
+
 def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bool = False,
                       features: bool = False) -> list[str]:
     """The assumptions the audit's ``knowledge`` leaves out (named beside the verdict)."""
@@ -489,5 +514,5 @@ def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bo
 
 __all__ = ["AttackPlan", "Attacker", "AuditCell", "DEFENSE_KNOWLEDGE", "FEATURE_KNOWLEDGE", "KNOWLEDGE_TOKENS",
            "KnowledgeAxes",
-           "LABEL_KNOWLEDGE", "ProtocolSetting", "attackers_for", "audit_grid", "parse_int_list", "plan_attacks",
+           "LABEL_KNOWLEDGE", "ProtocolSetting", "attackers_for", "audit_grid", "parse_int_list", "plan_attacks", "with_budgets",
            "run_name", "untried_knowledge"]

@@ -67,6 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None,
                    help="wall-clock budget of each attack run: the run sizes its iteration count to fill it (a short "
                         "probe), so its schedule completes in time; with --iterations that count stands instead")
+    p.add_argument("--budgets", default=None,
+                   help="iteration budgets every iterative attacker also runs with, comma-separated (e.g. 100,300,1000; "
+                        "one run folder each): the worst case is taken over them too, since against a many-to-one "
+                        "defense a longer run can read lower (default: --iterations or each attack's own)")
     p.add_argument("--seeds", default=None,
                    help="attack seeds every attacker runs with, comma-separated (default: --seed); the verdict is "
                         "the worst case over attackers and seeds, with a bootstrap 95%% interval")
@@ -151,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
                            write_images=not args.no_images, backend=args.backend, workers=args.workers,
                            address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                            imprint_bins=args.imprint_bins if "malicious" in threats else None,
-                           weights=args.weights)
+                           weights=args.weights,
+                           budgets=parse_int_list(args.budgets, what="--budgets") if args.budgets else None)
     def kept(folder: Path) -> str | None:
         cell_dirs = [folder / c.name for c in cells]
         return finished_note(folder, cell_dirs, "cell") if any(d.is_dir() for d in cell_dirs) else None
@@ -162,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     budgets = ", ".join(f"{n} {getattr(c, 'iterations', None) or 'closed-form'}" for n, c in plan.configs.items())
     title = (f"{args.model} ({args.activation}, BatchNorm {args.bn_mode}), {protos}, data {args.data}; attacks "
              f"{budgets}{f' (preset {args.preset})' if args.preset else ''}; knowledge {', '.join(knowledge.tokens())}"
-             + (f"; {args.seconds:g} s per run" if args.seconds else ""))
+             + (f"; {args.seconds:g} s per run" if args.seconds else "")
+             + (f"; budgets {args.budgets} iterations" if args.budgets else ""))
     files = write_audit_report(out, rows, title=title, command=command_line(args), images=not args.no_images,
                                epsilon_rounds=args.epsilon_rounds, warnings=short)
     print((out / "audit.md").read_text())
