@@ -59,3 +59,24 @@ def test_an_audit_over_two_budgets_runs_each_and_takes_the_worst_case_over_them(
     other = [a if a != "2,6" else "2,8" for a in argv]
     assert main(other) == 2
     assert "new output folder" in capsys.readouterr().err
+
+
+def test_a_short_budget_still_rising_is_answered_by_the_same_attackers_longer_one():
+    from gradleak.audit.verdicts import verdict, worst_case
+
+    def run(ssim, trace):
+        return {"summary": {"seed": 0, "label_accuracy": 1.0, "labels": "recovered", "seconds": 1.0,
+                            "iterations": max(trace)},
+                "per_image": [{"truth": 0, "reconstruction": 0, "ssim": ssim, "psnr": 10.0}],
+                "history": {"ssim_iteration": list(trace), "ssim": list(trace.values())}, "run": "r"}
+
+    rising = run(0.37, {25: 0.2, 50: 0.3, 75: 0.34, 100: 0.37})  # still rising at 100
+    plateau = run(0.41, {50: 0.3, 100: 0.37, 200: 0.41, 250: 0.41, 300: 0.414})
+    row = worst_case({"cinet_aware_labels-recovered_it-100": [rising],
+                      "cinet_aware_labels-recovered_it-300": [plateau]}, defended=True)
+    assert not row["still_improving"] and not row["inconclusive"]
+    assert verdict(row).startswith("partial leak: coarse shapes and colours (cinet, defense-aware, labels recovered, "
+                                   "300 iterations)")
+    # alone, the rising run still makes its cell inconclusive
+    row = worst_case({"cinet_aware_labels-recovered_it-100": [rising]}, defended=True)
+    assert row["inconclusive"]

@@ -25,7 +25,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -245,7 +245,8 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     reconstructed with SSIM >= :data:`RECOGNISABLE_SSIM`), ``verdict_attacker``, ``attackers``
     (each one's pooled metrics), ``by_knowledge`` (the best under each assumption),
     ``verdict_run`` (the run folder of that attacker's best seed), ``still_improving`` (the runs
-    still improving at their budget's end, :func:`improvement`), ``overshot`` (the runs whose SSIM
+    still improving at their budget's end, :func:`improvement`, except where the same attacker also
+    ran a longer budget, ``--budgets``), ``overshot`` (the runs whose SSIM
     peaked above the cell's worst case and fell while their loss kept falling, :func:`overshoot`),
     ``inconclusive`` (no image recognisable, and some run still improving or one whose peak lies in a
     higher verdict band than the worst case: partial from 0.3, recognisable from 0.5) and ``not_tried``. ``label_accuracy`` is over the
@@ -265,13 +266,22 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     per_image: dict[int, float] = {}
     improving: list[dict[str, Any]] = []
     overshot: list[dict[str, Any]] = []
+    # with --budgets, a run still rising at its end is answered by the same attacker's longer budget
+    longest: dict[Any, int] = {}
+    for attacker in attackers:
+        a = _knowledge(attacker)
+        if a.budget is not None:
+            key = replace(a, budget=None)
+            longest[key] = max(longest.get(key, 0), a.budget)
     for attacker, runs in attackers.items():
+        a = _knowledge(attacker)
+        superseded = a.budget is not None and longest[replace(a, budget=None)] > a.budget
         for r in runs:
             for p in r["per_image"]:
                 if p.get("ssim") is not None:
                     per_image[p["truth"]] = max(per_image.get(p["truth"], -1.0), float(p["ssim"]))
             trend = improvement(r)
-            if trend and trend["still_improving"]:
+            if trend and trend["still_improving"] and not superseded:
                 improving.append({"attacker": attacker, "run": r.get("run"), **trend})
             over = overshoot(r)
             if over:
