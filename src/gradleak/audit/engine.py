@@ -95,7 +95,7 @@ class AuditOptions:
         imprint_bins: also play a malicious server that sends the victim behind an imprint block of
             this many bins (``--threat malicious``); its attacks (``imprint``) attack that model's
             update (``None``: an honest server only).
-        budgets: iteration budgets every iterative attacker also runs with, one run folder each
+        budgets: iteration budgets every iterative attacker runs with instead of its config's, one run folder each
             (``--budgets``; ``None``: the attack configs' own). The worst case is taken over them:
             a longer run can read lower against a many-to-one defense.
         weights: a model-state file (``gradleak train``, a simulate folder's ``model.safetensors``)

@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="wall-clock budget of each attack run: the run sizes its iteration count to fill it (a short "
                         "probe), so its schedule completes in time; with --iterations that count stands instead")
     p.add_argument("--budgets", default=None,
-                   help="iteration budgets every iterative attacker also runs with, comma-separated (e.g. 100,300,1000; "
+                   help="iteration budgets every iterative attacker runs with instead of --iterations, comma-separated (e.g. 100,300,1000; "
                         "one run folder each): the worst case is taken over them too, since against a many-to-one "
                         "defense a longer run can read lower (default: --iterations or each attack's own)")
     p.add_argument("--seeds", default=None,
