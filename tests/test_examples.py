@@ -12,9 +12,10 @@ import pytest
 
 
 def _script_env(out: Path) -> dict[str, str]:
-    """This interpreter as `python` and its `gradleak` first on PATH, whether or not a venv is active."""
+    """This interpreter as `python` and its `gradleak` first on PATH, whether or not a venv is active;
+    one torch thread, so that the scripts' steps do not oversubscribe the cores beside another test worker."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "DEVICE": "cpu", "OUT": str(out), "PYTHON": sys.executable,
+    return {**os.environ, "DEVICE": "cpu", "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
 
@@ -39,6 +40,7 @@ def test_the_second_device_check_runs_on_a_cpu(tmp_path):
                           text=True, env=_script_env(tmp_path), timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     for run in ("b64-plain/cinet", "b64-bn/cinet", "relu-b1/ig", "relu-b1/cinet"):
+        assert (tmp_path / run / "metrics.json").is_file(), (run, done.stdout[-2000:], done.stderr[-2000:])
         summary = json.loads((tmp_path / run / "metrics.json").read_text())["summary"]
         assert summary["iterations"] >= 1 and summary["ssim_mean"] is not None
     threat = json.loads((tmp_path / "b64-bn" / "cinet" / "metrics.json").read_text())["threat_model"]
