@@ -10,6 +10,7 @@ import pytest
 from gradleak.attacks import create
 from gradleak.audit import AuditOptions
 from gradleak.audit.plan import Attacker, with_budgets
+from gradleak.audit.verdicts import verdict, worst_case
 from gradleak.cli.main import main
 from gradleak.errors import ConfigError
 
@@ -62,8 +63,6 @@ def test_an_audit_over_two_budgets_runs_each_and_takes_the_worst_case_over_them(
 
 
 def test_a_short_budget_still_rising_is_answered_by_the_same_attackers_longer_one():
-    from gradleak.audit.verdicts import verdict, worst_case
-
     def run(ssim, trace):
         return {"summary": {"seed": 0, "label_accuracy": 1.0, "labels": "recovered", "seconds": 1.0,
                             "iterations": max(trace)},

@@ -493,10 +493,13 @@ def with_budgets(attackers: Sequence[Attacker], budgets: Sequence[int] | None) -
         >>> with_budgets([Attacker("cinet")], None) == [Attacker("cinet")]
         True
     """
-    if not budgets:
-        return list(attackers)
-    return [dataclasses.replace(a, budget=int(b)) if ATTACKS.get(a.attack).iterative else a
-            for a in attackers for b in (budgets if ATTACKS.get(a.attack).iterative else budgets[:1])]
+    out: list[Attacker] = []
+    for a in attackers:
+        if budgets and ATTACKS.get(a.attack).iterative:
+            out += [dataclasses.replace(a, budget=int(b)) for b in budgets]
+        else:
+            out.append(a)
+    return out
 
 
 def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bool = False,

@@ -100,6 +100,12 @@ END_WINDOW = 0.2
 """The share of a run's iterations, at its end, that decides whether it was still improving."""
 
 
+def _trace(history: dict[str, Any], its_key: str, key: str) -> list[tuple[int, float]]:
+    """``(iteration, value)`` pairs of one recorded trace, its missing and non-finite values left out."""
+    return [(int(i), float(v)) for i, v in zip(history.get(its_key) or [], history.get(key) or [])
+            if v is not None and math.isfinite(float(v))]
+
+
 def improvement(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """How much one run improved over the last :data:`END_WINDOW` of its iterations (``None``: no trace to judge).
 
@@ -118,8 +124,7 @@ def improvement(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """
     history = metrics.get("history") or {}
     for measure, its_key, key in (("ssim", "ssim_iteration", "ssim"), ("loss", "iteration", "loss")):
-        its, values = history.get(its_key) or [], history.get(key) or []
-        points = [(int(i), float(v)) for i, v in zip(its, values) if v is not None and math.isfinite(float(v))]
+        points = _trace(history, its_key, key)
         if len(points) < 3:
             continue
         last = points[-1][0]
@@ -168,10 +173,7 @@ def overshoot(metrics: dict[str, Any]) -> dict[str, Any] | None:
         True
     """
     history = metrics.get("history") or {}
-    points = [(int(i), float(v)) for i, v in zip(history.get("ssim_iteration") or [], history.get("ssim") or [])
-              if v is not None and math.isfinite(float(v))]
-    losses = [(int(i), float(v)) for i, v in zip(history.get("iteration") or [], history.get("loss") or [])
-              if v is not None and math.isfinite(float(v))]
+    points, losses = _trace(history, "ssim_iteration", "ssim"), _trace(history, "iteration", "loss")
     if len(points) < 3 or not losses:
         return None
     peak_it, peak = max(points, key=lambda p: p[1])
@@ -266,15 +268,14 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     per_image: dict[int, float] = {}
     improving: list[dict[str, Any]] = []
     overshot: list[dict[str, Any]] = []
+    parsed = {n: _knowledge(n) for n in attackers}
     # with --budgets, a run still rising at its end is answered by the same attacker's longer budget
-    longest: dict[Any, int] = {}
-    for attacker in attackers:
-        a = _knowledge(attacker)
+    longest: dict[Attacker, int] = {}
+    for a in parsed.values():
         if a.budget is not None:
-            key = replace(a, budget=None)
-            longest[key] = max(longest.get(key, 0), a.budget)
+            longest[replace(a, budget=None)] = max(longest.get(replace(a, budget=None), 0), a.budget)
     for attacker, runs in attackers.items():
-        a = _knowledge(attacker)
+        a = parsed[attacker]
         superseded = a.budget is not None and longest[replace(a, budget=None)] > a.budget
         for r in runs:
             for p in r["per_image"]:
@@ -293,8 +294,8 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     improving.sort(key=lambda t: -t["per_100"])
     # only a peak above what the cell reports could change its verdict
     overshot = sorted((o for o in overshot if o["peak"] > float(best["ssim_mean"] or 0.0) + STILL_IMPROVING_SSIM),
-                      key=lambda o: (-round(o["peak"], 6), _knowledge(o["attacker"]).labels != "recovered",
-                                     _knowledge(o["attacker"]).defense == "aware"))
+                      key=lambda o: (-round(o["peak"], 6), parsed[o["attacker"]].labels != "recovered",
+                                     parsed[o["attacker"]].defense == "aware"))
     row.update({
         "verdict_attacker": name,
         "verdict_run": max(run_means, key=run_means.__getitem__) if run_means else None,
@@ -368,6 +369,7 @@ def verdict(row: dict[str, Any]) -> str:
     """
     s, acc, frac = row.get("ssim_mean"), row.get("label_accuracy"), row.get("recognisable_fraction")
     by = f" ({describe_attacker(row['verdict_attacker'])})" if row.get("verdict_attacker") else ""
+    overshot_said = False
     if s is None:
         text = "not scored"
     elif frac:
@@ -379,6 +381,7 @@ def verdict(row: dict[str, Any]) -> str:
                 f"{describe_attacker(t['attacker'])})")
     elif row.get("inconclusive") and row.get("overshot"):
         text = f"inconclusive: a shorter budget reads higher ({_overshot(row['overshot'][0])})"
+        overshot_said = True
     elif s >= PARTIAL_SSIM:
         text = f"partial leak: coarse shapes and colours{by}"
     else:
@@ -397,7 +400,7 @@ def verdict(row: dict[str, Any]) -> str:
         still = ", still improving at its budget's end" if base.get("inconclusive") else ""
         text += (f"; the undefended update is not broken either (SSIM {base['ssim_mean']:.3f}{still}): this cell says "
                  "nothing about the defense")
-    if row.get("overshot") and not text.startswith("inconclusive: a shorter"):
+    if row.get("overshot") and not overshot_said:
         text += f"; a shorter budget read higher ({_overshot(row['overshot'][0])})"
     contrast = _contrast(row) if s is not None else ""
     if contrast:
