@@ -3,6 +3,7 @@
     gradleak bench landscape                                   # the default victims, batch 1 and 4
     gradleak bench landscape --victims resnet18-relu:train,resnet18-relu:eval --batches 1
     gradleak bench landscape --victims resnet18-relu:train --weights runs/trained/resnet18-relu.safetensors
+    gradleak bench landscape --victims resnet18-relu:train --batches 1 --directions noise,noise-4,image,blur,grey
 
 An attack that matches gradients can only find the private batch if the gradient, taken at a
 candidate near the batch, still points the way the update does. This measures that directly: the
@@ -19,6 +20,10 @@ follow; a victim whose gradients stay aligned at t = 1 gives it a smooth path (t
 ResNet-18-sigmoid, and ResNet-18-ReLU with BatchNorm in eval mode, both broken by CI-Net in a few
 hundred iterations). A small radius says the attacks here fail at optimisation, not for lack of
 information: the update still determines the batch (the cosine is exactly 1 at t = 0).
+
+``--directions`` mixes in other things than pixel noise (:data:`gradleak.audit.landscape.DIRECTIONS`):
+low-frequency noise, other built-in photos (the next images after the batch), the batch's own blur,
+grey or mean colour: whether the basin is wider along directions an image prior keeps to.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import argparse
 import torch
 from torch import nn
 
-from gradleak.audit.landscape import MIXES, gradient_landscape
+from gradleak.audit.landscape import DIRECTIONS, MIXES, gradient_landscape
 from gradleak.bench.common import print_table, write_json
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated MODEL-ACTIVATION[:train|eval|batch-stats] (the client's BatchNorm mode)")
     p.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     p.add_argument("--weights", default=None, help="a trained victim's weights (safetensors), for every victim")
+    p.add_argument("--directions", default="noise",
+                   help=f"comma-separated, what is mixed in: {', '.join(DIRECTIONS)} (default noise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise mixed in")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default="bench-results/landscape.json")
@@ -100,19 +107,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     victims = [parse_victim(v) for v in args.victims.split(",") if v]
     batches = [int(b) for b in args.batches.split(",") if b]
+    directions = [d for d in args.directions.split(",") if d]
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown or not directions:
+        raise ConfigError(f"--directions: expected a comma-separated subset of {', '.join(DIRECTIONS)}, "
+                          f"got {args.directions!r}")
     results, rows = [], []
     for name, activation, mode in victims:
         for n in batches:
             data = builtin_batch(n)  # every victim here has 10 classes
+            others = builtin_batch(n, offset=n).images if "image" in directions else None
             server = victim_server(name, activation, mode, args.weights, data.images)
-            r = gradient_landscape(server, data.images, data.labels, seed=args.seed)
-            r.update(victim=f"{name}-{activation}", bn_mode=mode, batch=n, weights=args.weights)
-            results.append(r)
-            rows.append([f"{name}-{activation}", mode, n,
-                         *(f"{m:.2f} / {f:.2f}" for m, f in zip(r["mean_cosine"], r["first_cosine"])),
-                         "> 1" if r["radius"] is None else f"{r['radius']:g}"])
-    headers = ["victim", "BatchNorm", "batch", *(f"t={t:g}" for t in MIXES), "radius"]
-    print("cosine with the update: mean over weight tensors / first convolution, at the batch mixed with t of noise")
+            for direction in directions:
+                r = gradient_landscape(server, data.images, data.labels, seed=args.seed, direction=direction,
+                                       others=others)
+                r.update(victim=f"{name}-{activation}", bn_mode=mode, batch=n, direction=direction,
+                         weights=args.weights)
+                results.append(r)
+                rows.append([f"{name}-{activation}", mode, n, direction,
+                             *(f"{m:.2f} / {f:.2f}" for m, f in zip(r["mean_cosine"], r["first_cosine"])),
+                             "> 1" if r["radius"] is None else f"{r['radius']:g}"])
+    headers = ["victim", "BatchNorm", "batch", "towards", *(f"t={t:g}" for t in MIXES), "radius"]
+    print("cosine with the update: mean over weight tensors / first convolution, at the batch mixed with t of "
+          "what the 'towards' column names")
     print_table(headers, rows)
     write_json(args.json, {"mixes": list(MIXES), "seed": args.seed, "results": results})
     print(f"wrote {args.json}")
