@@ -42,7 +42,7 @@ from gradleak.attacks.adaptive import check_adaptive
 from gradleak.attacks.auxiliary import Auxiliary
 from gradleak.attacks.base import Progress, ProgressCallback
 from gradleak.attacks.checkpoint import Checkpointer
-from gradleak.attacks.matching import Matcher, build_matcher
+from gradleak.attacks.matching import Matcher, build_matcher, centered
 from gradleak.config import check_ranges
 from gradleak.errors import CheckpointError, ConfigError, Terminated, UpdateError
 from gradleak.hardware import counting_saved_bytes, device_memory, memory_bytes
@@ -77,6 +77,10 @@ class LoopConfig:
             target; they count in the budget).
         bn_stats: weight of the BatchNorm-statistics term, used whenever the update shares the
             client's running statistics (0: ignore them).
+        center: subtract the mean simulated update of this many batches of uniform noise from the
+            target and from every simulation before matching (0: off;
+            :func:`~gradleak.attacks.matching.centered`): for victims whose update barely depends
+            on the images.
     """
 
     label_strategy: str = "auto"
@@ -86,12 +90,13 @@ class LoopConfig:
     features: float = 0.0
     feature_init: int = 0
     bn_stats: float = 0.1
+    center: int = 0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_adaptive(owner, self.adaptive)
         check_ranges(owner, self, log_every=(1, None), checkpoint_every=(0, None), features=(0, None),
-                     feature_init=(0, None), bn_stats=(0, None))
+                     feature_init=(0, None), bn_stats=(0, None), center=(0, None))
 
 
 @dataclass
@@ -119,6 +124,9 @@ def prepare(attack: Attack, server: ServerState, update: ClientUpdate, labels: t
     victim = copy.deepcopy(server.model).to(attack.device)
     victim.train(server.bn_mode == "train")
     matcher = build_matcher(update, victim, device=attack.device, adaptive=adaptive)
+    if attack.config.center > 0:
+        matcher = centered(matcher, lab.labels, (update.num_samples, *server.input_shape), attack.config.center,
+                           seed=attack.seed, victim=victim)
     aux = Auxiliary.build(attack.config, server, update, victim, lab.labels, seed=attack.seed, device=attack.device)
     return Setup(labels=lab, victim=victim, matcher=matcher, auxiliary=aux)
 
@@ -377,7 +385,7 @@ class Loop:
             history=self.history, iterations=self.done, seconds=self.seconds, stopped_early=self.stop_reason,
             resumed_from=self.resumed_from, matching=self.matcher.mode,
             info={"attack": self.attack.name, "config": dataclasses.asdict(cfg), "adaptive": self.matcher.adaptive,
-                  "matching_loss": self.matcher.loss_name(cfg.loss),
+                  "matching_loss": self.matcher.loss_name(cfg.loss), "centering": self.matcher.centering,
                   "auxiliary": auxiliary.info if auxiliary is not None else {}, **info})
 
 

@@ -15,6 +15,7 @@ where the defense adds noise; ``adaptive="off"`` is the unaware attacker.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -55,6 +56,7 @@ class Matcher:
     adaptive: dict[str, Any] = field(default_factory=lambda: {"requested": "off", "active": False})
     likelihood: str | None = None
     floor: float | None = None
+    centering: dict[str, Any] | None = None
 
     def at_floor(self, value: float) -> bool:
         """Whether a matching loss has reached the noise floor (the attack should stop: below it fits noise)."""
@@ -125,6 +127,63 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
     info = {"requested": adaptive, "active": True, **described}
     return Matcher(tensors, simulate, f"{mode}, defense simulated ({described['defense']})", info, likelihood,
                    described.get("noise_floor"))
+
+
+def centered(matcher: Matcher, labels: torch.Tensor, shape: Sequence[int], draws: int, *, seed: int,
+             victim: nn.Module) -> Matcher:
+    """The matcher with the update's image-independent part taken out of both sides.
+
+    ``center`` is the mean of ``draws`` simulated updates on batches of uniform noise in [0, 1]
+    (``shape`` = (N, C, H, W), the recovered ``labels``, seeded by ``seed``): what the update would be
+    whatever the images. It is subtracted from the target and from every simulation, so a cosine
+    loss compares what the images change. On a victim whose update barely depends on the images
+    (ResNet-18-sigmoid with BatchNorm in eval mode on untrained statistics: a mean layer cosine of
+    0.9992 between the update and the gradient at pure noise) the plain cosine sees the images in
+    its fourth digit; centred on 16 noise batches the same comparison reads 0.95 at 20% noise and
+    0.12 at pure noise, the profile of the victims the attacks break (docs/attacks.md). A matcher
+    whose loss is a noise likelihood (the defense-aware attacker against additive noise) is returned
+    as it is, its ``centering`` saying so: that loss compares the two sides' difference, which a
+    common centre leaves unchanged, and its noise floor is in units of the uncentred target. The
+    victim's state (BatchNorm running statistics a train-mode draw moves) is put back afterwards.
+
+    Raises:
+        ConfigError: ``draws`` < 1, or labels that do not match the batch (an attack that optimises
+            its labels jointly has none to centre with).
+    """
+    if draws < 1:
+        raise ConfigError(f"center: expected the number of noise batches to average (>= 1), got {draws}")
+    if labels.numel() != shape[0]:
+        raise ConfigError(f"center: expected {shape[0]} labels to simulate the noise batches with (recovered or "
+                          f"given), got {labels.numel()}; an attack that optimises its labels jointly cannot centre")
+    if matcher.likelihood is not None:
+        return dataclasses.replace(matcher, centering={
+            "draws": 0, "seed": seed, "note": f"not applied: the likelihood-{matcher.likelihood} loss compares "
+                                              "the two sides' difference, which a common centre leaves unchanged"})
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone() for k, v in victim.state_dict().items()}
+    device = matcher.target[0].device
+    total: list[torch.Tensor] | None = None
+    try:
+        with torch.enable_grad():
+            for _ in range(draws):
+                noise = torch.rand(tuple(shape), generator=generator).to(device)
+                sim = [t.detach() for t in matcher.simulate(noise, labels.to(device))]
+                total = sim if total is None else [a + b for a, b in zip(total, sim)]
+    finally:
+        victim.load_state_dict(state)
+    assert total is not None
+    center = [t / draws for t in total]
+    simulate = matcher.simulate
+
+    def shifted(images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        return [s - c for s, c in zip(simulate(images, labels), center)]
+
+    share = math.sqrt(sum(float((t - c).pow(2).sum()) for t, c in zip(matcher.target, center))
+                      / max(sum(float(t.pow(2).sum()) for t in matcher.target), 1e-30))
+    info = {"draws": draws, "seed": seed, "residual": share,
+            "note": "the mean update of noise batches subtracted from the target and every simulation"}
+    return dataclasses.replace(matcher, target=[t - c for t, c in zip(matcher.target, center)], simulate=shifted,
+                               mode=f"{matcher.mode}, centred on {draws} noise batches", centering=info)
 
 
 def _plain(update: ClientUpdate, victim: nn.Module, params: Sequence[torch.Tensor]) -> Simulate:
