@@ -131,6 +131,28 @@ def test_the_recovered_last_layer_features_break_a_cell_that_reads_unbroken_with
 
 
 @pytest.mark.slow
+def test_a_flat_victim_is_audited_centred_and_plain(tmp_path):
+    """ResNet-18-sigmoid in eval mode on the untrained statistics has a flat landscape (gradleak.audit.landscape.flat),
+    so IG is tried centred (16 noise batches, the per-layer cosine) beside the plain attacker; each run records
+    what it did, and the cell's "not broken" says centred matching was included."""
+    out = tmp_path / "flat"
+    assert main(["audit", "--model", "resnet18", "--activation", "sigmoid", "--bn-mode", "eval", "--batch-sizes", "1",
+                 "--defenses", "none", "--attacks", "ig", "--iterations", "2",
+                 "--knowledge", "labels-recovered,features-ignored", "--utility-steps", "0", "--no-progress",
+                 "--no-images", "--out", str(out)]) == 0
+    cell = json.loads((out / "fedsgd_n1_none" / "cell.json").read_text())
+    ids = ["ig_labels-recovered_features-ignored_center-used", "ig_labels-recovered_features-ignored_center-ignored"]
+    assert cell["attacker_names"] == ids
+    used, plain = (json.loads((out / "fedsgd_n1_none" / f"{i}-s0" / "metrics.json").read_text()) for i in ids)
+    assert used["info"]["centering"]["draws"] == 16 and used["info"]["matching_loss"] == "cosine-layer"
+    assert plain["info"]["centering"] is None and plain["info"]["matching_loss"] == "cosine"
+    config = json.loads((out / "fedsgd_n1_none" / f"{ids[0]}-s0" / "config.json").read_text())
+    assert config["attack_config"]["center"] == 16
+    row = _csv(out / "audit.csv")["fedsgd_n1_none"]
+    assert row["ssim_center_used"] != "" and "(centred matching included), which is not safety" in row["verdict"]
+
+
+@pytest.mark.slow
 def test_a_not_broken_cell_on_a_narrow_basin_says_the_attacks_failed_at_optimisation(tmp_path):
     """Every cell records the victim's basin (gradleak.audit.landscape); on the untrained ResNet-18-ReLU with
     train-mode BatchNorm (radius 0.05, measured) a "not broken" verdict says it is the attacks' barrier."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gradleak.attacks import ATTACKS
-from gradleak.audit.plan import Attacker, KnowledgeAxes, attackers_for, plan_attacks, untried_knowledge
+from gradleak.audit.plan import Attacker, KnowledgeAxes, attackers_for, plan_attacks, untried_knowledge, with_budgets
 from gradleak.cli.main import main
 from gradleak.errors import ConfigError
 from gradleak.models import build_model
@@ -135,3 +135,29 @@ def test_attacks_with_a_feature_variant_run_with_and_without_the_recovered_featu
     assert gives_features(_server("lenet")) and gives_features(_server("resnet18"))
     with pytest.raises(ConfigError, match="unknown assumption 'features-maybe'"):
         KnowledgeAxes.parse("features-maybe")
+
+
+def test_on_a_flat_victim_attacks_with_a_centred_variant_run_centred_and_plain():
+    """CI-Net and IG are tried centred (16 noise batches, the per-layer cosine) and as configured where the
+    victim's landscape is flat; DLG, which optimises its labels jointly, is not, and says why; a victim
+    that is not flat gets no centred attacker."""
+    knowledge = KnowledgeAxes(labels=("recovered",))
+    attackers, _ = attackers_for("cinet", defended=False, flat=True, knowledge=knowledge)
+    assert [a.id for a in attackers] == ["cinet_labels-recovered_center-used", "cinet_labels-recovered_center-ignored"]
+    assert all(Attacker.parse(a.id) == a for a in attackers)
+    on, off = (a.config({"center": 0, "loss": "cosine", "iterations": 300}) for a in attackers)
+    assert (on["center"], on["loss"]) == (16, "cosine-layer") and (off["center"], off["loss"]) == (0, "cosine")
+    assert attackers[0].describe() == "cinet, labels recovered, centred matching"
+    budgeted = with_budgets(attackers[:1], [100])[0]
+    assert budgeted.id == "cinet_labels-recovered_center-used_it-100" and Attacker.parse(budgeted.id) == budgeted
+    assert [a.center for a in attackers_for("cinet", defended=False, knowledge=knowledge)[0]] == ["none"]
+    assert [a.center for a in attackers_for("analytic", defended=False, flat=True, knowledge=knowledge)[0]] == ["none"]
+    dlg, why = attackers_for("dlg", defended=False, flat=True, knowledge=knowledge, attack_config={"soft_labels": True})
+    assert [a.center for a in dlg] == ["none"] and why == ["dlg centred (it optimises its labels jointly: nothing to "
+                                                          "centre with)"]
+    only = KnowledgeAxes.parse("center-used")
+    assert only.center == ("used",) and "center-used" in only.tokens()
+    assert untried_knowledge(only, defended=False, flat=True) == ["uncentred matching"]
+    assert untried_knowledge(only, defended=False) == []
+    with pytest.raises(ConfigError, match="center-used, center-ignored"):
+        KnowledgeAxes.parse("center-sometimes")

@@ -73,6 +73,10 @@ class Attack(ABC):
     config's ``features``/``feature_init``): set where measurements say the term can help (IG on
     LeNet-ReLU, batch 4: mean SSIM 0.37 -> 0.52, docs/attacks.md), not where it was measured to
     hurt (CI-Net)."""
+    centred_variant: ClassVar[bool] = False
+    """It can match centred (its config's ``center``: :func:`gradleak.attacks.matching.centered`); an
+    audit tries it centred and plain on a victim whose update barely depends on the images (a flat
+    landscape, :func:`gradleak.audit.landscape.flat`)."""
 
     @classmethod
     def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:

@@ -145,6 +145,7 @@ class CINetAttack(Attack):
     knowledge = Knowledge(sok="B")
     adaptive = True
     matches_bn_stats = True
+    centred_variant = True
     presets = {
         # Algorithm 1 as written: L2 matching, plain signed SGD, P(G) > P(F).
         "paper": {"loss": "l2", "update": "sign-sgd", "channels": "paper"},

@@ -229,6 +229,7 @@ class GIASAttack(Attack):
     adaptive = True
     needs_generator = True
     matches_bn_stats = True
+    centred_variant = True
     presets = {
         # The published CIFAR-10 DCGAN script.
         "cifar10-dcgan": {},  # the defaults

@@ -182,6 +182,7 @@ class OptimizationAttack(Attack):
     adaptive = True
     matches_bn_stats = True
     feature_variant = True
+    centred_variant = True
     Config = OptimizationConfig
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,

@@ -33,7 +33,7 @@ import torch
 from gradleak.attacks import ATTACKS
 from gradleak.audit.cell import cell_seed, cell_update, check_victim, utility
 from gradleak.audit.execute import check_backend, execute
-from gradleak.audit.landscape import gradient_landscape
+from gradleak.audit.landscape import flat, gradient_landscape
 from gradleak.audit.plan import (
     Attacker,
     AttackPlan,
@@ -274,7 +274,8 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
                    "data_root": str(o.data_root) if o.data_root else None, "attacks": plan.names,
                    "attack_configs": {n: _plain(c) for n, c in plan.configs.items()},
                    "knowledge": [t for t in o.knowledge.tokens() if not t.startswith(("bn-", "features-"))],
-                   "bn_knowledge": list(o.knowledge.bn), "features_knowledge": list(o.knowledge.features), "seed": o.seed, "seeds": o.attack_seeds(),
+                   "bn_knowledge": list(o.knowledge.bn), "features_knowledge": list(o.knowledge.features),
+                   "center_knowledge": list(o.knowledge.center), "seed": o.seed, "seeds": o.attack_seeds(),
                    "pairing": o.pairing, "time_budget": o.time_budget, "fill_budget": o.fill_budget,
                    "threat": ["honest", "malicious"] if o.imprint_bins else ["honest"], "imprint_bins": o.imprint_bins,
                    "images": o.write_images, "budgets": list(o.budgets) if o.budgets else None,
@@ -282,7 +283,7 @@ def _settings(spec: ModelSpec, plan: AttackPlan, o: AuditOptions) -> dict[str, A
 
 
 LATER_SETTINGS = {"threat": ["honest"], "imprint_bins": None, "weights": None, "bn_knowledge": ["used", "ignored"],
-                  "features_knowledge": ["used", "ignored"], "budgets": None}
+                  "features_knowledge": ["used", "ignored"], "budgets": None, "center_knowledge": ["used", "ignored"]}
 """Settings recorded since an earlier version, with the value a folder without them was made with."""
 
 
@@ -313,14 +314,15 @@ def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Pa
     attackers: list[Attacker] = []
     not_tried = [f"{n} ({why})" for n, why in plan.left_out.items()]
     features = gives_features(server)
+    is_flat = flat(basin) is not None  # the update barely depends on the images: try centred matching too
     for name, config in plan.configs.items():
         mine, missing = attackers_for(name, defended=cell.defended, knowledge=o.knowledge, attack_config=config,
-                                      shares_bn=cell.protocol.share_bn_stats, features=features)
+                                      shares_bn=cell.protocol.share_bn_stats, features=features, flat=is_flat)
         attackers += mine
         not_tried += missing
     attackers = with_budgets(attackers, o.budgets)
     not_tried += untried_knowledge(o.knowledge, defended=cell.defended, shares_bn=cell.protocol.share_bn_stats,
-                                   features=features)
+                                   features=features, flat=is_flat)
     seed = cell_seed(o.seed, cell)
     update = cell_update(server, batch.images, batch.labels, cell=cell, generator=torch.Generator().manual_seed(seed))
     info: dict[str, Any] = {

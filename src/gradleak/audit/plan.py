@@ -188,8 +188,21 @@ FEATURE_WEIGHT, FEATURE_INIT = 1.0, 50
 """The feature term's weight and its feature-only first iterations when an attacker uses it (the
 values measured in docs/attacks.md)."""
 
+CENTER_KNOWLEDGE = ("used", "ignored")
+"""For an attack with a centred variant (``Attack.centred_variant``) on a victim with a flat landscape
+(:func:`gradleak.audit.landscape.flat`: its update barely depends on the images): ``used``: it matches
+with the mean update of :data:`CENTER_DRAWS` noise batches taken out of both sides and the per-layer
+cosine (:data:`CENTER_LOSS`); ``ignored``: as configured. No knowledge beyond the update and the
+model: a stronger attack's option, measured to break the flat ResNet-18-sigmoid in eval mode (CI-Net
+0.54 against 0.17, docs/attacks.md)."""
+
+CENTER_DRAWS, CENTER_LOSS = 16, "cosine-layer"
+"""The noise batches a centred attacker averages, and its matching loss (centred with the global
+cosine, CI-Net read 0.08 on that victim: the last layer's share of the centred update is rounding)."""
+
 KNOWLEDGE_TOKENS = (tuple(f"labels-{v}" for v in LABEL_KNOWLEDGE) + tuple(f"defense-{v}" for v in DEFENSE_KNOWLEDGE)
-                    + tuple(f"bn-{v}" for v in BN_KNOWLEDGE) + tuple(f"features-{v}" for v in FEATURE_KNOWLEDGE))
+                    + tuple(f"bn-{v}" for v in BN_KNOWLEDGE) + tuple(f"features-{v}" for v in FEATURE_KNOWLEDGE)
+                    + tuple(f"center-{v}" for v in CENTER_KNOWLEDGE))
 
 
 @dataclass(frozen=True)
@@ -199,22 +212,25 @@ class KnowledgeAxes:
     Example:
         >>> KnowledgeAxes.parse("all")  # doctest: +NORMALIZE_WHITESPACE
         KnowledgeAxes(labels=('recovered', 'known'), defense=('unaware', 'aware'), bn=('used', 'ignored'),
-                      features=('used', 'ignored'))
+                      features=('used', 'ignored'), center=('used', 'ignored'))
         >>> KnowledgeAxes.parse("labels-known,defense-aware").defense
         ('aware',)
         >>> KnowledgeAxes.parse("labels-recovered,bn-used,features-ignored")  # doctest: +NORMALIZE_WHITESPACE
-        KnowledgeAxes(labels=('recovered',), defense=('unaware', 'aware'), bn=('used',), features=('ignored',))
+        KnowledgeAxes(labels=('recovered',), defense=('unaware', 'aware'), bn=('used',), features=('ignored',),
+                      center=('used', 'ignored'))
     """
 
     labels: tuple[str, ...] = LABEL_KNOWLEDGE
     defense: tuple[str, ...] = DEFENSE_KNOWLEDGE
     bn: tuple[str, ...] = BN_KNOWLEDGE
     features: tuple[str, ...] = FEATURE_KNOWLEDGE
+    center: tuple[str, ...] = CENTER_KNOWLEDGE
 
     def __post_init__(self) -> None:
         for what, values, allowed in (("labels", self.labels, LABEL_KNOWLEDGE),
                                       ("defense", self.defense, DEFENSE_KNOWLEDGE), ("bn", self.bn, BN_KNOWLEDGE),
-                                      ("features", self.features, FEATURE_KNOWLEDGE)):
+                                      ("features", self.features, FEATURE_KNOWLEDGE),
+                                      ("center", self.center, CENTER_KNOWLEDGE)):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ConfigError(f"knowledge {what}: expected some of {', '.join(allowed)}, got "
@@ -230,7 +246,7 @@ class KnowledgeAxes:
         items = [t.strip() for t in (text.split(",") if isinstance(text, str) else (text or ["all"])) if t.strip()]
         if not items or items == ["all"]:
             return cls()
-        chosen: dict[str, list[str]] = {"labels": [], "defense": [], "bn": [], "features": []}
+        chosen: dict[str, list[str]] = {"labels": [], "defense": [], "bn": [], "features": [], "center": []}
         for t in items:
             if t not in KNOWLEDGE_TOKENS:
                 raise ConfigError(f"--knowledge: unknown assumption {t!r}; expected 'all' or some of: "
@@ -240,11 +256,13 @@ class KnowledgeAxes:
         return cls(labels=tuple(dict.fromkeys(chosen["labels"])) or LABEL_KNOWLEDGE,
                    defense=tuple(dict.fromkeys(chosen["defense"])) or DEFENSE_KNOWLEDGE,
                    bn=tuple(dict.fromkeys(chosen["bn"])) or BN_KNOWLEDGE,
-                   features=tuple(dict.fromkeys(chosen["features"])) or FEATURE_KNOWLEDGE)
+                   features=tuple(dict.fromkeys(chosen["features"])) or FEATURE_KNOWLEDGE,
+                   center=tuple(dict.fromkeys(chosen["center"])) or CENTER_KNOWLEDGE)
 
     def tokens(self) -> list[str]:
         return ([f"labels-{v}" for v in self.labels] + [f"defense-{v}" for v in self.defense]
-                + [f"bn-{v}" for v in self.bn] + [f"features-{v}" for v in self.features])
+                + [f"bn-{v}" for v in self.bn] + [f"features-{v}" for v in self.features]
+                + [f"center-{v}" for v in self.center])
 
 
 @dataclass(frozen=True, order=True)
@@ -259,6 +277,8 @@ class Attacker:
             the update does not share them (or the attack cannot use them).
         features: ``"used"`` or ``"ignored"``: the last-layer features recovered from the update
             (:data:`FEATURE_KNOWLEDGE`); ``"none"`` where the attack or the victim has no such variant.
+        center: ``"used"`` or ``"ignored"``: centred matching (:data:`CENTER_KNOWLEDGE`); ``"none"``
+            where the attack has no such variant or the victim's landscape is not flat.
 
     Example:
         >>> a = Attacker("cinet", labels="known", defense="aware")
@@ -270,6 +290,8 @@ class Attacker:
         'ig, labels known, BatchNorm statistics ignored'
         >>> Attacker.parse("ig_aware_labels-recovered_features-used").describe()
         'ig, defense-aware, labels recovered, last-layer features used'
+        >>> Attacker.parse("cinet_labels-known_center-used_it-300").describe()
+        'cinet, labels known, centred matching, 300 iterations'
     """
 
     attack: str
@@ -278,25 +300,29 @@ class Attacker:
     bn: str = "none"
     features: str = "none"
     budget: int | None = None
+    center: str = "none"
 
     @property
     def id(self) -> str:
-        """The run folder's prefix: ``<attack>[_<defense>]_labels-<labels>[_bn-<bn>][_features-<f>][_it-<budget>]``
-        (then ``-s<seed>``)."""
+        """The run folder's prefix:
+        ``<attack>[_<defense>]_labels-<labels>[_bn-<bn>][_features-<f>][_center-<c>][_it-<budget>]`` (then ``-s<seed>``)."""
         middle = "" if self.defense == "none" else f"_{self.defense}"
         return (f"{self.attack}{middle}_labels-{self.labels}" + ("" if self.bn == "none" else f"_bn-{self.bn}")
                 + ("" if self.features == "none" else f"_features-{self.features}")
+                + ("" if self.center == "none" else f"_center-{self.center}")
                 + ("" if self.budget is None else f"_it-{self.budget}"))
 
     @classmethod
     def parse(cls, text: str) -> Attacker:
         m = re.fullmatch(r"(.+?)(?:_(aware|unaware))?_labels-(recovered|known)(?:_bn-(used|ignored))?"
-                         r"(?:_features-(used|ignored))?(?:_it-(\d+))?", text)
+                         r"(?:_features-(used|ignored))?(?:_center-(used|ignored))?(?:_it-(\d+))?", text)
         if not m:
             raise ConfigError(f"audit attacker: expected '<attack>[_aware|_unaware]_labels-<recovered|known>"
-                              f"[_bn-<used|ignored>][_features-<used|ignored>][_it-<iterations>]', got {text!r}")
+                              f"[_bn-<used|ignored>][_features-<used|ignored>][_center-<used|ignored>]"
+                              f"[_it-<iterations>]', got {text!r}")
         return cls(m.group(1), labels=m.group(3), defense=m.group(2) or "none", bn=m.group(4) or "none",
-                   features=m.group(5) or "none", budget=int(m.group(6)) if m.group(6) else None)
+                   features=m.group(5) or "none", budget=int(m.group(7)) if m.group(7) else None,
+                   center=m.group(6) or "none")
 
     def describe(self) -> str:
         parts = [self.attack]
@@ -307,6 +333,10 @@ class Attacker:
             parts.append(f"BatchNorm statistics {self.bn}")
         if self.features != "none":
             parts.append(f"last-layer features {self.features}")
+        if self.center == "used":
+            parts.append("centred matching")
+        elif self.center == "ignored":
+            parts.append("uncentred matching")
         if self.budget is not None:
             parts.append(f"{self.budget} iterations")
         return ", ".join(parts)
@@ -315,7 +345,8 @@ class Attacker:
         """``attack_config`` for this attacker: ``adaptive="off"`` when unaware, ``"auto"`` otherwise;
         ``bn_stats=0`` when it ignores shared BatchNorm statistics; the feature term on (at
         :data:`FEATURE_WEIGHT`, :data:`FEATURE_INIT`, unless the config has its own) or off; its
-        own iteration budget (``Attack.budget``) where it has one."""
+        own iteration budget (``Attack.budget``) where it has one; centred matching
+        (:data:`CENTER_DRAWS` noise batches, :data:`CENTER_LOSS`) or none (``center=0``)."""
         changes: dict[str, Any] = {}
         if ATTACKS.get(self.attack).adaptive:
             changes["adaptive"] = "off" if self.defense == "unaware" else "auto"
@@ -328,6 +359,10 @@ class Attacker:
                 changes.update(features=0.0, feature_init=0)
             elif not own:
                 changes.update(features=FEATURE_WEIGHT, feature_init=FEATURE_INIT)
+        if self.center == "used":
+            changes.update(center=CENTER_DRAWS, loss=CENTER_LOSS)
+        elif self.center == "ignored":
+            changes["center"] = 0
         if self.budget is not None:
             changes.update(ATTACKS.get(self.attack).budget(self.budget, attack_config))
         if isinstance(attack_config, Mapping):
@@ -435,7 +470,7 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
 
 def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = KnowledgeAxes(),
                   attack_config: Any = None, shares_bn: bool = False,
-                  features: bool = False) -> tuple[list[Attacker], list[str]]:
+                  features: bool = False, flat: bool = False) -> tuple[list[Attacker], list[str]]:
     """The attackers of ``attack`` for one cell, and what is not tried (stated with the verdict).
 
     A defended update is attacked by the unaware and the defense-aware attacker (as ``knowledge``
@@ -445,13 +480,16 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
     (``Attack.matches_bn_stats``) is tried using and ignoring them, as ``knowledge.bn`` selects.
     Where the victim's last layer gives its input features (``features``), an attack with a feature
     variant (``Attack.feature_variant``) is tried with and without them, as ``knowledge.features`` selects.
+    Where the victim's landscape is flat (``flat``), an attack with a centred variant
+    (``Attack.centred_variant``) that has labels to centre with is tried centred and plain, as
+    ``knowledge.center`` selects.
 
     Example:
         >>> [a.id for a in attackers_for("cinet", defended=True)[0]]  # doctest: +NORMALIZE_WHITESPACE
         ['cinet_unaware_labels-recovered', 'cinet_aware_labels-recovered', 'cinet_unaware_labels-known',
          'cinet_aware_labels-known']
         >>> attackers_for("analytic", defended=True, knowledge=KnowledgeAxes(labels=("recovered",)))
-        ([Attacker(attack='analytic', labels='recovered', defense='unaware', bn='none', features='none', budget=None)], ['analytic defense-aware (no adaptive mode)'])
+        ([Attacker(attack='analytic', labels='recovered', defense='unaware', bn='none', features='none', budget=None, center='none')], ['analytic defense-aware (no adaptive mode)'])
         >>> [a.id for a in attackers_for("ig", defended=False, shares_bn=True,
         ...                              knowledge=KnowledgeAxes(labels=("recovered",)))[0]]
         ['ig_labels-recovered_bn-used', 'ig_labels-recovered_bn-ignored']
@@ -477,8 +515,16 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
     elif shares_bn:
         not_tried.append(f"{attack} with the shared BatchNorm statistics (it cannot match them)")
     fs = list(knowledge.features) if features and cls.feature_variant else ["none"]
-    return [Attacker(attack, labels=lab, defense=d, bn=b, features=f)
-            for lab in labels for d in defenses for b in bns for f in fs], not_tried
+    cs = ["none"]
+    if flat and cls.centred_variant:
+        joint = (attack_config.get("soft_labels") if isinstance(attack_config, Mapping)
+                 else getattr(attack_config, "soft_labels", False))
+        if joint:
+            not_tried.append(f"{attack} centred (it optimises its labels jointly: nothing to centre with)")
+        else:
+            cs = list(knowledge.center)
+    return [Attacker(attack, labels=lab, defense=d, bn=b, features=f, center=c)
+            for lab in labels for d in defenses for b in bns for f in fs for c in cs], not_tried
 
 
 def with_budgets(attackers: Sequence[Attacker], budgets: Sequence[int] | None) -> list[Attacker]:
@@ -503,7 +549,7 @@ def with_budgets(attackers: Sequence[Attacker], budgets: Sequence[int] | None) -
 
 
 def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bool = False,
-                      features: bool = False) -> list[str]:
+                      features: bool = False, flat: bool = False) -> list[str]:
     """The assumptions the audit's ``knowledge`` leaves out (named beside the verdict)."""
     out = [f"labels {v}" for v in LABEL_KNOWLEDGE if v not in knowledge.labels]
     if defended:
@@ -512,10 +558,14 @@ def untried_knowledge(knowledge: KnowledgeAxes, *, defended: bool, shares_bn: bo
         out += [f"BatchNorm statistics {v}" for v in BN_KNOWLEDGE if v not in knowledge.bn]
     if features:
         out += [f"last-layer features {v}" for v in FEATURE_KNOWLEDGE if v not in knowledge.features]
+    if flat:
+        out += [{"used": "centred matching", "ignored": "uncentred matching"}[v]
+                for v in CENTER_KNOWLEDGE if v not in knowledge.center]
     return out
 
 
-__all__ = ["AttackPlan", "Attacker", "AuditCell", "DEFENSE_KNOWLEDGE", "FEATURE_KNOWLEDGE", "KNOWLEDGE_TOKENS",
+__all__ = ["AttackPlan", "Attacker", "AuditCell", "CENTER_KNOWLEDGE", "DEFENSE_KNOWLEDGE", "FEATURE_KNOWLEDGE",
+           "KNOWLEDGE_TOKENS",
            "KnowledgeAxes",
            "LABEL_KNOWLEDGE", "ProtocolSetting", "attackers_for", "audit_grid", "parse_int_list", "plan_attacks", "with_budgets",
            "run_name", "untried_knowledge"]

@@ -224,8 +224,8 @@ def by_knowledge(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None
             continue
         a = _knowledge(name)
         keys = [f"labels-{a.labels}", f"attack:{a.attack}", f"server-{'malicious' if _malicious(a.attack) else 'honest'}"]
-        keys += [f"{axis}-{v}" for axis, v in (("defense", a.defense), ("bn", a.bn), ("features", a.features))
-                 if v != "none"]
+        keys += [f"{axis}-{v}" for axis, v in (("defense", a.defense), ("bn", a.bn), ("features", a.features),
+                                                ("center", a.center)) if v != "none"]
         for k in keys:
             out[k] = max(out.get(k) or -1.0, float(s["ssim_mean"]))
     return out
@@ -258,10 +258,10 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     if not summaries:
         raise ConfigError("audit verdict: expected at least one finished run, got none")
     scored = {n: s for n, s in summaries.items() if s["ssim_mean"] is not None}
-    def strength(n: str) -> tuple[float, bool, bool, bool, bool]:  # a tie goes to the attacker who needs to know less
+    def strength(n: str) -> tuple[float, bool, bool, bool, bool, bool]:  # a tie goes to the attacker who needs to know less
         a = _knowledge(n)
         return (round(float(scored[n]["ssim_mean"]), 6), a.labels == "recovered", a.defense != "aware", a.bn != "used",
-                a.features != "used")
+                a.features != "used", a.center != "used")
 
     name = max(scored, key=strength) if scored else next(iter(summaries))
     best = summaries[name]
@@ -320,7 +320,7 @@ def _contrast(row: dict[str, Any]) -> str:
     """``broken if the attacker knows the labels: SSIM 0.53; with labels recovered: 0.01`` where an assumption decides."""
     known = row.get("by_knowledge") or {}
     a = _knowledge(str(row.get("verdict_attacker", "")))
-    mine = {f"labels-{a.labels}", f"defense-{a.defense}", f"bn-{a.bn}", f"features-{a.features}",
+    mine = {f"labels-{a.labels}", f"defense-{a.defense}", f"bn-{a.bn}", f"features-{a.features}", f"center-{a.center}",
             f"server-{'malicious' if _malicious(a.attack) else 'honest'}"}
     parts = []
     for strong, weak, words in (("labels-known", "labels-recovered", ("knows the labels", "with labels recovered")),
@@ -329,6 +329,8 @@ def _contrast(row: dict[str, Any]) -> str:
                                                            "ignoring them")),
                                 ("features-used", "features-ignored",
                                  ("uses the last-layer features recovered from the update", "without them")),
+                                ("center-used", "center-ignored",
+                                 ("matches centred (the noise batches' mean update taken out)", "uncentred")),
                                 ("server-malicious", "server-honest", ("is the server and sends a modified model", "with an honest server"))):
         if strong in mine and weak in known and strong in known:
             hi, lo = known[strong], known[weak]
@@ -365,7 +367,10 @@ def verdict(row: dict[str, Any]) -> str:
         "not broken by these attacks at this budget; the victim's gradient decorrelates within 5% pixel noise of the batch (basin radius): these attacks fail at optimisation here, which is not safety"
         >>> verdict({"ssim_mean": 0.17, "recognisable_fraction": 0.0,
         ...          "basin": {"radius": None, "mixes": [0.5, 1.0], "mean_cosine": [1.0, 0.9992]}})
-        "not broken by these attacks at this budget; the victim's gradient barely depends on the images (mean layer cosine 0.9992 between the update and the gradient at pure noise): these attacks fail at optimisation here, which is not safety"
+        "not broken by these attacks at this budget; the victim's gradient barely depends on the images (mean layer cosine 0.9992 between the update and the gradient at pure noise): these attacks fail at optimisation here (centred matching not tried), which is not safety"
+        >>> verdict({"ssim_mean": 0.17, "recognisable_fraction": 0.0, "attackers": {"cinet_labels-recovered_center-used": {}},
+        ...          "basin": {"radius": None, "mixes": [1.0], "mean_cosine": [0.9992]}}).split(": ")[-1]
+        'these attacks fail at optimisation here (centred matching included), which is not safety'
     """
     s, acc, frac = row.get("ssim_mean"), row.get("label_accuracy"), row.get("recognisable_fraction")
     by = f" ({describe_attacker(row['verdict_attacker'])})" if row.get("verdict_attacker") else ""
@@ -392,9 +397,10 @@ def verdict(row: dict[str, Any]) -> str:
         text += (f"; the victim's gradient decorrelates within {row['basin']['radius']:.0%} pixel noise of the batch "
                  "(basin radius): these attacks fail at optimisation here, which is not safety")
     elif quiet and at_noise is not None:
+        centred = any(_knowledge(n).center == "used" for n in row.get("attackers") or {})
         text += (f"; the victim's gradient barely depends on the images (mean layer cosine {min(at_noise, 0.9999):.4f} "
-                 "between the update and the gradient at pure noise): these attacks fail at optimisation here, "
-                 "which is not safety")
+                 "between the update and the gradient at pure noise): these attacks fail at optimisation here"
+                 f"{' (centred matching included)' if centred else ' (centred matching not tried)'}, which is not safety")
     base = row.get("undefended")
     if quiet and base and base.get("ssim_mean") is not None and not base.get("recognisable_fraction"):
         still = ", still improving at its budget's end" if base.get("inconclusive") else ""

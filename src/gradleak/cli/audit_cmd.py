@@ -88,7 +88,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--knowledge", default=None,
                    help="the attacker assumptions to try: all (default) or some of labels-recovered, labels-known, "
                         "defense-unaware, defense-aware, bn-used, bn-ignored (with --share-bn-stats), "
-                        "features-used, features-ignored (dlg, idlg, ig; a last layer with a bias); an axis not "
+                        "features-used, features-ignored (dlg, idlg, ig; a last layer with a bias), center-used, "
+                        "center-ignored (cinet, ig, idlg, gias; a victim whose landscape is flat); an axis not "
                         "named keeps all its values")
     p.add_argument("--backend", default="local", choices=list(BACKENDS),
                    help="local: this process (--workers 1, default) or a process pool; ray: one Ray task per run")

@@ -55,11 +55,16 @@ MALICIOUS_COLUMN = ("server-malicious", "SSIM malicious server")
 FEATURES_COLUMN = ("features-used", "SSIM with last-layer features")
 """Shown when some attacker used the last-layer features recovered from the update."""
 
+CENTER_COLUMN = ("center-used", "SSIM centred")
+"""Shown when some attacker matched centred (a victim with a flat landscape)."""
+
 
 def _columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
     malicious = any("server-malicious" in (r.get("by_knowledge") or {}) for r in rows)
     features = any("features-used" in (r.get("by_knowledge") or {}) for r in rows)
-    return KNOWLEDGE_COLUMNS + ((FEATURES_COLUMN,) if features else ()) + ((MALICIOUS_COLUMN,) if malicious else ())
+    centred = any("center-used" in (r.get("by_knowledge") or {}) for r in rows)
+    return (KNOWLEDGE_COLUMNS + ((FEATURES_COLUMN,) if features else ()) + ((CENTER_COLUMN,) if centred else ())
+            + ((MALICIOUS_COLUMN,) if malicious else ()))
 
 
 def _knowledge_ssim(row: dict[str, Any], key: str) -> str:
@@ -108,7 +113,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
 CSV_KEYS = ["cell", "protocol", "local_steps", "local_lr", "clients", "batch_size", "defense", "defense_spec",
             "epsilon", "delta", "ssim_mean", "ssim_std", "ssim_ci_low", "ssim_ci_high", "ssim_worst_image",
             "recognisable_fraction", "verdict_attacker", "ssim_labels_recovered", "ssim_labels_known",
-            "ssim_defense_unaware", "ssim_defense_aware", "ssim_features_used", "ssim_server_malicious", "inconclusive", "still_improving_per_100", "fsim_mean", "fsim_std",
+            "ssim_defense_unaware", "ssim_defense_aware", "ssim_features_used", "ssim_center_used", "ssim_server_malicious", "inconclusive", "still_improving_per_100", "fsim_mean", "fsim_std",
             "psnr_mean", "psnr_std", "lpips_mean", "lpips_std", "label_accuracy", "label_strategy", "seeds",
             "utility_steps", "utility_loss", "utility_accuracy", "utility_loss_cost", "iterations", "seconds",
             "not_tried", "verdict"]
@@ -217,7 +222,7 @@ def write_audit_report(out: str | Path, rows: Sequence[dict[str, Any]], *, title
         flat.append({**r, **{k: r["protocol"][k] for k in ("protocol", "local_steps", "local_lr", "clients")},
                      "ssim_ci_low": ci[0], "ssim_ci_high": ci[1],
                      **{f"ssim_{k.replace('-', '_')}": (r.get("by_knowledge") or {}).get(k)
-                        for k, _ in (*KNOWLEDGE_COLUMNS, FEATURES_COLUMN, MALICIOUS_COLUMN)},
+                        for k, _ in (*KNOWLEDGE_COLUMNS, FEATURES_COLUMN, CENTER_COLUMN, MALICIOUS_COLUMN)},
                      "still_improving_per_100": max((t["per_100"] for t in r.get("still_improving") or []), default=None),
                      "seeds": " ".join(map(str, r.get("seeds", []))), "not_tried": "; ".join(r.get("not_tried", [])),
                      "utility_steps": u.get("steps"), "utility_loss": u.get("loss"),
