@@ -57,9 +57,13 @@ FLAT = 0.01
 ResNet-18-sigmoid in eval mode, 0.05 or more on every victim the attacks break; docs/attacks.md)."""
 
 
-def layer_cosines(update: ClientUpdate, target: ClientUpdate) -> tuple[float, float]:
-    """(mean over weight tensors of each tensor's cosine, the first weight tensor's cosine)."""
-    cosines = [float(F.cosine_similarity(update.tensors[n].flatten(), t.flatten(), dim=0))
+def layer_cosines(update: ClientUpdate, target: ClientUpdate,
+                  center: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
+    """(mean over weight tensors of each tensor's cosine, the first weight tensor's cosine); with
+    ``center``, of each side minus it."""
+    c = center or {}
+    cosines = [float(F.cosine_similarity((update.tensors[n] - c.get(n, 0)).flatten(), (t - c.get(n, 0)).flatten(),
+                                         dim=0))
                for n, t in target.tensors.items() if t.dim() >= 2]
     return statistics.fmean(cosines), cosines[0]
 
@@ -90,18 +94,26 @@ def direction_of(images: torch.Tensor, direction: str = "noise", *, seed: int = 
 
 def gradient_landscape(server: ServerState, images: torch.Tensor, labels: torch.Tensor, *,
                        mixes: tuple[float, ...] = MIXES, seed: int = 0, direction: str = "noise",
-                       others: torch.Tensor | None = None) -> dict[str, Any]:
+                       others: torch.Tensor | None = None, center: int = 0) -> dict[str, Any]:
     """The client's gradient at the batch mixed with ``t`` of ``direction`` against its gradient at the batch.
 
     ``direction`` is one of :data:`DIRECTIONS` (uniform noise by default; ``image`` needs ``others``).
+    ``center`` > 0 compares both sides minus the mean gradient of that many uniform-noise batches
+    (seeded ``seed + 1``): the landscape a centred attack sees (:func:`gradleak.attacks.matching.centered`).
     Returns ``{"mixes": [...], "mean_cosine": [...], "first_cosine": [...], "radius": t or None}``;
     ``radius`` is the first mix whose mean cosine is below 0.5 (``None``: never within the grid).
     """
     towards = direction_of(images, direction, seed=seed, others=others)
     target = fedsgd_update(server, images, labels)
+    middle: dict[str, torch.Tensor] | None = None
+    if center > 0:
+        generator = torch.Generator().manual_seed(seed + 1)
+        draws = [fedsgd_update(server, torch.rand(images.shape, generator=generator).to(images), labels).tensors
+                 for _ in range(center)]
+        middle = {n: torch.stack([d[n] for d in draws]).mean(0) for n in target.tensors}
     mean, first = [], []
     for t in mixes:
-        m, f = layer_cosines(fedsgd_update(server, (1 - t) * images + t * towards, labels), target)
+        m, f = layer_cosines(fedsgd_update(server, (1 - t) * images + t * towards, labels), target, middle)
         mean.append(m)
         first.append(f)
     radius = next((t for t, m in zip(mixes, mean) if m < 0.5), None)

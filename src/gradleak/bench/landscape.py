@@ -4,6 +4,7 @@
     gradleak bench landscape --victims resnet18-relu:train,resnet18-relu:eval --batches 1
     gradleak bench landscape --victims resnet18-relu:train --weights runs/trained/resnet18-relu.safetensors
     gradleak bench landscape --victims resnet18-relu:train --batches 1 --directions noise,noise-4,image,blur,grey
+    gradleak bench landscape --victims resnet18-sigmoid:eval --batches 1,4 --center 16
 
 An attack that matches gradients can only find the private batch if the gradient, taken at a
 candidate near the batch, still points the way the update does. This measures that directly: the
@@ -20,6 +21,9 @@ follow; a victim whose gradients stay aligned at t = 1 gives it a smooth path (t
 ResNet-18-sigmoid, and ResNet-18-ReLU with BatchNorm in eval mode, both broken by CI-Net in a few
 hundred iterations). A small radius says the attacks here fail at optimisation, not for lack of
 information: the update still determines the batch (the cosine is exactly 1 at t = 0).
+
+``--center K`` compares both sides minus the mean gradient of K noise batches: the landscape a centred
+attack sees (``center=K``), for victims whose update barely depends on the images.
 
 ``--directions`` mixes in other things than pixel noise (:data:`gradleak.audit.landscape.DIRECTIONS`):
 low-frequency noise, other built-in photos (the next images after the batch), the batch's own blur,
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="a trained victim's weights (safetensors), for every victim")
     p.add_argument("--directions", default="noise",
                    help=f"comma-separated, what is mixed in: {', '.join(DIRECTIONS)} (default noise)")
+    p.add_argument("--center", type=int, default=0,
+                   help="compare both sides minus the mean gradient of this many noise batches (0: off): the "
+                        "landscape a centred attack (center=K) sees")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise mixed in")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default="bench-results/landscape.json")
@@ -120,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             server = victim_server(name, activation, mode, args.weights, data.images)
             for direction in directions:
                 r = gradient_landscape(server, data.images, data.labels, seed=args.seed, direction=direction,
-                                       others=others)
+                                       others=others, center=args.center)
                 r.update(victim=f"{name}-{activation}", bn_mode=mode, batch=n, direction=direction,
-                         weights=args.weights)
+                         center=args.center, weights=args.weights)
                 results.append(r)
                 rows.append([f"{name}-{activation}", mode, n, direction,
                              *(f"{m:.2f} / {f:.2f}" for m, f in zip(r["mean_cosine"], r["first_cosine"])),
