@@ -160,3 +160,22 @@ def test_a_run_that_fell_from_its_peak_while_its_loss_kept_falling_overshot_its_
     row = worst_case({"cinet_aware_labels-recovered": [run], "ig_aware_labels-recovered": [_run([0.5], trace=PLATEAU)]},
                      defended=True)
     assert row["overshot"] == [] and "shorter budget" not in verdict(row)
+
+
+# Centred CI-Net on ResNet-18-sigmoid in eval mode, batch 1, 1000 iterations (docs/attacks.md): mean SSIM every
+# 100 iterations from 25, and its matching loss (per-layer cosine; noisy, lowest at the end).
+CENTRED_SSIM = {25: 0.181, 125: 0.459, 225: 0.525, 325: 0.542, 425: 0.554, 525: 0.543, 625: 0.531, 725: 0.511,
+                825: 0.493, 925: 0.485, 1000: 0.480}
+CENTRED_LOSS = {100: 0.0381, 200: 0.0456, 300: 0.0535, 400: 0.0526, 500: 0.0519, 600: 0.0528, 700: 0.0519,
+                800: 0.0343, 900: 0.0518, 1000: 0.0283}
+
+
+def test_a_smaller_fall_that_crosses_a_band_overshot_and_one_inside_a_band_did_not():
+    run = _run([0.480], trace=CENTRED_SSIM, loss=CENTRED_LOSS)
+    over = overshoot(run)
+    assert over is not None and over["peak"] == 0.554 and over["fall"] < OVERSHOT_SSIM
+    row = worst_case({"cinet_labels-recovered_center-used": [run]}, defended=False)
+    assert row["inconclusive"] and verdict(row).startswith("inconclusive: a shorter budget reads higher (cinet, "
+                                                           "labels recovered, centred matching: mean SSIM 0.554")
+    inside = {i: v - 0.1 for i, v in CENTRED_SSIM.items()}  # 0.454 -> 0.380: the same fall inside one band
+    assert overshoot(_run([0.380], trace=inside, loss=CENTRED_LOSS)) is None

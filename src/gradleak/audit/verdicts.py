@@ -146,6 +146,12 @@ def improvement(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+OVERSHOT_BAND_SSIM = 0.05
+"""A smaller fall that still counts as overshooting where it crosses a verdict band (five times the
+plateau's wobble). Measured: centred CI-Net on ResNet-18-sigmoid in eval mode, batch 1, 1000
+iterations, peaked at 0.554 (iteration 425, recognisable) and ended at 0.480 (partial) while its
+loss reached its lowest at the end: a 300-iteration run reads 0.537 (docs/attacks.md)."""
+
 OVERSHOT_SSIM = 0.1
 """A run whose mean-SSIM trace peaked this much above its final value, while its matching loss kept
 falling past the peak, overshot its budget: an attacker who stopped earlier, with nothing but the
@@ -160,8 +166,9 @@ def overshoot(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """Whether one run's SSIM peaked well before its end while its matching loss kept falling (``None``: it did not).
 
     Returns ``{"peak", "peak_iteration", "final", "fall"}`` when the best mean SSIM of its trace
-    exceeds the last by :data:`OVERSHOT_SSIM` or more and the lowest matching loss after the peak is
-    below the loss at the peak (the attacker had no signal to stop on).
+    exceeds the last by :data:`OVERSHOT_SSIM` or more, or by :data:`OVERSHOT_BAND_SSIM` or more from
+    a higher verdict band (partial from 0.3, recognisable from 0.5) than the last, and the lowest
+    matching loss after the peak is below the loss at the peak (the attacker had no signal to stop on).
 
     Example:
         >>> run = {"history": {"ssim_iteration": [100, 200, 300, 400], "ssim": [0.3, 0.43, 0.35, 0.27],
@@ -171,6 +178,13 @@ def overshoot(metrics: dict[str, Any]) -> dict[str, Any] | None:
         >>> run["history"]["loss"] = [4e-3, 3e-3, 3.5e-3, 3.2e-3]  # the loss said stop at the peak
         >>> overshoot(run) is None
         True
+        >>> crossing = {"history": {"ssim_iteration": [100, 400, 1000], "ssim": [0.46, 0.554, 0.480],
+        ...                         "iteration": [100, 400, 1000], "loss": [0.04, 0.053, 0.028]}}
+        >>> round(overshoot(crossing)["fall"], 3)  # under 0.1, but from recognisable to partial
+        0.074
+        >>> crossing["history"]["ssim"] = [0.36, 0.454, 0.380]  # the same fall inside one band
+        >>> overshoot(crossing) is None
+        True
     """
     history = metrics.get("history") or {}
     points, losses = _trace(history, "ssim_iteration", "ssim"), _trace(history, "iteration", "loss")
@@ -178,7 +192,8 @@ def overshoot(metrics: dict[str, Any]) -> dict[str, Any] | None:
         return None
     peak_it, peak = max(points, key=lambda p: p[1])
     final = points[-1][1]
-    if peak - final < OVERSHOT_SSIM:
+    fall = peak - final
+    if fall < OVERSHOT_SSIM and (fall < OVERSHOT_BAND_SSIM or _band(peak) <= _band(final)):
         return None
     at_peak = [v for i, v in losses if i <= peak_it]
     after = [v for i, v in losses if i > peak_it]
