@@ -162,12 +162,13 @@ def centered(matcher: Matcher, labels: torch.Tensor, shape: Sequence[int], draws
     generator = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone() for k, v in victim.state_dict().items()}
     device = matcher.target[0].device
+    labels = labels.to(device)
     total: list[torch.Tensor] | None = None
     try:
         with torch.enable_grad():
             for _ in range(draws):
                 noise = torch.rand(tuple(shape), generator=generator).to(device)
-                sim = [t.detach() for t in matcher.simulate(noise, labels.to(device))]
+                sim = [t.detach() for t in matcher.simulate(noise, labels)]
                 total = sim if total is None else [a + b for a, b in zip(total, sim)]
     finally:
         victim.load_state_dict(state)

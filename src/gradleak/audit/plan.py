@@ -353,8 +353,7 @@ class Attacker:
         if self.bn == "ignored":
             changes["bn_stats"] = 0.0
         if self.features != "none":
-            own = (attack_config.get("features", 0.0) if isinstance(attack_config, Mapping)
-                   else getattr(attack_config, "features", 0.0))
+            own = config_field(attack_config, "features", 0.0)
             if self.features == "ignored":
                 changes.update(features=0.0, feature_init=0)
             elif not own:
@@ -368,6 +367,11 @@ class Attacker:
         if isinstance(attack_config, Mapping):
             return {**attack_config, **changes}
         return dataclasses.replace(attack_config, **changes) if changes else attack_config
+
+
+def config_field(config: Any, name: str, default: Any = None) -> Any:
+    """``name`` of an attack config given as a mapping or a dataclass (``default`` where it has none)."""
+    return config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
 
 
 def run_name(attacker_id: str, seed: int) -> str:
@@ -501,8 +505,7 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
         defenses = ["none"]
     else:
         defenses = list(knowledge.defense)
-        mode = (attack_config.get("adaptive") if isinstance(attack_config, Mapping)
-                else getattr(attack_config, "adaptive", None))
+        mode = config_field(attack_config, "adaptive")
         if "aware" in defenses and (not ATTACKS.get(attack).adaptive or mode == "off"):
             defenses.remove("aware")
             why = "no adaptive mode" if not ATTACKS.get(attack).adaptive else "turned off"
@@ -517,9 +520,7 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
     fs = list(knowledge.features) if features and cls.feature_variant else ["none"]
     cs = ["none"]
     if flat and cls.centred_variant:
-        joint = (attack_config.get("soft_labels") if isinstance(attack_config, Mapping)
-                 else getattr(attack_config, "soft_labels", False))
-        if joint:
+        if config_field(attack_config, "soft_labels", False):
             not_tried.append(f"{attack} centred (it optimises its labels jointly: nothing to centre with)")
         else:
             cs = list(knowledge.center)
