@@ -129,6 +129,25 @@ def build_matcher(update: ClientUpdate, victim: nn.Module, *, device: torch.devi
                    described.get("noise_floor"))
 
 
+def noise_mean(simulate: Callable[[torch.Tensor], Sequence[torch.Tensor]], shape: Sequence[int], draws: int, *,
+               seed: int, device: torch.device | None = None) -> list[torch.Tensor]:
+    """The mean of ``simulate(u)`` over ``draws`` batches ``u`` of uniform noise in [0, 1] of ``shape``.
+
+    The noise comes from a CPU generator seeded by ``seed`` (the same draws on every device), moved to
+    ``device``. What :func:`centered` subtracts, and what ``gradleak bench landscape --center`` measures
+    against (:func:`gradleak.audit.landscape.gradient_landscape`).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    total: list[torch.Tensor] | None = None
+    for _ in range(draws):
+        noise = torch.rand(tuple(shape), generator=generator).to(device)
+        sim = [t.detach() for t in simulate(noise)]
+        total = sim if total is None else [a + b for a, b in zip(total, sim)]
+    if total is None:
+        raise ConfigError(f"noise_mean: expected at least one noise batch, got {draws}")
+    return [t / draws for t in total]
+
+
 def centered(matcher: Matcher, labels: torch.Tensor, shape: Sequence[int], draws: int, *, seed: int,
              victim: nn.Module) -> Matcher:
     """The matcher with the update's image-independent part taken out of both sides.
@@ -159,21 +178,15 @@ def centered(matcher: Matcher, labels: torch.Tensor, shape: Sequence[int], draws
         return dataclasses.replace(matcher, centering={
             "draws": 0, "seed": seed, "note": f"not applied: the likelihood-{matcher.likelihood} loss compares "
                                               "the two sides' difference, which a common centre leaves unchanged"})
-    generator = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone() for k, v in victim.state_dict().items()}
     device = matcher.target[0].device
     labels = labels.to(device)
-    total: list[torch.Tensor] | None = None
     try:
         with torch.enable_grad():
-            for _ in range(draws):
-                noise = torch.rand(tuple(shape), generator=generator).to(device)
-                sim = [t.detach() for t in matcher.simulate(noise, labels)]
-                total = sim if total is None else [a + b for a, b in zip(total, sim)]
+            center = noise_mean(lambda noise: matcher.simulate(noise, labels), shape, draws, seed=seed,
+                                device=device)
     finally:
         victim.load_state_dict(state)
-    assert total is not None
-    center = [t / draws for t in total]
     simulate = matcher.simulate
 
     def shifted(images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
