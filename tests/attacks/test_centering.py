@@ -10,7 +10,7 @@ import torch
 
 import gradleak
 from conftest import make_case
-from gradleak.attacks.matching import build_matcher, centered
+from gradleak.attacks.matching import build_matcher, centered, noise_mean
 from gradleak.cli.main import main
 from gradleak.defenses import defended_update
 from gradleak.errors import ConfigError
@@ -44,6 +44,16 @@ def test_the_true_batch_still_matches_exactly_and_the_centre_is_the_noise_batche
     assert float(moved) != pytest.approx(float(plain.distance("cosine", plain.simulate(other, y)).detach()), rel=1e-3)
     again = centered(plain, y, x.shape, 3, seed=5, victim=victim)
     assert float(again.distance("cosine", again.simulate(other, y))) == pytest.approx(float(moved), rel=1e-5)
+
+
+def test_noise_mean_is_the_mean_over_its_seeded_draws_and_needs_one():
+    generator = torch.Generator().manual_seed(7)
+    draws = [torch.rand(2, 3, generator=generator) for _ in range(4)]
+    mean = noise_mean(lambda u: [u, 2 * u.sum(0)], (2, 3), 4, seed=7)
+    torch.testing.assert_close(mean[0], sum(draws) / 4)
+    torch.testing.assert_close(mean[1], sum(2 * d.sum(0) for d in draws) / 4)
+    with pytest.raises(ConfigError, match="at least one noise batch"):
+        noise_mean(lambda u: [u], (2, 3), 0, seed=7)
 
 
 def test_a_likelihood_loss_is_left_as_it_is_and_says_so(lenet_case):
