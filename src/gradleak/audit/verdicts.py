@@ -386,6 +386,9 @@ def verdict(row: dict[str, Any]) -> str:
         >>> verdict({"ssim_mean": 0.17, "recognisable_fraction": 0.0, "attackers": {"cinet_labels-recovered_center-used": {}},
         ...          "basin": {"radius": None, "mixes": [1.0], "mean_cosine": [0.9992]}}).split(": ")[-1]
         'these attacks fail at optimisation here (centred matching included), which is not safety'
+        >>> verdict({"ssim_mean": 0.32, "recognisable_fraction": 0.0, "attackers": {"cinet_labels-recovered_center-used": {}},
+        ...          "basin": {"radius": None, "mixes": [1.0], "mean_cosine": [0.9976]}}).split(": ")[-1]
+        'a better optimiser may recover more (centred matching included)'
     """
     s, acc, frac = row.get("ssim_mean"), row.get("label_accuracy"), row.get("recognisable_fraction")
     by = f" ({describe_attacker(row['verdict_attacker'])})" if row.get("verdict_attacker") else ""
@@ -407,15 +410,21 @@ def verdict(row: dict[str, Any]) -> str:
     else:
         text = "not broken by these attacks at this budget"
     quiet = s is not None and not frac and not row.get("inconclusive")
+    # a partial leak on such a landscape is a floor on what leaks, not a failure of the attacks
+    partial = s is not None and s >= PARTIAL_SSIM
     at_noise = flat(row.get("basin"))
     if quiet and narrow(row.get("basin")):
         text += (f"; the victim's gradient decorrelates within {row['basin']['radius']:.0%} pixel noise of the batch "
-                 "(basin radius): these attacks fail at optimisation here, which is not safety")
+                 "(basin radius): "
+                 + ("a better optimiser may recover more" if partial
+                    else "these attacks fail at optimisation here, which is not safety"))
     elif quiet and at_noise is not None:
-        centred = any(_knowledge(n).center == "used" for n in row.get("attackers") or {})
+        centred = " (centred matching included)" if any(
+            _knowledge(n).center == "used" for n in row.get("attackers") or {}) else " (centred matching not tried)"
         text += (f"; the victim's gradient barely depends on the images (mean layer cosine {min(at_noise, 0.9999):.4f} "
-                 "between the update and the gradient at pure noise): these attacks fail at optimisation here"
-                 f"{' (centred matching included)' if centred else ' (centred matching not tried)'}, which is not safety")
+                 "between the update and the gradient at pure noise): "
+                 + (f"a better optimiser may recover more{centred}" if partial
+                    else f"these attacks fail at optimisation here{centred}, which is not safety"))
     base = row.get("undefended")
     if quiet and base and base.get("ssim_mean") is not None and not base.get("recognisable_fraction"):
         still = ", still improving at its budget's end" if base.get("inconclusive") else ""
