@@ -25,6 +25,13 @@ from gradleak.types import ModelSpec, ServerState  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("GRADLEAK_TEST_THREADS", "2")))
 
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+# ignored, and gradleak rightly leaves an ignored SIGINT alone (gradleak.attacks.loop.deferred_stop):
+# the tests of its Ctrl-C handling need SIGINT as at a terminal, here and in the subprocesses they
+# start (a handled signal is back to its default across exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Shared, noisy 2-core machines: no per-example deadline, and slow input generation on a cold start
 # is not a failure. CI runs the same examples every time (a failure found elsewhere is kept as a
 # regression test).
