@@ -412,19 +412,20 @@ def verdict(row: dict[str, Any]) -> str:
     quiet = s is not None and not frac and not row.get("inconclusive")
     # a partial leak on such a landscape is a floor on what leaks, not a failure of the attacks
     partial = s is not None and s >= PARTIAL_SSIM
+
+    def barrier(tried: str = "") -> str:
+        return (f"a better optimiser may recover more{tried}" if partial
+                else f"these attacks fail at optimisation here{tried}, which is not safety")
+
     at_noise = flat(row.get("basin"))
     if quiet and narrow(row.get("basin")):
         text += (f"; the victim's gradient decorrelates within {row['basin']['radius']:.0%} pixel noise of the batch "
-                 "(basin radius): "
-                 + ("a better optimiser may recover more" if partial
-                    else "these attacks fail at optimisation here, which is not safety"))
+                 f"(basin radius): {barrier()}")
     elif quiet and at_noise is not None:
-        centred = " (centred matching included)" if any(
-            _knowledge(n).center == "used" for n in row.get("attackers") or {}) else " (centred matching not tried)"
+        centred = any(_knowledge(n).center == "used" for n in row.get("attackers") or {})
         text += (f"; the victim's gradient barely depends on the images (mean layer cosine {min(at_noise, 0.9999):.4f} "
                  "between the update and the gradient at pure noise): "
-                 + (f"a better optimiser may recover more{centred}" if partial
-                    else f"these attacks fail at optimisation here{centred}, which is not safety"))
+                 + barrier(" (centred matching included)" if centred else " (centred matching not tried)"))
     base = row.get("undefended")
     if quiet and base and base.get("ssim_mean") is not None and not base.get("recognisable_fraction"):
         still = ", still improving at its budget's end" if base.get("inconclusive") else ""
