@@ -6,6 +6,7 @@ import pytest
 
 from gradleak.audit.verdicts import (
     END_WINDOW,
+    ONE_SEED,
     OVERSHOT_SSIM,
     STILL_IMPROVING_SSIM,
     Condition,
@@ -76,10 +77,24 @@ def test_a_defense_is_credited_only_where_the_attacks_break_the_undefended_updat
     assert "undefended" not in unbroken_base and "undefended" not in leaky_base
     assert dp.startswith("not broken by these attacks at this budget; the undefended update is not broken either "
                          "(SSIM 0.210): this cell says nothing about the defense"), dp
-    assert noise == "not broken by these attacks at this budget; labels recovered exactly"
+    assert noise == ("not broken by these attacks at this budget; labels recovered exactly; not tried: more attack "
+                     "seeds (one ran)")
     assert "undefended" not in alone
     climbing = with_undefended([{**_cell("none", [0.2]), "inconclusive": True}, _cell("sign", [0.1])])[1]
     assert "not broken either (SSIM 0.200, still improving at its budget's end)" in verdict(climbing)
+
+
+def test_one_seed_is_named_as_not_enough_unless_an_image_came_back():
+    # the flat ResNet-18-sigmoid at batch 4 (docs/audit.md): seed 0 read 0.388, seeds 1 and 2 0.448, 0.471
+    one = worst_case({"cinet_labels-recovered": [_run([0.38, 0.40], trace=PLATEAU)]}, defended=False,
+                     not_tried=["labels known"])
+    assert one["seeds"] == [0] and one["not_tried"] == ["labels known", ONE_SEED]
+    assert verdict(one).endswith("not tried: labels known, more attack seeds (one ran)"), verdict(one)
+    three = worst_case({"cinet_labels-recovered": [_run([0.38, 0.40], seed=s, trace=PLATEAU) for s in (0, 1, 2)]},
+                       defended=False)
+    assert three["seeds"] == [0, 1, 2] and ONE_SEED not in three["not_tried"] and "not tried" not in verdict(three)
+    leaked = worst_case({"cinet_labels-recovered": [_run([0.6, 0.2], trace=PLATEAU)]}, defended=False)
+    assert ONE_SEED not in leaked["not_tried"]  # an image came back: another seed cannot make it safer
 
 
 def test_without_an_ssim_trace_the_matching_loss_decides():

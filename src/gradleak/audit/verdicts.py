@@ -100,6 +100,13 @@ END_WINDOW = 0.2
 """The share of a run's iterations, at its end, that decides whether it was still improving."""
 
 
+ONE_SEED = "more attack seeds (one ran)"
+"""Listed as not tried where a cell that no run broke recognisably was attacked with one seed: on the
+flat ResNet-18-sigmoid at batch 4 attack seeds 0, 1 and 2 of the same attacker read 0.388, 0.448
+and 0.471 (a quarter, then half of the images recognisable), and on ResNet-18-ReLU (eval) under
+`quantize:4` a second seed turned a partial leak into a leak (docs/audit.md)."""
+
+
 def _trace(history: dict[str, Any], its_key: str, key: str) -> list[tuple[int, float]]:
     """``(iteration, value)`` pairs of one recorded trace, its missing and non-finite values left out."""
     return [(int(i), float(v)) for i, v in zip(history.get(its_key) or [], history.get(key) or [])
@@ -266,7 +273,8 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     ran a longer budget, ``--budgets``), ``overshot`` (the runs whose SSIM
     peaked above the cell's worst case and fell while their loss kept falling, :func:`overshoot`),
     ``inconclusive`` (no image recognisable, and some run still improving or one whose peak lies in a
-    higher verdict band than the worst case: partial from 0.3, recognisable from 0.5) and ``not_tried``. ``label_accuracy`` is over the
+    higher verdict band than the worst case: partial from 0.3, recognisable from 0.5) and ``not_tried``
+    (``not_tried`` and :data:`ONE_SEED` where no image was recognisable with a single seed). ``label_accuracy`` is over the
     runs that recovered their labels (``None`` when every run was given them).
     """
     summaries = {name: attacker_summary(runs) for name, runs in attackers.items() if runs}
@@ -306,6 +314,10 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     run_means = {r.get("run"): float(np.mean([p["ssim"] for p in r["per_image"] if p.get("ssim") is not None]))
                  for r in attackers.get(name, []) if any(p.get("ssim") is not None for p in r["per_image"])}
     recognisable = (sum(v >= RECOGNISABLE_SSIM for v in per_image.values()) / len(per_image)) if per_image else None
+    seeds = sorted({seed for s in summaries.values() for seed in s["seeds"] if seed is not None})
+    if not recognisable and len(seeds) == 1:
+        # one attack seed can read a band lower than the next (docs/audit.md, "What was left at batch 4 and 8")
+        not_tried = [*not_tried, ONE_SEED]
     improving.sort(key=lambda t: -t["per_100"])
     # only a peak above what the cell reports could change its verdict
     overshot = sorted((o for o in overshot if o["peak"] > float(best["ssim_mean"] or 0.0) + STILL_IMPROVING_SSIM),
@@ -325,7 +337,7 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
         "not_tried": list(not_tried), "still_improving": improving, "overshot": overshot,
         "inconclusive": bool(improving or [o for o in overshot if _band(o["peak"]) > _band(best["ssim_mean"])])
                         and not recognisable,
-        "seeds": sorted({seed for s in summaries.values() for seed in s["seeds"] if seed is not None}),
+        "seeds": seeds,
         "warnings": list(dict.fromkeys(w for runs in attackers.values() for r in runs for w in r.get("warnings") or [])),
     })
     return row
