@@ -274,8 +274,9 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
     peaked above the cell's worst case and fell while their loss kept falling, :func:`overshoot`),
     ``inconclusive`` (no image recognisable, and some run still improving or one whose peak lies in a
     higher verdict band than the worst case: partial from 0.3, recognisable from 0.5) and ``not_tried``
-    (``not_tried`` and :data:`ONE_SEED` where no image was recognisable with a single seed). ``label_accuracy`` is over the
-    runs that recovered their labels (``None`` when every run was given them).
+    (the argument's, then :data:`ONE_SEED` where a single seed ran and no image was recognisable).
+    ``label_accuracy`` is over the runs that recovered their labels (``None`` when every run was given
+    them).
     """
     summaries = {name: attacker_summary(runs) for name, runs in attackers.items() if runs}
     if not summaries:
