@@ -34,7 +34,8 @@ class ModelSpec:
         num_classes: number of output classes C.
         image_size: input height = width in pixels.
         channels: input channels (3 for colour).
-        activation: ``"relu"`` or ``"sigmoid"`` (the paper's victim replaces every ReLU by Sigmoid).
+        activation: ``"relu"``, ``"sigmoid"`` (the paper's victim replaces every ReLU by Sigmoid),
+            ``"tanh"``, ``"leaky-relu"`` or ``"gelu"`` (``gradleak.models.ACTIVATIONS``).
         bn_mode: ``"train"`` (batch statistics, couples the batch) or ``"eval"`` (running statistics).
         width: architecture width where it has one (hidden units of the MLP, channels of the ConvNet).
     """

@@ -48,6 +48,12 @@ def test_an_unnormalised_sigmoid_resnet_is_flat_and_the_broken_victims_are_not()
     assert flat(None) is None and flat({"radius": 0.05}) is None  # an older cell without the grid
 
 
+def test_a_victim_names_its_activation_even_one_with_a_hyphen():
+    assert parse_victim("resnet18-leaky-relu:eval") == ("resnet18", "leaky-relu", "eval")
+    assert parse_victim("resnet18-imagenet-gelu") == ("resnet18-imagenet", "gelu", "train")
+    assert parse_victim("convnet-relu:batch-stats") == ("convnet", "relu", "batch-stats")
+
+
 @pytest.mark.parametrize("text", ["resnet18", "resnet18-relu:test", "-relu"])
 def test_a_malformed_victim_is_refused_naming_the_form(text):
     with pytest.raises(ConfigError, match="MODEL-ACTIVATION"):

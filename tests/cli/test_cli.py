@@ -76,6 +76,18 @@ def test_list(capsys):
         assert "features=0.0" in line and "feature_init=0" in line and "bn_stats=0.1" in line, line
 
 
+def test_list_activations_names_every_one_the_case_flags_accept(capsys):
+    from gradleak.models import ACTIVATIONS
+
+    assert main(["list", "activations"]) == 0
+    assert capsys.readouterr().out.strip() == "activations: relu, sigmoid, tanh, leaky-relu, gelu"
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    flag = help_text[help_text.rindex("--activation ACTIVATION"):help_text.rindex("--bn-mode")]  # not the usage line
+    assert all(name in flag for name in ACTIVATIONS), flag
+
+
 def _err(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -55,6 +55,17 @@ def test_validate_victim_flags_train_bn_and_relu():
     problems = validate_victim(build_model(ModelSpec(name="resnet18", activation="relu")))
     assert any("BatchNorm" in p for p in problems) and any("ReLU" in p for p in problems)
     assert validate_victim(build_model(ModelSpec(name="lenet", activation="sigmoid"))) == []
+    assert any("piecewise-linear" in p for p in validate_victim(build_model(ModelSpec("lenet", activation="leaky-relu"))))
+    assert validate_victim(build_model(ModelSpec(name="lenet", activation="gelu"))) == []
+
+
+@pytest.mark.parametrize("activation, module", [("gelu", nn.GELU), ("leaky-relu", nn.LeakyReLU), ("tanh", nn.Tanh)])
+def test_every_architecture_uses_the_activation_it_is_given_throughout(activation, module):
+    for name in ("lenet", "convnet", "resnet18"):
+        model = build_model(ModelSpec(name=name, activation=activation))
+        kinds = {type(m) for m in model.modules() if isinstance(m, (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.GELU))}
+        assert kinds == {module}, (name, kinds)
+        assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
 
 
 def test_fedsgd_update_is_the_mean_gradient_and_leaves_model_unchanged():

@@ -41,7 +41,7 @@ from gradleak.audit.landscape import DIRECTIONS, MIXES, gradient_landscape
 from gradleak.bench.common import print_table, write_json
 from gradleak.data import builtin_batch
 from gradleak.errors import ConfigError
-from gradleak.models import build_model
+from gradleak.models import ACTIVATIONS, build_model
 from gradleak.threat.batchnorm import tracked_layers
 from gradleak.threat.io import load_victim
 from gradleak.types import ModelSpec, ServerState
@@ -59,7 +59,9 @@ values of train mode at the batch, without its coupling of the samples)."""
 def parse_victim(text: str) -> tuple[str, str, str]:
     """``"resnet18-relu:train"`` -> ``("resnet18", "relu", "train")``; the mode defaults to train."""
     body, _, mode = text.partition(":")
-    name, _, activation = body.rpartition("-")
+    # the longest known activation the body ends with ("leaky-relu" before "relu"); model names hold "-" too
+    known = [a for a in sorted(ACTIVATIONS, key=len, reverse=True) if body.endswith(f"-{a}")]
+    name, _, activation = (body[:-len(known[0]) - 1], "-", known[0]) if known else body.rpartition("-")
     mode = mode or "train"
     if not name or not activation or mode not in MODES:
         raise ConfigError(f"--victims: expected MODEL-ACTIVATION[:{'|'.join(MODES)}] such as "

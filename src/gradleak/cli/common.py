@@ -39,7 +39,8 @@ def add_cuda_policy(p: argparse.ArgumentParser) -> None:
 
 def add_case(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18", help="victim architecture (gradleak list models)")
-    p.add_argument("--activation", default="sigmoid", help="relu or sigmoid (default sigmoid, as in the paper)")
+    p.add_argument("--activation", default="sigmoid", help="relu, sigmoid, tanh, leaky-relu or gelu (default sigmoid, as in the paper; "
+                        "gradleak list activations)")
     p.add_argument("--bn-mode", default="train", choices=["train", "eval"], help="BatchNorm mode of the client")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--image-size", type=int, default=32)

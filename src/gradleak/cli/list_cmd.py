@@ -1,4 +1,4 @@
-"""``gradleak list``: what is registered (attacks, presets, models, label strategies, defenses), and
+"""``gradleak list``: what is registered (attacks, presets, models, activations, label strategies, defenses), and
 each attack's options with their defaults (``--set KEY=VALUE``)."""
 
 from __future__ import annotations
@@ -8,21 +8,23 @@ import importlib
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("list", help="list attacks, presets, models, label strategies, defenses, attack options")
+    p = sub.add_parser("list", help="list attacks, presets, models, activations, label strategies, defenses, attack options")
     p.add_argument("what", nargs="?", default="all",
-                   choices=["all", "attacks", "presets", "models", "labels", "defenses", "options"])
+                   choices=["all", "attacks", "presets", "models", "activations", "labels", "defenses", "options"])
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from gradleak.attacks import ATTACKS, supports_adaptive
     from gradleak.labels import LABEL_STRATEGIES
+    from gradleak.models import ACTIVATIONS
     from gradleak.models import available as models
 
     sections: dict[str, list[str]] = {
         "attacks": ATTACKS.available(),
         "presets": [f"{a}:{p}" for a in ATTACKS.available() for p in sorted(getattr(ATTACKS.get(a), "presets", {}))],
         "models": models(),
+        "activations": list(ACTIVATIONS),
         "labels": LABEL_STRATEGIES.available(),
     }
     try:

@@ -14,7 +14,7 @@ def validate_victim(model: nn.Module, *, strict: bool = False, twice_differentia
         model: the victim.
         strict: raise on the first problem instead of returning the list.
         twice_differentiable: flag activations whose second derivative is zero almost
-            everywhere (ReLU): gradient matching differentiates the gradient once more.
+            everywhere (ReLU, LeakyReLU): gradient matching differentiates the gradient once more.
 
     Returns:
         Human-readable problems; empty when none was found.
@@ -27,8 +27,8 @@ def validate_victim(model: nn.Module, *, strict: bool = False, twice_differentia
         problems.append("the model has no trainable parameters: there is no update to invert")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
         problems.append("BatchNorm in train mode: the update depends on batch statistics, which couple the batch")
-    if twice_differentiable and any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)) for m in model.modules()):
-        problems.append("piecewise-linear activations (ReLU): the matching loss's curvature comes only from "
+    if twice_differentiable and any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)) for m in model.modules()):
+        problems.append("piecewise-linear activations (ReLU, LeakyReLU): the matching loss's curvature comes only from "
                         "other layers; sigmoid victims are easier to invert")
     if not isinstance(_last_module(model), nn.Linear):
         problems.append("the last layer is not nn.Linear: analytic label recovery does not apply")

@@ -19,19 +19,21 @@ from gradleak.types import ModelSpec
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "leaky-relu": lambda: nn.LeakyReLU(0.2),
+    "gelu": nn.GELU,
 }
+"""The victims' activations by ``ModelSpec.activation`` name (every architecture uses one throughout)."""
 
 
 def _act(name: str) -> nn.Module:
     try:
-        return _ACTIVATIONS[name]()
+        return ACTIVATIONS[name]()
     except KeyError:
-        raise ConfigError(f"unknown activation '{name}'; expected one of: {', '.join(_ACTIVATIONS)}") from None
+        raise ConfigError(f"unknown activation '{name}'; expected one of: {', '.join(ACTIVATIONS)}") from None
 
 
 @MODELS.register("linear")
