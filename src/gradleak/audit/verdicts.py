@@ -103,8 +103,9 @@ END_WINDOW = 0.2
 ONE_SEED = "more attack seeds (one ran)"
 """Listed as not tried where a cell that no run broke recognisably was attacked with one seed: on the
 flat ResNet-18-sigmoid at batch 4 attack seeds 0, 1 and 2 of the same attacker read 0.388, 0.448
-and 0.471 (a quarter, then half of the images recognisable), and on ResNet-18-ReLU (eval) under
-`quantize:4` a second seed turned a partial leak into a leak (docs/audit.md)."""
+and 0.471 (a quarter, then half of the images recognisable), and on ResNet-18-ReLU (eval) a second
+seed turned a partial leak into a leak under `quantize:4`, a third under `noise:1e-4` at batch 8
+(best image 0.476 at seed 0; two of eight recognisable at seed 2; docs/audit.md)."""
 
 
 def _trace(history: dict[str, Any], its_key: str, key: str) -> list[tuple[int, float]]:
