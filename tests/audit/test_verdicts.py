@@ -10,6 +10,7 @@ from gradleak.audit.verdicts import (
     OVERSHOT_SSIM,
     STILL_IMPROVING_SSIM,
     Condition,
+    attacker_summary,
     failing,
     improvement,
     overshoot,
@@ -95,6 +96,20 @@ def test_one_seed_is_named_as_not_enough_unless_an_image_came_back():
     assert three["seeds"] == [0, 1, 2] and ONE_SEED not in three["not_tried"] and "not tried" not in verdict(three)
     leaked = worst_case({"cinet_labels-recovered": [_run([0.6, 0.2], trace=PLATEAU)]}, defended=False)
     assert ONE_SEED not in leaked["not_tried"]  # an image came back: another seed cannot make it safer
+
+
+def test_the_worst_case_over_seeds_is_the_best_seed_not_their_mean():
+    # ResNet-18-sigmoid (eval), batch 8, prune:0.5 (docs/audit.md): seed 0 read 0.320 (a partial leak),
+    # seeds 1 and 2 0.280 and 0.312; pooled to their mean the cell had read "not broken"
+    runs = [_run([0.30, 0.34], seed=0, trace=PLATEAU), _run([0.27, 0.29], seed=1, trace=PLATEAU),
+            _run([0.30, 0.324], seed=2, trace=PLATEAU)]
+    row = worst_case({"cinet_labels-recovered": runs}, defended=True)
+    assert row["ssim_mean"] == pytest.approx(0.32) and row["verdict_run"] == runs[0].get("run")
+    assert verdict(row).startswith("partial leak"), verdict(row)
+    alone = worst_case({"cinet_labels-recovered": runs[:1]}, defended=True)
+    assert alone["ssim_mean"] == row["ssim_mean"]  # more seeds never make a cell read safer
+    assert attacker_summary(runs)["ssim_seed_means"] == pytest.approx([0.32, 0.28, 0.312])
+    assert attacker_summary(runs)["best_seed"] == 0
 
 
 def test_without_an_ssim_trace_the_matching_loss_decides():

@@ -67,11 +67,24 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def attacker_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pool one attacker's runs (one per seed; each a run's ``metrics.json``) over images and seeds."""
+    """One attacker's runs (one per seed; each a run's ``metrics.json``): the worst case over its seeds.
+
+    The image metrics are its best seed's (the highest mean SSIM over the images; ``best_seed``), so
+    another seed can raise an attacker's figure and never lower it: on ResNet-18-sigmoid (eval) at
+    batch 8, ``prune:0.5`` read 0.320 at seed 0 (a partial leak) and 0.280 / 0.312 at seeds 1 and 2,
+    whose mean, 0.304, would have been pooled to "not broken" by a folder of seeds 1 and 2 (0.296).
+    ``ssim_seed_means`` keeps each seed's mean; without SSIM (no truth) the runs are pooled.
+    """
     sums = [RunSummary.from_dict(r["summary"]) for r in runs]
     out: dict[str, Any] = {"seeds": [s.seed for s in sums], "runs": len(runs)}
+    means = [_mean_ssim(r) for r in runs]
+    out["ssim_seed_means"] = means
+    scored = [i for i, m in enumerate(means) if m is not None]
+    best = max(scored, key=lambda i: means[i]) if scored else None  # type: ignore[arg-type,return-value]
+    out["best_seed"] = sums[best].seed if best is not None else None
+    chosen = [runs[best]] if best is not None else list(runs)
     for key in ("ssim", "fsim", "psnr", "lpips"):
-        values = [float(p[key]) for r in runs for p in r["per_image"] if p.get(key) is not None]
+        values = [float(p[key]) for r in chosen for p in r["per_image"] if p.get(key) is not None]
         out[f"{key}_mean"], out[f"{key}_std"] = _stats(values)
         if key == "ssim":
             out["ssim_ci"] = list(bootstrap_ci(values)) if values else None
@@ -82,6 +95,12 @@ def attacker_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["iterations"] = sums[0].iterations if sums else None
     out["matching_loss"] = runs[0].get("info", {}).get("matching_loss") if runs else None
     return out
+
+
+def _mean_ssim(run: dict[str, Any]) -> float | None:
+    """A run's mean SSIM over its images (``None`` where none was scored)."""
+    values = [float(p["ssim"]) for p in run["per_image"] if p.get("ssim") is not None]
+    return float(np.mean(values)) if values else None
 
 
 STILL_IMPROVING_SSIM = 0.02
@@ -264,11 +283,11 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
                not_tried: Sequence[str] = ()) -> dict[str, Any]:
     """The cell's verdict values from every attacker's runs (``{attacker id: [metrics.json, ...]}``).
 
-    Returns the worst-case attacker's pooled metrics under the usual keys (``ssim_mean``,
+    Returns the worst-case attacker's metrics (its best seed's, :func:`attacker_summary`) under the usual keys (``ssim_mean``,
     ``psnr_mean``, ...), plus ``ssim_ci`` (its bootstrap 95% interval), ``ssim_worst_image`` (the
     best reconstruction of any image by any run), ``recognisable_fraction`` (images some run
     reconstructed with SSIM >= :data:`RECOGNISABLE_SSIM`), ``verdict_attacker``, ``attackers``
-    (each one's pooled metrics), ``by_knowledge`` (the best under each assumption),
+    (each one's metrics), ``by_knowledge`` (the best under each assumption),
     ``verdict_run`` (the run folder of that attacker's best seed), ``still_improving`` (the runs
     still improving at their budget's end, :func:`improvement`, except where the same attacker also
     ran a longer budget, ``--budgets``), ``overshot`` (the runs whose SSIM
@@ -312,9 +331,8 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
             over = overshoot(r)
             if over:
                 overshot.append({"attacker": attacker, "run": r.get("run"), **over})
-    row = {k: v for k, v in best.items() if k not in ("seeds", "runs")}
-    run_means = {r.get("run"): float(np.mean([p["ssim"] for p in r["per_image"] if p.get("ssim") is not None]))
-                 for r in attackers.get(name, []) if any(p.get("ssim") is not None for p in r["per_image"])}
+    row = {k: v for k, v in best.items() if k not in ("seeds", "runs", "ssim_seed_means", "best_seed")}
+    run_means = {r.get("run"): m for r in attackers.get(name, []) if (m := _mean_ssim(r)) is not None}
     recognisable = (sum(v >= RECOGNISABLE_SSIM for v in per_image.values()) / len(per_image)) if per_image else None
     seeds = sorted({seed for s in summaries.values() for seed in s["seeds"] if seed is not None})
     if not recognisable and len(seeds) == 1:
