@@ -71,8 +71,8 @@ def attacker_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     The image metrics are its best seed's (the highest mean SSIM over the images; ``best_seed``), so
     another seed can raise an attacker's figure and never lower it: on ResNet-18-sigmoid (eval) at
-    batch 8, ``prune:0.5`` read 0.320 at seed 0 (a partial leak) and 0.280 / 0.312 at seeds 1 and 2,
-    whose mean, 0.304, would have been pooled to "not broken" by a folder of seeds 1 and 2 (0.296).
+    batch 8, ``prune:0.5`` read 0.320 at seed 0 (a partial leak) and 0.280 / 0.312 at seeds 1 and 2;
+    a folder of seeds 1 and 2 pooled to their mean, 0.296, read "not broken" (it now reads 0.312).
     ``ssim_seed_means`` keeps each seed's mean; without SSIM (no truth) the runs are pooled.
     """
     sums = [RunSummary.from_dict(r["summary"]) for r in runs]
