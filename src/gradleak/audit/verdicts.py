@@ -73,15 +73,17 @@ def attacker_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     another seed can raise an attacker's figure and never lower it: on ResNet-18-sigmoid (eval) at
     batch 8, ``prune:0.5`` read 0.320 at seed 0 (a partial leak) and 0.280 / 0.312 at seeds 1 and 2;
     a folder of seeds 1 and 2 pooled to their mean, 0.296, read "not broken" (it now reads 0.312).
-    ``ssim_seed_means`` keeps each seed's mean; without SSIM (no truth) the runs are pooled.
+    ``ssim_seed_means`` keeps each seed's mean and ``best_run`` its run folder; without SSIM (no
+    truth) the runs are pooled.
     """
     sums = [RunSummary.from_dict(r["summary"]) for r in runs]
     out: dict[str, Any] = {"seeds": [s.seed for s in sums], "runs": len(runs)}
     means = [_mean_ssim(r) for r in runs]
     out["ssim_seed_means"] = means
-    scored = [i for i, m in enumerate(means) if m is not None]
-    best = max(scored, key=lambda i: means[i]) if scored else None  # type: ignore[arg-type,return-value]
+    scored = {i: m for i, m in enumerate(means) if m is not None}
+    best = max(scored, key=scored.__getitem__) if scored else None
     out["best_seed"] = sums[best].seed if best is not None else None
+    out["best_run"] = runs[best].get("run") if best is not None else None
     chosen = [runs[best]] if best is not None else list(runs)
     for key in ("ssim", "fsim", "psnr", "lpips"):
         values = [float(p[key]) for r in chosen for p in r["per_image"] if p.get(key) is not None]
@@ -331,8 +333,7 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
             over = overshoot(r)
             if over:
                 overshot.append({"attacker": attacker, "run": r.get("run"), **over})
-    row = {k: v for k, v in best.items() if k not in ("seeds", "runs", "ssim_seed_means", "best_seed")}
-    run_means = {r.get("run"): m for r in attackers.get(name, []) if (m := _mean_ssim(r)) is not None}
+    row = {k: v for k, v in best.items() if k not in ("seeds", "runs", "ssim_seed_means", "best_seed", "best_run")}
     recognisable = (sum(v >= RECOGNISABLE_SSIM for v in per_image.values()) / len(per_image)) if per_image else None
     seeds = sorted({seed for s in summaries.values() for seed in s["seeds"] if seed is not None})
     if not recognisable and len(seeds) == 1:
@@ -345,7 +346,7 @@ def worst_case(attackers: dict[str, list[dict[str, Any]]], *, defended: bool,
                                      parsed[o["attacker"]].defense == "aware"))
     row.update({
         "verdict_attacker": name,
-        "verdict_run": max(run_means, key=run_means.__getitem__) if run_means else None,
+        "verdict_run": best["best_run"],
         "ssim_worst_image": max(per_image.values()) if per_image else None,
         "recognisable_fraction": recognisable,
         "label_accuracy": max((s["label_accuracy"] for s in summaries.values() if s["label_accuracy"] is not None),

@@ -17,6 +17,7 @@ from gradleak.audit.plan import AuditCell, ProtocolSetting, parse_int_list
 from gradleak.config import split_preset
 from gradleak.defenses import parse_defense
 from gradleak.errors import ConfigError
+from gradleak.models import ACTIVATIONS
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,8 @@ def add_cuda_policy(p: argparse.ArgumentParser) -> None:
 
 def add_case(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18", help="victim architecture (gradleak list models)")
-    p.add_argument("--activation", default="sigmoid", help="relu, sigmoid, tanh, leaky-relu or gelu (default sigmoid, as in the paper; "
-                        "gradleak list activations)")
+    p.add_argument("--activation", default="sigmoid",
+                   help=f"{', '.join(ACTIVATIONS)} (default sigmoid, as in the paper; gradleak list activations)")
     p.add_argument("--bn-mode", default="train", choices=["train", "eval"], help="BatchNorm mode of the client")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--image-size", type=int, default=32)
