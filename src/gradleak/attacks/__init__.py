@@ -9,6 +9,7 @@ from gradleak.attacks.base import ATTACKS, Attack, Progress, available, create, 
 from gradleak.attacks.cinet import CINetAttack, CINetConfig
 from gradleak.attacks.gias import GIASAttack, GIASConfig
 from gradleak.attacks.imprint import ImprintAttack, ImprintConfig, SparseImprintAttack
+from gradleak.attacks.layerwise import LayerwiseAttack, LayerwiseConfig
 from gradleak.attacks.optimization import (
     DLGAttack,
     DLGConfig,
@@ -21,5 +22,5 @@ from gradleak.attacks.optimization import (
 from gradleak.attacks.trap import TrapAttack, TrapConfig
 
 __all__ = ["ATTACKS", "AnalyticAttack", "AnalyticConfig", "Attack", "CINetAttack", "CINetConfig", "DLGAttack",
-           "DLGConfig", "GIASAttack", "GIASConfig", "IDLGAttack", "ImprintAttack", "ImprintConfig", "IGConfig", "InvertingGradientsAttack", "OptimizationAttack",
+           "DLGConfig", "GIASAttack", "GIASConfig", "IDLGAttack", "ImprintAttack", "ImprintConfig", "IGConfig", "InvertingGradientsAttack", "LayerwiseAttack", "LayerwiseConfig", "OptimizationAttack",
            "OptimizationConfig", "Progress", "SparseImprintAttack", "TrapAttack", "TrapConfig", "available", "create", "supports_adaptive", "target_gradients"]
