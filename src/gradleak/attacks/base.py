@@ -73,6 +73,9 @@ class Attack(ABC):
     config's ``features``/``feature_init``): set where measurements say the term can help (IG on
     LeNet-ReLU, batch 4: mean SSIM 0.37 -> 0.52, docs/attacks.md), not where it was measured to
     hurt (CI-Net)."""
+    single_image: ClassVar[bool] = False
+    """It reads one image's update only (batch 1, one client): an audit tries it on such cells alone and
+    names it as not tried on the others."""
     centred_variant: ClassVar[bool] = False
     """It can match centred (its config's ``center``: :func:`gradleak.attacks.matching.centered`); an
     audit tries it centred and plain on a victim whose update barely depends on the images (a flat

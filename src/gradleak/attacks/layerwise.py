@@ -126,22 +126,22 @@ def conv_input_from_gradient(conv: nn.Conv2d, grad: torch.Tensor, input_shape: t
 
     Raises:
         UnsupportedModelError: a grouped convolution, or one whose output positions are not fewer than
-            its output channels (the gradient has full rank: its row space says nothing).
+            its output channels and its patch size (the gradient's row space then says nothing).
     """
     c, h, w = input_shape
     if conv.groups != 1:
         raise UnsupportedModelError(f"layerwise anchor: expected an ungrouped convolution, got groups={conv.groups}")
-    fold_args = {"kernel_size": conv.kernel_size, "dilation": conv.dilation, "padding": conv.padding,
-                 "stride": conv.stride}
     if isinstance(conv.padding, str):
         raise UnsupportedModelError(f"layerwise anchor: expected numeric padding, got padding={conv.padding!r}")
+    kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
     g = grad.detach().reshape(grad.shape[0], -1).double().cpu()
     with torch.no_grad():
         out_hw = conv(torch.zeros(1, c, h, w, dtype=conv.weight.dtype, device=conv.weight.device)).shape[-2:]
     positions = int(out_hw[0] * out_hw[1])
-    if positions >= g.shape[0]:
-        raise UnsupportedModelError(f"layerwise anchor: expected fewer output positions than output channels, got "
-                                    f"{positions} positions and {g.shape[0]} channels")
+    if positions >= min(g.shape):
+        raise UnsupportedModelError(f"layerwise anchor: expected fewer output positions than output channels and "
+                                    f"than the patch size (C_in k k), got {positions} positions, {g.shape[0]} "
+                                    f"channels and patches of {g.shape[1]}")
     s = torch.linalg.svdvals(g)
     rank = int((s > rank_tol * s[0]).sum()) if float(s[0]) > 0 else 0
     gap = rank <= positions
@@ -149,7 +149,7 @@ def conv_input_from_gradient(conv: nn.Conv2d, grad: torch.Tensor, input_shape: t
     v = torch.linalg.svd(g, full_matrices=False)[2][:r].T if r > 0 else torch.zeros(g.shape[1], 0, dtype=torch.float64)
 
     def residual(x: torch.Tensor) -> torch.Tensor:  # the patches, centred over positions, outside the row space
-        patches = F.unfold(x.view(-1, c, h, w), **fold_args).transpose(1, 2)
+        patches = F.unfold(x.view(-1, c, h, w), kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
         patches = patches - patches.mean(1, keepdim=True)
         return patches - (patches @ v) @ v.T
 
@@ -227,7 +227,7 @@ def anchor_candidates(model: nn.Module, input_shape: tuple[int, int, int]) -> li
                 shape = tuple(x.shape[1:])
                 if k > 0 and conv is not None and conv.stride in (1, (1, 1)) and conv.kernel_size != (1, 1):
                     out = conv(x)
-                    if out.shape[-1] * out.shape[-2] < out.shape[1]:
+                    if out.shape[-1] * out.shape[-2] < min(out.shape[1], conv.weight[0].numel()):
                         found.append((k, (int(shape[0]), int(shape[1]), int(shape[2]))))
                 x = stage(x)
         finally:
@@ -254,6 +254,7 @@ class LayerwiseAttack(Attack):
     Config = LayerwiseConfig
     knowledge = Knowledge(labels="recovered", sok="B")
     resumable = False
+    single_image = True
 
     @classmethod
     def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
@@ -284,9 +285,13 @@ class LayerwiseAttack(Attack):
                               f"image's patches), got {update.num_samples}")
         if update.protocol == "aggregate":
             raise UpdateError("layerwise: expected one client's update, got an aggregate of several clients")
-        reason = self.applicability(server, cfg, local_steps=update.local_steps or 1)
-        if reason is not None:
-            raise UnsupportedModelError(f"layerwise: {reason}")
+        if (update.local_steps or 1) != 1:
+            raise UpdateError(f"layerwise: expected one client's gradient or one-step delta (it reads one step's "
+                              f"weight gradients), got a delta of {update.local_steps} local steps")
+        resnet_stages(server.model)
+        if not anchor_candidates(server.model, server.input_shape):
+            raise UnsupportedModelError(f"layerwise: expected a block whose first convolution has fewer output positions "
+                                        f"than channels (the anchor), got none at input {tuple(server.input_shape)}")
         victim = copy.deepcopy(server.model).to(self.device)
         victim.train(server.bn_mode == "train")
         for p in victim.parameters():
@@ -336,7 +341,7 @@ class LayerwiseAttack(Attack):
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 done += 1
                 if is_image:
                     images = view(z).detach()
