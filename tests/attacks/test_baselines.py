@@ -57,11 +57,21 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean())
 
 
+def _resnet_case(n: int, size: int = SIZE):
+    spec = ModelSpec(name="resnet18", activation="relu", image_size=size, width=16)
+    server = ServerState.from_spec(build_model(spec, seed=42), spec)
+    batch = builtin_batch(n, source="cifar10", size=size)
+    return server, batch, fedsgd_update(server, batch.images, batch.labels)
+
+
 def _case_for(name: str):
-    """A batch of 2 that ``name`` applies to: the linear model for analytic, a malicious server's model
-    (the attack's own block, 16 units, in front of LeNet) for an attack that needs one, else LeNet."""
-    server, batch, update = _linear_case(2) if name == "analytic" else _lenet_case(2)
+    """A batch that ``name`` applies to: the linear model for analytic, a malicious server's model (the
+    attack's own block, 16 units, in front of LeNet) for an attack that needs one, a narrow ResNet-18 and
+    one image for an attack that reads one image's update, else LeNet; batch 2 but for the last."""
     cls = gradleak.attacks.ATTACKS.get(name)
+    if cls.single_image:
+        return _resnet_case(1)
+    server, batch, update = _linear_case(2) if name == "analytic" else _lenet_case(2)
     if cls.knowledge.active_manipulation:
         server = cls.malicious_model(server, 16, batch_size=2, public=public_images(SIZE, n=16))
         update = fedsgd_update(server, batch.images, batch.labels)
@@ -96,7 +106,7 @@ def test_every_attack_runs_two_iterations_through_the_registry(name: str, tmp_pa
     assert isinstance(rec, Reconstruction)
     assert rec.images.shape == batch.images.shape
     assert rec.images.dtype == torch.float32 and 0 <= float(rec.images.min()) <= float(rec.images.max()) <= 1
-    assert rec.labels.shape == (2,) and rec.labels.dtype == torch.int64
+    assert rec.labels.shape == (len(batch.images),) and rec.labels.dtype == torch.int64
     assert set(rec.history) >= {"iteration", "loss"}
     assert len(rec.history["iteration"]) == len(rec.history["loss"]) >= 1
     assert all(math.isfinite(v) for v in rec.history["loss"])

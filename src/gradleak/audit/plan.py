@@ -419,7 +419,7 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
         >>> spec = ModelSpec(name="linear", image_size=8)
         >>> plan = plan_attacks("auto", ServerState.from_spec(build_model(spec), spec))
         >>> "analytic" in plan.names and "cinet" in plan.names, sorted(plan.left_out)
-        (True, ['gias', 'imprint', 'sparse-imprint', 'trap'])
+        (True, ['gias', 'imprint', 'layerwise', 'sparse-imprint', 'trap'])
     """
     auto = isinstance(names, str) and names.strip() == "auto"
     wanted = ATTACKS.available() if auto else [n.strip() for n in (names.split(",") if isinstance(names, str) else names)
