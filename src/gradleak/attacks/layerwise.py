@@ -84,7 +84,7 @@ class LayerwiseConfig:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        check_ranges("LayerwiseConfig", self, iterations=(2, None), lr=(0, None, "open"), hop=(1, None),
+        check_ranges("LayerwiseConfig", self, iterations=(1, None), lr=(0, None, "open"), hop=(1, None),
                      image_depth=(1, None), rank_tol=(0, 1, "open"), log_every=(1, None))
 
 
@@ -270,8 +270,8 @@ class LayerwiseAttack(Attack):
 
     @classmethod
     def budget(cls, iterations: int, config: Any) -> dict[str, int]:
-        if iterations < 2:
-            raise ConfigError(f"layerwise budget: expected at least 2 iterations, got {iterations}")
+        if iterations < 1:
+            raise ConfigError(f"layerwise budget: expected at least 1 iteration, got {iterations}")
         return {"iterations": iterations}
 
     def reconstruct(self, server: ServerState, update: ClientUpdate, *, labels: torch.Tensor | None = None,
@@ -327,7 +327,7 @@ class LayerwiseAttack(Attack):
             view: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid if is_image else (
                 lambda t: F.softplus(t, beta=5))
             opt = torch.optim.Adam([z], lr=cfg.lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, its)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(its, 1))
             loss_value = math.nan
             for it in range(its):
                 x = view(z)
@@ -354,7 +354,7 @@ class LayerwiseAttack(Attack):
                         break
             h = view(z).detach()
             steps_info.append({"from": self._stage_name(hi, len(stages)), "to": self._stage_name(lo, len(stages)),
-                               "iterations": its, "loss": loss_value})
+                               "iterations": its, "loss": loss_value if math.isfinite(loss_value) else None})
             if stopped:
                 break
         info = {"anchor": {"stage": self._stage_name(anchor, len(stages)), "input_shape": list(shape),
@@ -375,11 +375,15 @@ class LayerwiseAttack(Attack):
 
     @staticmethod
     def _split(iterations: int, steps: int) -> list[int]:
-        """60% of the steps to the intermediate ranges (evenly), 40% to the image (all when there is none)."""
+        """60% of the steps to the intermediate ranges (evenly), 40% to the image (all when there is none).
+
+        >>> LayerwiseAttack._split(5000, 2), LayerwiseAttack._split(10, 3), LayerwiseAttack._split(1, 2)
+        ([3000, 2000], [3, 3, 4], [0, 1])
+        """
         if steps == 1:
             return [iterations]
         image = max(1, round(0.4 * iterations))
-        each = max(1, (iterations - image) // (steps - 1))
+        each = (iterations - image) // (steps - 1)
         return [each] * (steps - 1) + [iterations - each * (steps - 1)]
 
     @staticmethod
