@@ -52,7 +52,8 @@ def test_a_blocks_input_is_read_off_its_weight_gradient(activation: str, bn_mode
     found = anchor_candidates(server.model, server.input_shape)
     assert [k for k, _ in found] == [6, 8]
     for k, shape in found:
-        conv = server.model.layers[k - 1].conv1
+        conv = dict(server.model.named_modules())[f"layers.{k - 1}.conv1"]
+        assert isinstance(conv, nn.Conv2d)
         rec = conv_input_from_gradient(conv, grads[f"layers.{k - 1}.conv1.weight"], shape)
         assert rec.exact, rec.describe()
         assert rec.rank == rec.positions - (1 if bn_mode == "train" else 0)
@@ -87,7 +88,9 @@ def test_a_noisy_update_is_no_exact_anchor() -> None:
     grads = dict(zip([n for n, p in server.model.named_parameters() if p.requires_grad], update.gradients()))
     g = grads["layers.5.conv1.weight"]
     noisy = g + 1e-2 * g.std() * torch.randn(g.shape, generator=torch.Generator().manual_seed(0))
-    rec = conv_input_from_gradient(server.model.layers[5].conv1, noisy, (128, 8, 8))
+    conv = dict(server.model.named_modules())["layers.5.conv1"]
+    assert isinstance(conv, nn.Conv2d)
+    rec = conv_input_from_gradient(conv, noisy, (128, 8, 8))
     assert not rec.exact and rec.rank > rec.positions
 
 
@@ -119,7 +122,7 @@ def test_the_attack_refuses_what_it_cannot_read() -> None:
         attack.reconstruct(lenet, fedsgd_update(lenet, one.images, one.labels))
     cls = gradleak.attacks.LayerwiseAttack
     assert cls.applicability(lenet, attack.config) == "needs a ResNet (stem, blocks, pool, linear head: gradleak's resnet18)"
-    assert cls.applicability(server, attack.config, local_steps=3).startswith("needs one client's gradient")
+    assert str(cls.applicability(server, attack.config, local_steps=3)).startswith("needs one client's gradient")
     assert cls.applicability(server, attack.config) is None
     delta = fedavg_update(server, one.images, one.labels, local_steps=3, lr=0.01, batch_size=1)
     with pytest.raises(UpdateError, match="expected one client's gradient or one-step delta .*, got a delta of 3 local "
@@ -152,6 +155,6 @@ def test_layerwise_breaks_a_train_mode_resnet_cinet_does_not() -> None:
         return score_reconstruction(rec.images, batch.images, recon_labels=rec.labels, truth_labels=batch.labels,
                                     with_lpips=False).summary["ssim_mean"]
 
-    layerwise = ssim("layerwise", {"iterations": 2000})
+    layerwise = ssim("layerwise", {"iterations": 2000, "tv": 0.0})  # as measured, before the prior's default
     cinet = ssim("cinet", {"iterations": 300})
     assert layerwise >= 0.9 and cinet < 0.2, (layerwise, cinet)
