@@ -215,27 +215,38 @@ def _first_conv(stage: nn.Module) -> nn.Conv2d | None:
     return next((m for m in stage.modules() if isinstance(m, nn.Conv2d)), None)
 
 
+def stage_input_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Each stage's input shape (one image's), from one eval-mode forward pass of zeros."""
+    stages = resnet_stages(model).stages
+    param = next(model.parameters())
+    x = torch.zeros((1, *input_shape), dtype=param.dtype, device=param.device)
+    shapes = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for stage in stages:
+                c, h, w = x.shape[1:]
+                shapes.append((int(c), int(h), int(w)))
+                x = stage(x)
+    finally:
+        model.train(was)
+    return shapes
+
+
 def anchor_candidates(model: nn.Module, input_shape: tuple[int, int, int]) -> list[tuple[int, tuple[int, int, int]]]:
     """(stage index, its input shape) of every block whose first convolution's input the rank argument
-    determines: stride 1, a kernel larger than 1, fewer output positions than output channels."""
+    determines: stride 1, a kernel larger than 1, fewer output positions than output channels and than
+    its patch size."""
     stages = resnet_stages(model).stages
     found = []
-    with torch.no_grad():
-        param = next(model.parameters())
-        x = torch.zeros((1, *input_shape), dtype=param.dtype, device=param.device)
-        was = model.training
-        model.eval()
-        try:
-            for k, stage in enumerate(stages):
-                conv = _first_conv(stage)
-                shape = tuple(x.shape[1:])
-                if k > 0 and conv is not None and conv.stride in (1, (1, 1)) and conv.kernel_size != (1, 1):
-                    out = conv(x)
-                    if out.shape[-1] * out.shape[-2] < min(out.shape[1], conv.weight[0].numel()):
-                        found.append((k, (int(shape[0]), int(shape[1]), int(shape[2]))))
-                x = stage(x)
-        finally:
-            model.train(was)
+    for k, (stage, shape) in enumerate(zip(stages, stage_input_shapes(model, input_shape))):
+        conv = _first_conv(stage)
+        if k > 0 and conv is not None and conv.stride in (1, (1, 1)) and conv.kernel_size != (1, 1):
+            with torch.no_grad():
+                out = conv(torch.zeros((1, *shape), dtype=conv.weight.dtype, device=conv.weight.device))
+            if out.shape[-1] * out.shape[-2] < min(out.shape[1], conv.weight[0].numel()):
+                found.append((k, shape))
     return found
 
 
@@ -292,8 +303,8 @@ class LayerwiseAttack(Attack):
         if (update.local_steps or 1) != 1:
             raise UpdateError(f"layerwise: expected one client's gradient or one-step delta (it reads one step's "
                               f"weight gradients), got a delta of {update.local_steps} local steps")
-        resnet_stages(server.model)
-        if not anchor_candidates(server.model, server.input_shape):
+        found = anchor_candidates(server.model, server.input_shape)
+        if not found:
             raise UnsupportedModelError(f"layerwise: expected a block whose first convolution has fewer output positions "
                                         f"than channels (the anchor), got none at input {tuple(server.input_shape)}")
         victim = copy.deepcopy(server.model).to(self.device)
@@ -306,7 +317,8 @@ class LayerwiseAttack(Attack):
         y = lab.labels.to(self.device)
         features = recover_features(server, update, y.cpu(), seed=self.seed).features.to(self.device)
 
-        anchor, shape = anchor_candidates(victim, server.input_shape)[0]
+        anchor, shape = found[0]
+        shapes = stage_input_shapes(victim, server.input_shape)
         conv = _first_conv(stages[anchor])
         assert conv is not None
         rec = conv_input_from_gradient(conv, targets[id(conv.weight)], shape, rank_tol=cfg.rank_tol, seed=self.seed)
@@ -323,8 +335,7 @@ class LayerwiseAttack(Attack):
             delta = self._output_gradient(stages[hi:], head, h, y)
             block_params = [p for s in stages[lo:hi] for p in s.parameters() if p.requires_grad]
             is_image = lo == 0
-            init = 0.5 * torch.randn((1, *(server.input_shape if is_image else self._shape(stages, lo, server))),
-                                     generator=generator)
+            init = 0.5 * torch.randn((1, *shapes[lo]), generator=generator)
             z = init.to(self.device).requires_grad_(True)
             view: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid if is_image else (
                 lambda t: F.softplus(t, beta=5))
@@ -395,20 +406,6 @@ class LayerwiseAttack(Attack):
         return "image" if k == 0 else f"block {k} input" if k < count else "features"
 
     @staticmethod
-    def _shape(stages: list[nn.Module], k: int, server: ServerState) -> tuple[int, ...]:
-        with torch.no_grad():
-            param = next(stages[0].parameters())
-            x = torch.zeros((1, *server.input_shape), dtype=param.dtype, device=param.device)
-            training = [s.training for s in stages]
-            for s in stages:
-                s.eval()
-            for s in stages[:k]:
-                x = s(x)
-            for s, t in zip(stages, training):
-                s.train(t)
-        return tuple(x.shape[1:])
-
-    @staticmethod
     def _output_gradient(top: list[nn.Module], head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,
                          labels: torch.Tensor) -> torch.Tensor:
         """The loss's gradient at ``h``, the input of the ``top`` stages (one backward pass)."""
@@ -456,4 +453,4 @@ class LayerwiseAttack(Attack):
 
 
 __all__ = ["AnchorRecovery", "LayerwiseAttack", "LayerwiseConfig", "anchor_candidates", "conv_input_from_gradient",
-           "resnet_stages", "Stages"]
+           "resnet_stages", "stage_input_shapes", "Stages"]
