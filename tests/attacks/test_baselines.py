@@ -66,12 +66,13 @@ def _resnet_case(n: int, size: int = SIZE):
 
 def _case_for(name: str):
     """A batch that ``name`` applies to: the linear model for analytic, a malicious server's model (the
-    attack's own block, 16 units, in front of LeNet) for an attack that needs one, a narrow ResNet-18 and
-    one image for an attack that reads one image's update, else LeNet; batch 2 but for the last."""
+    attack's own block, 16 units, in front of LeNet) for an attack that needs one, a narrow ResNet-18 for an
+    attack that does not read LeNet's (``Attack.max_images``), else LeNet; batch 2."""
     cls = gradleak.attacks.ATTACKS.get(name)
-    if cls.single_image:
-        return _resnet_case(1)
     server, batch, update = _linear_case(2) if name == "analytic" else _lenet_case(2)
+    most = cls.max_images(server)
+    if most is not None and most < 2:
+        return _resnet_case(2)
     if cls.knowledge.active_manipulation:
         server = cls.malicious_model(server, 16, batch_size=2, public=public_images(SIZE, n=16))
         update = fedsgd_update(server, batch.images, batch.labels)

@@ -73,9 +73,6 @@ class Attack(ABC):
     config's ``features``/``feature_init``): set where measurements say the term can help (IG on
     LeNet-ReLU, batch 4: mean SSIM 0.37 -> 0.52, docs/attacks.md), not where it was measured to
     hurt (CI-Net)."""
-    single_image: ClassVar[bool] = False
-    """It reads one image's update only (batch 1, one client): an audit tries it on such cells alone and
-    names it as not tried on the others."""
     centred_variant: ClassVar[bool] = False
     """It can match centred (its config's ``center``: :func:`gradleak.attacks.matching.centered`); an
     audit tries it centred and plain on a victim whose update barely depends on the images (a flat
@@ -93,6 +90,13 @@ class Attack(ABC):
         ``--attacks auto`` runs every attack whose answer is ``None``; an attack asked for by name
         whose answer is not is refused with the reason.
         """
+        return None
+
+    @classmethod
+    def max_images(cls, server: ServerState) -> int | None:
+        """The most images (the batch times the clients) whose update it reads on ``server``'s model;
+        ``None``: any. An audit tries it on cells of at most this many and names it as not tried on the
+        others."""
         return None
 
     def __init__(self, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> None:

@@ -474,11 +474,13 @@ def plan_attacks(names: str | Sequence[str], server: ServerState, *, local_steps
 
 def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = KnowledgeAxes(),
                   attack_config: Any = None, shares_bn: bool = False,
-                  features: bool = False, flat: bool = False, images: int = 1) -> tuple[list[Attacker], list[str]]:
+                  features: bool = False, flat: bool = False, images: int = 1,
+                  max_images: int | None = None) -> tuple[list[Attacker], list[str]]:
     """The attackers of ``attack`` for one cell, and what is not tried (stated with the verdict).
 
-    An attack that reads one image's update only (``Attack.single_image``) has no attacker where the
-    update holds more than one (``images``: the batch size times the clients), and is named as not tried.
+    An attack that reads updates of at most ``max_images`` images on the victim (``Attack.max_images``)
+    has no attacker where the update holds more (``images``: the batch size times the clients), and is
+    named as not tried.
 
     A defended update is attacked by the unaware and the defense-aware attacker (as ``knowledge``
     selects); an undefended one once per label assumption. An attack without an adaptive mode, or
@@ -503,8 +505,9 @@ def attackers_for(attack: str, *, defended: bool, knowledge: KnowledgeAxes = Kno
     """
     not_tried: list[str] = []
     cls = ATTACKS.get(attack)
-    if cls.single_image and images > 1:
-        return [], [f"{attack} (it reads one image's update; this one holds {images})"]
+    if max_images is not None and images > max_images:
+        most = "no image" if max_images < 1 else f"at most {max_images} image{'s' * (max_images > 1)}"
+        return [], [f"{attack} (it reads updates of {most} on this victim; this one holds {images})"]
     labels = knowledge.labels if cls.uses_labels else tuple(v for v in knowledge.labels if v == "recovered") or ("recovered",)
     if not defended:
         defenses = ["none"]

@@ -315,6 +315,7 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
         The worst case over attackers and seeds (:func:`gradleak.audit.verdicts.worst_case`),
         its ``verdict`` text, and the update's protocol facts.
     """
+    from gradleak.attacks import ATTACKS
     from gradleak.audit.engine import run_attackers
     from gradleak.audit.plan import KnowledgeAxes, attackers_for
     from gradleak.audit.verdicts import load_runs, verdict, worst_case
@@ -340,7 +341,8 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
     capture = json.loads((folder / "capture.json").read_text())
     defended = bool(update.defenses)
     attackers, not_tried = attackers_for(job.attack, defended=defended, attack_config=job.attack_config,
-                                         knowledge=KnowledgeAxes(labels=("recovered",)))
+                                         knowledge=KnowledgeAxes(labels=("recovered",)), images=update.num_samples,
+                                         max_images=ATTACKS.get(job.attack).max_images(server))
     not_tried.append("labels known (a live client's labels are not the auditor's to hand over)")
     run_attackers(server, update, attack_config=job.attack_config, folder=folder, attackers=attackers, seeds=job.seeds,
                   case={"source": "flower", **{k: v for k, v in capture.items() if k != "truth"}},
