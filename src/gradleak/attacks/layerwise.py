@@ -58,7 +58,6 @@ from scipy.sparse.linalg import LinearOperator, lobpcg
 from torch import nn
 
 from gradleak.attacks.base import ATTACKS, Attack, Progress, ProgressCallback, target_gradients
-from gradleak.attacks.features import recover_features
 from gradleak.attacks.threat_model import Knowledge
 from gradleak.config import check_ranges
 from gradleak.errors import ConfigError, UnsupportedModelError, UpdateError
@@ -445,8 +444,17 @@ class LayerwiseAttack(Attack):
             if separated < n:  # complete with the span's directions the rays leave out (the fit then says how far off)
                 q = torch.linalg.qr(torch.cat([rays, basis]).flatten(1).T.double())[0].T[:n].float()
                 rays = torch.cat([rays, q[separated:].view(-1, *basis.shape[1:])])
-            candidates = self._assignments(rays, y, stages[anchor:], parts, server, update)
+            candidates = self._assignments(rays, y, stages[anchor:], parts, targets)
         h, scales, head_error = self._fit_scales(candidates, stages[anchor:], parts, y, targets)
+        for _ in range(5 if n > 1 else 0):  # at the fitted scales the last layer may say another assignment
+            order = _order_by_head(h, y, stages[anchor:], parts, targets)
+            if order == list(range(n)):
+                break
+            again = self._fit_scales([h[order] / h[order].flatten(1).pow(2).mean(1).sqrt().view(-1, 1, 1, 1)],
+                                     stages[anchor:], parts, y, targets)
+            if again[2] >= head_error:
+                break
+            h, scales, head_error = again
 
         images = torch.full((n, *server.input_shape), 0.5, device=self.device)
         history: dict[str, list[float]] = {"iteration": [], "loss": []}
@@ -538,10 +546,10 @@ class LayerwiseAttack(Attack):
 
     @staticmethod
     def _assignments(rays: torch.Tensor, labels: torch.Tensor, top: list[nn.Module], parts: Stages,
-                     server: ServerState, update: ClientUpdate) -> list[torch.Tensor]:
+                     targets: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """The rays in each order that gives the labels' slots a distinct assignment (images of one label
-        are interchangeable); beyond ``MAX_ASSIGNMENTS``, the one order that best matches each ray's
-        last-layer features to its slot's recovered ones (Hungarian)."""
+        are interchangeable); beyond ``MAX_ASSIGNMENTS``, the orders :func:`_order_by_head` gives at each
+        common scale of ``SCALE_GRID``."""
         n = rays.shape[0]
         y = labels.tolist()
         count = math.factorial(n) // math.prod(math.factorial(y.count(c)) for c in set(y))
@@ -549,14 +557,12 @@ class LayerwiseAttack(Attack):
             orders = [p for p in itertools.permutations(range(n))
                       if all(p[i] < p[j] for i in range(n) for j in range(i + 1, n) if y[i] == y[j])]
             return [rays[list(p)] for p in orders]
-        from scipy.optimize import linear_sum_assignment
-
-        wanted = recover_features(server, update, labels.cpu()).features.to(rays.device)
-        with torch.no_grad():
-            got = parts.pool(_forward(top, rays))
-        cost = 1 - F.normalize(wanted, dim=1) @ F.normalize(got, dim=1).T  # (slot, ray)
-        _, order = linear_sum_assignment(cost.double().cpu().numpy())
-        return [rays[list(order)]]
+        a, b, points = SCALE_GRID
+        found: dict[tuple[int, ...], torch.Tensor] = {}
+        for ls in np.linspace(a, b, int(points)):
+            order = _order_by_head(rays * math.exp(ls), labels, top, parts, targets)
+            found.setdefault(tuple(order), rays[order])
+        return list(found.values())
 
     @staticmethod
     def _fit_scales(candidates: list[torch.Tensor], top: list[nn.Module], parts: Stages, labels: torch.Tensor,
@@ -603,6 +609,25 @@ class LayerwiseAttack(Attack):
             if len(tried) == min(3, len(candidates)):
                 break
         return best[1].detach(), best[2], best[0]
+
+
+def _order_by_head(h: torch.Tensor, labels: torch.Tensor, top: list[nn.Module], parts: Stages,
+                   targets: dict[int, torch.Tensor]) -> list[int]:
+    """The rows of ``h`` (N block inputs) in the order of the labels' slots that the last layer's gradient
+    says: with the mean cross-entropy, ``N grad_W = (P - Y)^T F``, so the one-hot labels solve
+    ``Y^T = (P^T F - N grad_W) F^+`` (F: the N images' features, P: their probabilities, both from
+    the forward pass of ``h``), exactly at the right scales; each slot of label c takes the rows that
+    weigh most in row c (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    with torch.no_grad():
+        f = parts.pool(_forward(top, h)).double()
+        p = parts.fc(f.to(h.dtype)).softmax(1).double()
+        gw = targets[id(parts.fc.weight)].double()
+        counts = (p.T @ f - h.shape[0] * gw) @ torch.linalg.pinv(f)  # (C, N): the labels' weight on each row
+    cost = -counts[labels.to(counts.device)]  # (slot, row)
+    _, order = linear_sum_assignment(np.nan_to_num(cost.cpu().numpy(), nan=0.0))
+    return [int(i) for i in order]
 
 
 def _refine_log_scales(error: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor) -> torch.Tensor:
