@@ -137,7 +137,8 @@ def test_the_attack_recovers_the_anchor_and_its_scale(n: int, block: int, tried:
     server = _victim(width=32)
     batch = builtin_batch(n)
     update = fedsgd_update(server, batch.images, batch.labels)
-    rec = gradleak.attacks.create("layerwise", {"iterations": 4, "log_every": 1}).reconstruct(server, update)
+    config = {"iterations": 4, "log_every": 1, "deep_anchor": block == 8}
+    rec = gradleak.attacks.create("layerwise", config).reconstruct(server, update)
     anchor = rec.info["anchor"]
     shape = [128, 8, 8] if block == 6 else [256, 4, 4]
     assert anchor["exact"] and anchor["stage"] == f"block {block} input" and anchor["input_shape"] == shape
@@ -162,9 +163,14 @@ def test_the_attack_refuses_what_it_cannot_read() -> None:
     with pytest.raises(UpdateError, match=r"expected an update of at most 1 image on this victim \(its anchor's span "
                                           r"separates into the images only after a ReLU\), got 2"):
         attack.reconstruct(sigmoid, fedsgd_update(sigmoid, batch.images, batch.labels))
-    many = builtin_batch(17)  # width 32: block 8 has 256 channels and 16 positions an image, 16 x 17 - 1 > 256
+    three = builtin_batch(3)
+    with pytest.raises(UpdateError, match="expected an update of at most 2 images on this victim .*; deep_anchor=true "
+                                          "reads more through a deeper block.*, got 3"):  # width 32: block 6, N <= 2
+        attack.reconstruct(server, fedsgd_update(server, three.images, three.labels))
+    many = builtin_batch(17)  # block 8 has 256 channels and 16 positions an image, 16 x 17 - 1 > 256
+    deep = gradleak.attacks.create("layerwise", {"iterations": 4, "deep_anchor": True})
     with pytest.raises(UpdateError, match="expected an update of at most 16 images on this victim .*, got 17"):
-        attack.reconstruct(server, fedsgd_update(server, many.images, many.labels))
+        deep.reconstruct(server, fedsgd_update(server, many.images, many.labels))
     lenet = _victim(name="lenet")
     one = builtin_batch(1)
     with pytest.raises(UnsupportedModelError, match="expected a ResNet"):
@@ -192,13 +198,16 @@ def test_an_audit_tries_it_only_on_one_image() -> None:
         "layerwise (it reads updates of no image on this victim; this one holds 1)"]
 
 
-@pytest.mark.parametrize("activation,bn_mode,width,most", [("relu", "train", None, 32), ("relu", "eval", None, 31),
-                                                          ("relu", "train", 32, 16), ("sigmoid", "train", None, 1)])
-def test_the_largest_batch_it_reads(activation: str, bn_mode: str, width: int | None, most: int) -> None:
-    # ResNet-18 at 32 px: block 8's convolution has 512 channels (256 at width 32) and 16 positions an image,
-    # so 16 N - 1 < 512 in train mode (16 N < 512 in eval mode); at batch > 1 only after a ReLU.
+@pytest.mark.parametrize("activation,bn_mode,width,most,deep", [("relu", "train", None, 4, 32), ("relu", "eval", None, 3, 31),
+                                                                ("relu", "train", 32, 2, 16), ("sigmoid", "train", None, 1, 1)])
+def test_the_largest_batch_it_reads(activation: str, bn_mode: str, width: int | None, most: int, deep: int) -> None:
+    # ResNet-18 at 32 px: block 6's convolution (the batch-1 anchor) has 256 channels (128 at width 32) and 64
+    # positions an image, so 64 N - 1 < 256 in train mode, 64 N < 256 in eval mode; block 8's (deep_anchor)
+    # 512 (256) and 16, so 16 N - 1 < 512; at batch > 1 only after a ReLU.
     server = _victim(activation, bn_mode, width=width)
-    assert largest_batch(server) == most == gradleak.attacks.LayerwiseAttack.max_images(server)
+    cls = gradleak.attacks.LayerwiseAttack
+    assert largest_batch(server) == most == cls.max_images(server) == cls.max_images(server, {"deep_anchor": False})
+    assert largest_batch(server, deep_anchor=True) == deep == cls.max_images(server, cls.Config(deep_anchor=True))
     assert largest_batch(_victim(name="lenet")) == 0
 
 

@@ -93,9 +93,9 @@ class Attack(ABC):
         return None
 
     @classmethod
-    def max_images(cls, server: ServerState) -> int | None:
-        """The most images (the batch times the clients) whose update it reads on ``server``'s model;
-        ``None``: any. An audit tries it on cells of at most this many and names it as not tried on the
+    def max_images(cls, server: ServerState, config: Any = None) -> int | None:
+        """The most images (the batch times the clients) whose update it reads on ``server``'s model
+        with ``config`` (``None``: its defaults); ``None``: any. An audit tries it on cells of at most this many and names it as not tried on the
         others."""
         return None
 

@@ -87,6 +87,10 @@ class LayerwiseConfig:
         rank_tol: singular values of a weight gradient below this times its largest count as zero.
         tv: weight of a total-variation prior on the image step (0: none); 0.2 lifted four photos of the
             train-mode ResNet-18-ReLU from 0.36-0.70 to 0.80-0.89 SSIM (docs/attacks.md).
+        deep_anchor: at a batch too large for the batch-1 anchor (ResNet-18 in train mode: above 4),
+            anchor at a deeper block (block 8, up to 32). Off by default: the block inputs come back
+            exact, but the descent from block 8 across the stride-2 block 7 is lost (block 6's input
+            at cosine 0.62 at batch 1; batch 8 mean SSIM 0.069, docs/attacks.md).
         log_every: report progress every this many steps.
     """
 
@@ -97,6 +101,7 @@ class LayerwiseConfig:
     image_depth: int = 4
     rank_tol: float = 1e-4
     tv: float = 0.2
+    deep_anchor: bool = False
     log_every: int = 25
 
     def __post_init__(self) -> None:
@@ -339,20 +344,28 @@ def _nonnegative(stage: nn.Module) -> bool:
     return isinstance(last, (nn.ReLU, nn.ReLU6))
 
 
-def largest_batch(server: ServerState) -> int:
-    """The largest batch whose update :class:`LayerwiseAttack` reads: some block's convolution has fewer
-    of its images' output positions than channels (ResNet-18 at 32 px in train mode: 4 through block
-    6, 32 through block 8), and at batch > 1 a ReLU before it (:func:`separate_nonnegative`); 0 when
-    none (not a ResNet, or no such block at batch 1)."""
+def largest_batch(server: ServerState, *, deep_anchor: bool = False) -> int:
+    """The largest batch whose update :class:`LayerwiseAttack` reads: the batch-1 anchor block's
+    convolution (with ``deep_anchor``, any block's) has fewer of its images' output positions than
+    channels (ResNet-18 at 32 px in train mode: 4 through block 6; 32 through block 8), and at batch > 1
+    a ReLU before it (:func:`separate_nonnegative`); 0 when none (not a ResNet, or no such block at
+    batch 1)."""
     try:
-        if not anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode):
-            return 0
+        first = anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode)
     except UnsupportedModelError:
         return 0
+    if not first:
+        return 0
     n = 1
-    while n < 4096 and anchor_candidates(server.model, server.input_shape, images=n + 1, bn_mode=server.bn_mode):
+    while n < 4096 and _anchors(server, n + 1, deep_anchor, first[0][0]):
         n += 1
     return n
+
+
+def _anchors(server: ServerState, images: int, deep: bool, base: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """:func:`anchor_candidates` at ``images``; without ``deep``, only the batch-1 anchor ``base``."""
+    found = anchor_candidates(server.model, server.input_shape, images=images, bn_mode=server.bn_mode)
+    return found if deep else [c for c in found if c[0] == base]
 
 
 def _cosine_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -376,8 +389,9 @@ class LayerwiseAttack(Attack):
     resumable = False
 
     @classmethod
-    def max_images(cls, server: ServerState) -> int | None:
-        return largest_batch(server)
+    def max_images(cls, server: ServerState, config: Any = None) -> int | None:
+        deep = config.get("deep_anchor", False) if isinstance(config, dict) else getattr(config, "deep_anchor", False)
+        return largest_batch(server, deep_anchor=bool(deep))
 
     @classmethod
     def applicability(cls, server: ServerState, config: Any, *, local_steps: int = 1) -> str | None:
@@ -412,11 +426,13 @@ class LayerwiseAttack(Attack):
         if not anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode):
             raise UnsupportedModelError(f"layerwise: expected a block whose first convolution has fewer output positions "
                                         f"than channels (the anchor), got none at input {tuple(server.input_shape)}")
-        found = anchor_candidates(server.model, server.input_shape, images=n, bn_mode=server.bn_mode)
+        base = anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode)[0][0]
+        found = _anchors(server, n, cfg.deep_anchor, base)
         if not found:
-            limit = largest_batch(server)
+            limit = largest_batch(server, deep_anchor=cfg.deep_anchor)
             why = ("its anchor's span separates into the images only after a ReLU" if limit == 1 else
-                   "a block's convolution must have fewer of the batch's output positions than channels")
+                   "its anchor block's convolution must have fewer of the batch's output positions than channels"
+                   + ("" if cfg.deep_anchor else "; deep_anchor=true reads more through a deeper block"))
             raise UpdateError(f"layerwise: expected an update of at most {limit} image{'s' * (limit > 1)} on this victim "
                               f"({why}), got {n}")
         victim = copy.deepcopy(server.model).to(self.device)

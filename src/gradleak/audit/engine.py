@@ -319,7 +319,7 @@ def _prepare_cell(server: ServerState, cell: AuditCell, batch: Batch, folder: Pa
         mine, missing = attackers_for(name, defended=cell.defended, knowledge=o.knowledge, attack_config=config,
                                       shares_bn=cell.protocol.share_bn_stats, features=features, flat=is_flat,
                                       images=cell.batch_size * cell.protocol.clients,
-                                      max_images=ATTACKS.get(name).max_images(server))
+                                      max_images=ATTACKS.get(name).max_images(server, config))
         attackers += mine
         not_tried += missing
     attackers = with_budgets(attackers, o.budgets)
