@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gradleak.attacks.cinet import CINetConfig
+from gradleak.attacks.layerwise import LayerwiseConfig
 from gradleak.audit.budgets import MEASURED, budget_warnings, needed
 from gradleak.types import ModelSpec
 
@@ -27,3 +28,12 @@ def test_a_budget_at_or_above_every_entry_warns_of_nothing_but_unplateaued_entri
     enough = {"cinet": CINetConfig(iterations=max(p.iterations or 0 for p in MEASURED))}
     lines = budget_warnings(ModelSpec("resnet18", activation="sigmoid"), [1, 4, 8, 16, 32, 64], enough)
     assert len(lines) == 1 and "batch 64" in lines[0] and "still improving" in lines[0]
+
+
+def test_the_layerwise_attack_at_an_audits_usual_budget_is_named():
+    # An audit's --iterations stands for every attack; layerwise's steps are cheap and it needed 5000 on the
+    # train-mode ResNet-18-ReLU at batch 1, a lower bound for batch 4.
+    relu = ModelSpec("resnet18", activation="relu")
+    (line,) = budget_warnings(relu, [4], {"layerwise": LayerwiseConfig(iterations=300)})
+    assert line.startswith("layerwise at batch 4: 300 iterations, below the 5000") and "batch 1" in line
+    assert budget_warnings(relu, [1, 4], {"layerwise": LayerwiseConfig()}) == []

@@ -4,7 +4,8 @@ A verdict of "not broken" from a run stopped before its attack would have platea
 The audit reads each run's own curve for that (:func:`gradleak.audit.verdicts.improvement`); this
 table adds what was measured beforehand, so that a budget too small is named before the audit
 spends its time. An entry is the iterations after which CI-Net's mean SSIM (default settings, one
-seed) stayed within 0.02 of its best on that victim and batch size; ``None`` means it had not
+seed) stayed within 0.02 of its best on that victim and batch size (for ``layerwise``, whose
+schedule depends on its budget, the budget past which a run twice as long read no better); ``None`` means it had not
 plateaued within the longest run measured (``measured_up_to``). Batch sizes between entries take
 the largest measured batch below them, a lower bound: larger batches need more. An entry holds for
 the client's BatchNorm mode it was measured in (``bn_mode``; ``None`` for a victim without BatchNorm):
@@ -43,6 +44,8 @@ MEASURED: tuple[Plateau, ...] = (
     Plateau("resnet18", "sigmoid", 16, "cinet", 150, 150, "README, large batches (0.921 at 150, still rising)"),
     Plateau("resnet18", "sigmoid", 32, "cinet", 450, 450, "README, large batches (0.907 at 450)"),
     Plateau("resnet18", "sigmoid", 64, "cinet", None, 500, "README, large batches (0.418 at 500, +0.014 per 25)"),
+    Plateau("resnet18", "relu", 1, "layerwise", 5000, 10000,
+            "docs/attacks.md, layerwise's budget on photo 0 (0.613 at 2500, 0.889 at 5000, 0.858 at 10000)"),
     Plateau("resnet18", "relu", 4, "cinet", 300, 400,
             "docs/audit.md, eval-mode ResNet-18-ReLU batch 4 audit (within 0.02 of the best from 200-300 of 400)", "eval"),
 )
