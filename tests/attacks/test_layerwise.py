@@ -67,12 +67,13 @@ def test_a_blocks_input_is_read_off_its_weight_gradient(activation: str, bn_mode
         assert rec.eigenvalues[0] < 1e-6 * rec.eigenvalues[1]
 
 
-@pytest.mark.parametrize("n,width,block", [(2, 32, 6), (4, None, 6), (4, 32, 8)])
+@pytest.mark.parametrize("n,width,block", [(2, 32, 6), (3, 48, 6), (4, 32, 8)])
 def test_a_batchs_inputs_are_read_off_the_weight_gradient_and_separated(n: int, width: int | None, block: int) -> None:
     # Known answer at batch N: the null space of the patch system holds exactly the span of the N images'
     # inputs (each true input lies in it to 1e-4 relative), and the extreme rays of its nonnegative cone are
     # the inputs themselves (after a ReLU), each at cosine 1 - 1e-6: ResNet-18-ReLU in train mode, batch 2
-    # at width 32 and batch 4 at full width through block 6 (64 N - 1 < 128, 256), batch 4 through block 8.
+    # at width 32 and batch 3 at width 48 through block 6 (64 N - 1 < 128, 192), batch 4 through block 8 (the
+    # full-width batch 4 through block 6 holds as well, docs/attacks.md: 40 s here, left to the benchmark).
     server = _victim("relu", "train", width=width)
     batch = builtin_batch(n)
     update = fedsgd_update(server, batch.images, batch.labels)

@@ -423,11 +423,11 @@ class LayerwiseAttack(Attack):
             raise UpdateError(f"layerwise: expected one client's gradient or one-step delta (it reads one step's "
                               f"weight gradients), got a delta of {update.local_steps} local steps")
         n = update.num_samples
-        if not anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode):
+        first = anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode)
+        if not first:
             raise UnsupportedModelError(f"layerwise: expected a block whose first convolution has fewer output positions "
                                         f"than channels (the anchor), got none at input {tuple(server.input_shape)}")
-        base = anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode)[0][0]
-        found = _anchors(server, n, cfg.deep_anchor, base)
+        found = first if n == 1 else _anchors(server, n, cfg.deep_anchor, first[0][0])
         if not found:
             limit = largest_batch(server, deep_anchor=cfg.deep_anchor)
             why = ("its anchor's span separates into the images only after a ReLU" if limit == 1 else
