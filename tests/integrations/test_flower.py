@@ -216,6 +216,20 @@ def test_audit_job_of_a_declared_defense_runs_both_attackers(tmp_path: Path):
         assert json.loads((folder / f"{attacker}-s0" / "config.json").read_text())["attack_config"]["adaptive"] == mode
 
 
+def test_audit_job_of_an_attack_that_cannot_read_the_update_says_so(tmp_path: Path):
+    # layerwise reads no image of a LeNet update (Attack.max_images is 0): one line naming why, before any run
+    server = _server()
+    batch = builtin_batch(1, source="cifar10")
+    folder = write_capture(tmp_path / "c", server=server, update=fedsgd_update(server, batch.images, batch.labels),
+                           capture={"round": 1, "node_id": 7}, truth=batch)
+    job = AuditJob(folder=str(folder), attack="layerwise", attack_config={"iterations": 2}, model=SPEC, seeds=(0,),
+                   threads=1)
+    with pytest.raises(ConfigError, match=r"expected an attack that reads this update, got none \(layerwise \(it reads "
+                                          r"updates of no image on this victim; this one holds 1\)\)"):
+        run_audit_job(job)
+    assert not any(p.is_dir() for p in folder.iterdir())
+
+
 class _Grid:
     """The only part of a Grid that FedAvg.configure_train uses: the connected node ids."""
 

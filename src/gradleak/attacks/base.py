@@ -95,8 +95,8 @@ class Attack(ABC):
     @classmethod
     def max_images(cls, server: ServerState, config: Any = None) -> int | None:
         """The most images (the batch times the clients) whose update it reads on ``server``'s model
-        with ``config`` (``None``: its defaults); ``None``: any. An audit tries it on cells of at most this many and names it as not tried on the
-        others."""
+        with ``config`` (``None``: its defaults); ``None``: any. An audit tries it on cells of at most
+        this many and names it as not tried on the others."""
         return None
 
     def __init__(self, config: Any = None, *, device: str | torch.device = "cpu", seed: int = 0) -> None:

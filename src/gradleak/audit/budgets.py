@@ -5,8 +5,8 @@ The audit reads each run's own curve for that (:func:`gradleak.audit.verdicts.im
 table adds what was measured beforehand, so that a budget too small is named before the audit
 spends its time. An entry is the iterations after which CI-Net's mean SSIM (default settings, one
 seed) stayed within 0.02 of its best on that victim and batch size (for ``layerwise``, whose
-schedule depends on its budget, the budget past which a run twice as long read no better); ``None`` means it had not
-plateaued within the longest run measured (``measured_up_to``). Batch sizes between entries take
+schedule depends on its budget, the budget past which a run twice as long read no better); ``None``
+means it had not plateaued within the longest run measured (``measured_up_to``). Batch sizes between entries take
 the largest measured batch below them, a lower bound: larger batches need more. An entry holds for
 the client's BatchNorm mode it was measured in (``bn_mode``; ``None`` for a victim without BatchNorm):
 the same ResNet-18-ReLU is noise at every budget in train mode and breaks in eval mode.

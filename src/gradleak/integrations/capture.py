@@ -343,6 +343,8 @@ def run_audit_job(job: AuditJob) -> dict[str, Any]:
     attackers, not_tried = attackers_for(job.attack, defended=defended, attack_config=job.attack_config,
                                          knowledge=KnowledgeAxes(labels=("recovered",)), images=update.num_samples,
                                          max_images=ATTACKS.get(job.attack).max_images(server, job.attack_config))
+    if not attackers:
+        raise ConfigError(f"flower audit: expected an attack that reads this update, got none ({'; '.join(not_tried)})")
     not_tried.append("labels known (a live client's labels are not the auditor's to hand over)")
     run_attackers(server, update, attack_config=job.attack_config, folder=folder, attackers=attackers, seeds=job.seeds,
                   case={"source": "flower", **{k: v for k, v in capture.items() if k != "truth"}},
