@@ -318,23 +318,33 @@ def stage_input_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> l
     return shapes
 
 
-def anchor_candidates(model: nn.Module, input_shape: tuple[int, int, int], *, images: int = 1,
-                      bn_mode: str = "train") -> list[tuple[int, tuple[int, int, int]]]:
-    """(stage index, its input shape) of every block whose first convolution's input the rank argument
-    determines at batch ``images``: stride 1, a kernel larger than 1, its N images' output positions
-    (less one in train mode, whose BatchNorm centres them) fewer than its output channels and than its
-    patch size."""
+def _anchor_blocks(model: nn.Module, input_shape: tuple[int, int, int],
+                   bn_mode: str) -> list[tuple[int, tuple[int, int, int], int]]:
+    """(stage index, its input shape, the largest batch it anchors) of every block whose first
+    convolution has stride 1 and a kernel larger than 1 (one walk: the batch size enters only the
+    count). A batch of N qualifies where its output positions N P, less one in train mode (whose
+    BatchNorm centres them), are fewer than the convolution's output channels and its patch size L:
+    N <= (L + centred - 1) // P; at batch > 1 only after a ReLU."""
     stages = resnet_stages(model).stages
+    centred = 1 if bn_mode == "train" else 0
     found = []
     for k, (stage, shape) in enumerate(zip(stages, stage_input_shapes(model, input_shape))):
         conv = _first_conv(stage)
         if k > 0 and conv is not None and conv.stride in (1, (1, 1)) and conv.kernel_size != (1, 1):
             with torch.no_grad():
                 out = conv(torch.zeros((1, *shape), dtype=conv.weight.dtype, device=conv.weight.device))
-            rank = images * out.shape[-1] * out.shape[-2] - (1 if bn_mode == "train" else 0)
-            if rank < min(out.shape[1], conv.weight[0].numel()) and (images == 1 or _nonnegative(stages[k - 1])):
-                found.append((k, shape))
+            most = (min(out.shape[1], conv.weight[0].numel()) + centred - 1) // (out.shape[-1] * out.shape[-2])
+            found.append((k, shape, most if _nonnegative(stages[k - 1]) else min(most, 1)))
     return found
+
+
+def anchor_candidates(model: nn.Module, input_shape: tuple[int, int, int], *, images: int = 1,
+                      bn_mode: str = "train") -> list[tuple[int, tuple[int, int, int]]]:
+    """(stage index, its input shape) of every block whose first convolution's input the rank argument
+    determines at batch ``images``: stride 1, a kernel larger than 1, its N images' output positions
+    (less one in train mode, whose BatchNorm centres them) fewer than its output channels and than its
+    patch size."""
+    return [(k, shape) for k, shape, most in _anchor_blocks(model, input_shape, bn_mode) if images <= most]
 
 
 def _nonnegative(stage: nn.Module) -> bool:
@@ -344,6 +354,12 @@ def _nonnegative(stage: nn.Module) -> bool:
     return isinstance(last, (nn.ReLU, nn.ReLU6))
 
 
+def _readable(server: ServerState, deep: bool) -> list[tuple[int, tuple[int, int, int], int]]:
+    """:func:`_anchor_blocks` that anchor batch 1, and without ``deep`` only the lowest (the batch-1 anchor)."""
+    blocks = [b for b in _anchor_blocks(server.model, server.input_shape, server.bn_mode) if b[2] >= 1]
+    return blocks if deep else blocks[:1]
+
+
 def largest_batch(server: ServerState, *, deep_anchor: bool = False) -> int:
     """The largest batch whose update :class:`LayerwiseAttack` reads: the batch-1 anchor block's
     convolution (with ``deep_anchor``, any block's) has fewer of its images' output positions than
@@ -351,21 +367,9 @@ def largest_batch(server: ServerState, *, deep_anchor: bool = False) -> int:
     a ReLU before it (:func:`separate_nonnegative`); 0 when none (not a ResNet, or no such block at
     batch 1)."""
     try:
-        first = anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode)
+        return max((most for _, _, most in _readable(server, deep_anchor)), default=0)
     except UnsupportedModelError:
         return 0
-    if not first:
-        return 0
-    n = 1
-    while n < 4096 and _anchors(server, n + 1, deep_anchor, first[0][0]):
-        n += 1
-    return n
-
-
-def _anchors(server: ServerState, images: int, deep: bool, base: int) -> list[tuple[int, tuple[int, int, int]]]:
-    """:func:`anchor_candidates` at ``images``; without ``deep``, only the batch-1 anchor ``base``."""
-    found = anchor_candidates(server.model, server.input_shape, images=images, bn_mode=server.bn_mode)
-    return found if deep else [c for c in found if c[0] == base]
 
 
 def _cosine_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -423,13 +427,13 @@ class LayerwiseAttack(Attack):
             raise UpdateError(f"layerwise: expected one client's gradient or one-step delta (it reads one step's "
                               f"weight gradients), got a delta of {update.local_steps} local steps")
         n = update.num_samples
-        first = anchor_candidates(server.model, server.input_shape, bn_mode=server.bn_mode)
-        if not first:
+        readable = _readable(server, cfg.deep_anchor)
+        if not readable:
             raise UnsupportedModelError(f"layerwise: expected a block whose first convolution has fewer output positions "
                                         f"than channels (the anchor), got none at input {tuple(server.input_shape)}")
-        found = first if n == 1 else _anchors(server, n, cfg.deep_anchor, first[0][0])
+        found = [(k, shape) for k, shape, most in readable if n <= most]
         if not found:
-            limit = largest_batch(server, deep_anchor=cfg.deep_anchor)
+            limit = max(most for _, _, most in readable)
             why = ("its anchor's span separates into the images only after a ReLU" if limit == 1 else
                    "its anchor block's convolution must have fewer of the batch's output positions than channels"
                    + ("" if cfg.deep_anchor else "; deep_anchor=true reads more through a deeper block"))
