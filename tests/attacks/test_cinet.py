@@ -237,6 +237,21 @@ def test_bf16_reconstructs_but_stalls_below_fp32_on_lenet(lenet_case, one_thread
     assert ssim["fp32"] > 0.85 and 0.2 < ssim["bf16"] < ssim["fp32"] - 0.3, ssim
 
 
+def test_fp32_from_lifts_the_bf16_floor_on_lenet(lenet_case, one_thread):
+    """The stalled case above: 100 bf16 iterations, then 100 in float32 (``fp32_from=100``) reach what float32
+    reaches, where 200 in bf16 stay at the floor. A switch that never happens, or that loses the generator's state,
+    fails the bound."""
+    server, update, images, labels = lenet_case
+    ssim = {}
+    for name, extra in (("bf16", {}), ("switch", {"fp32_from": 100})):
+        cfg = {"iterations": 200, "channels": 32, "precision": "bf16", **extra}
+        rec = gradleak.attacks.create("cinet", cfg).reconstruct(server, update, labels=labels)
+        ssim[name] = score_reconstruction(rec.images, images, with_lpips=False).summary["ssim_mean"]
+    assert ssim["switch"] > 0.85 and ssim["bf16"] < ssim["switch"] - 0.3, ssim
+    with pytest.raises(ConfigError, match="fp32_from: expected precision='bf16'"):
+        CINetConfig(fp32_from=10)
+
+
 def test_bf16_autocast_runs_and_keeps_float32_outputs(lenet_case):
     server, update, _, labels = lenet_case
     cfg = {"iterations": 3, "channels": 8, "log_every": 1, "precision": "bf16"}

@@ -82,6 +82,9 @@ class CINetConfig(LoopConfig):
             and gradient; parameters, the matching loss and the update stay in float32). bf16 is
             faster only where the device computes it natively; elsewhere the run warns and records
             ``info["precision_note"]`` (:func:`gradleak.hardware.native_bf16`).
+        fp32_from: with ``precision="bf16"``, the iteration from which the steps run in float32 (0:
+            never): bf16's fast steps while the images are far off, float32's precision for the
+            match's last digits, where bf16 alone can stall (README, Performance).
         adaptive: ``"auto"`` (simulate the update's recorded defense, :mod:`gradleak.attacks.adaptive`),
             ``"on"`` (the same; refuse an undefended update) or ``"off"`` (the unaware attacker).
     """
@@ -102,6 +105,7 @@ class CINetConfig(LoopConfig):
     spectral: bool = True
     activation_checkpointing: bool = False
     precision: str = "fp32"
+    fp32_from: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,7 +124,10 @@ class CINetConfig(LoopConfig):
         if self.lr_decay not in DECAYS:
             raise ConfigError(f"cinet lr_decay: expected one of {', '.join(DECAYS)}, got {self.lr_decay!r}")
         check_ranges("cinet", self, iterations=(0, None), lr=(0, None, "open"), tv=(0, None), nz=(1, 4096),
-                     beta1=(0, 0.999), grow=(0, None))
+                     beta1=(0, 0.999), grow=(0, None), fp32_from=(0, None))
+        if self.fp32_from and self.precision == "fp32":
+            raise ConfigError(f"cinet fp32_from: expected precision='bf16' (a run already in fp32 has nothing to "
+                              f"switch), got fp32_from={self.fp32_from} with precision='fp32'")
         if isinstance(self.channels, int) and not 1 <= self.channels <= 4096:
             raise ConfigError(f"cinet channels: expected 1 to 4096 or a rule (auto, paper, reference), got {self.channels}")
 
@@ -197,7 +204,7 @@ class CINetAttack(Attack):
             tensors.update({"z": z.detach(), "rng": rng.get_state()})
             return tensors, {"optimizer": opt_meta, "scheduler": scheduler_state(sched), "channels": choice.channels}
 
-        amp = _PRECISIONS[cfg.precision]
+        amp = None if cfg.fp32_from else _PRECISIONS[cfg.precision]  # the estimate holds for the fp32 steps too
         with contextlib.nullcontext() if amp is None else torch.autocast(dev.type, dtype=amp):
             memory_estimate = check_memory(self, lambda n: gen(z[:n]), matcher, y, update.num_samples, loss=cfg.loss,
                                            modules=(gen, setup.victim), trainable=gparams)
@@ -277,8 +284,8 @@ class _Stepper:
 
     def __call__(self, it: int) -> Step:
         cfg = self.cfg
-        autocast = (contextlib.nullcontext() if self.amp is None
-                    else torch.autocast(self.z.device.type, dtype=self.amp))
+        amp = None if cfg.fp32_from and it >= cfg.fp32_from else self.amp
+        autocast = contextlib.nullcontext() if amp is None else torch.autocast(self.z.device.type, dtype=amp)
         match: float | None = None
         if it <= cfg.feature_init:  # the features alone: an initialisation target, no simulation
             with autocast:
@@ -290,7 +297,7 @@ class _Stepper:
             with autocast, self.aux.watching():
                 x = self.gen(self.z, *self.stage(it))
                 grads = self.matcher.simulate(x, self.y)
-            if self.amp is not None:
+            if amp is not None:
                 grads = [g.float() for g in grads]
             loss = self.matcher.distance(cfg.loss, grads)
             extra = self.aux.loss(x)
