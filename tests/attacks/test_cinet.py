@@ -149,6 +149,27 @@ def test_resume_continues_exactly_from_the_checkpoint(tmp_path, lenet_case):
     assert resumed.history["loss"] == pytest.approx(straight.history["loss"], abs=1e-6)  # float32 1 - cos
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_setting_was_added(tmp_path, lenet_case):
+    """A checkpoint written before a setting existed (here: its config without ``fp32_from`` and ``tv``) resumes
+    when the run leaves the new setting at its default, which is what the old run ran; set otherwise, it is
+    refused and named."""
+    server, update, *_ = lenet_case
+    cfg = {"iterations": 4, "channels": 8, "log_every": 1, "checkpoint_every": 2}
+    gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path)
+    ckpt = Checkpointer(tmp_path, 0)
+    tensors, meta = ckpt.load()
+    for name in ("fp32_from", "tv"):
+        del meta["config"][name]
+    ckpt.save(tensors, meta)
+    longer = {**cfg, "iterations": 6}
+    with pytest.raises(CheckpointError, match=r"other settings \(tv: None -> 0.1\)"):
+        gradleak.attacks.create("cinet", {**longer, "tv": 0.1}, seed=3).reconstruct(server, update, run_dir=tmp_path,
+                                                                                     resume=True)
+    resumed = gradleak.attacks.create("cinet", longer, seed=3).reconstruct(server, update, run_dir=tmp_path,
+                                                                           resume=True)
+    assert resumed.resumed_from == 4 and len(resumed.history["loss"]) == 6
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, lenet_case):
     server, update, *_ = lenet_case
     with pytest.raises(CheckpointError, match="checkpoint"):

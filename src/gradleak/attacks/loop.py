@@ -282,8 +282,13 @@ class Loop:
         written = meta.get("config")
         if isinstance(written, dict):
             now = _jsonable(dataclasses.asdict(self.attack.config))
+            # a setting added to the attack after the checkpoint was written, left at its default, is what
+            # that run ran: it does not stop the resume
+            added = {f.name for f in dataclasses.fields(self.attack.config)
+                     if f.name not in written and f.default is not dataclasses.MISSING
+                     and now.get(f.name) == _jsonable(f.default)}
             changed = sorted(k for k in set(now) | set(written)
-                             if k not in RESUMABLE_CHANGES and now.get(k) != written.get(k))
+                             if k not in RESUMABLE_CHANGES and k not in added and now.get(k) != written.get(k))
             if changed:
                 detail = ", ".join(f"{k}: {written.get(k)!r} -> {now.get(k)!r}" for k in changed)
                 raise CheckpointError(f"resume: the checkpoint in '{self.ckpt.folder}' was written with other "
