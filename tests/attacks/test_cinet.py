@@ -273,6 +273,24 @@ def test_fp32_from_lifts_the_bf16_floor_on_lenet(lenet_case, one_thread):
         CINetConfig(fp32_from=10)
 
 
+def test_a_bf16_run_resumes_in_float32(tmp_path, lenet_case):
+    """``fp32_from`` may move on resume while it lies beyond the checkpoint (every step so far ran in bf16 either
+    way): the resumed run equals one that had the setting from the start. A switch already passed is refused."""
+    server, update, *_ = lenet_case
+    cfg = {"iterations": 6, "channels": 8, "log_every": 1, "checkpoint_every": 3, "precision": "bf16"}
+    straight = gradleak.attacks.create("cinet", {**cfg, "fp32_from": 5}, seed=3).reconstruct(server, update)
+    with pytest.raises(_Stop):
+        gradleak.attacks.create("cinet", cfg, seed=3).reconstruct(server, update, run_dir=tmp_path,
+                                                                   callback=_stop_at(4))
+    with pytest.raises(CheckpointError, match="fp32_from: 0 -> 2"):
+        gradleak.attacks.create("cinet", {**cfg, "fp32_from": 2}, seed=3).reconstruct(server, update,
+                                                                                       run_dir=tmp_path, resume=True)
+    resumed = gradleak.attacks.create("cinet", {**cfg, "fp32_from": 5}, seed=3).reconstruct(
+        server, update, run_dir=tmp_path, resume=True)
+    assert resumed.resumed_from == 3
+    torch.testing.assert_close(resumed.images, straight.images, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_autocast_runs_and_keeps_float32_outputs(lenet_case):
     server, update, _, labels = lenet_case
     cfg = {"iterations": 3, "channels": 8, "log_every": 1, "precision": "bf16"}

@@ -55,6 +55,11 @@ if TYPE_CHECKING:
 RESUMABLE_CHANGES = ("iterations", "log_every", "checkpoint_every")
 """Config fields a resume may change (a longer budget, other logging); any other difference is refused."""
 
+FUTURE_SWITCHES = ("fp32_from",)
+"""Config fields naming an iteration from which the run changes (0: never): a resume may move one when both
+the recorded and the new value lie beyond the checkpoint, since every step taken so far ran the same under
+either (a bf16 run that stalls can go on in float32)."""
+
 FLOOR = "noise floor reached"
 STOPPED = "stopped by the callback"
 
@@ -287,8 +292,11 @@ class Loop:
             added = {f.name for f in dataclasses.fields(self.attack.config)
                      if f.name not in written and f.default is not dataclasses.MISSING
                      and now.get(f.name) == _jsonable(f.default)}
-            changed = sorted(k for k in set(now) | set(written)
-                             if k not in RESUMABLE_CHANGES and k not in added and now.get(k) != written.get(k))
+            done = int(meta["iteration"])
+            ahead = {k for k in FUTURE_SWITCHES
+                     if all(isinstance(v, int) and (v == 0 or v > done) for v in (now.get(k), written.get(k, 0)))}
+            changed = sorted(k for k in set(now) | set(written) if k not in RESUMABLE_CHANGES
+                             and k not in added and k not in ahead and now.get(k) != written.get(k))
             if changed:
                 detail = ", ".join(f"{k}: {written.get(k)!r} -> {now.get(k)!r}" for k in changed)
                 raise CheckpointError(f"resume: the checkpoint in '{self.ckpt.folder}' was written with other "
