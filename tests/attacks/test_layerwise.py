@@ -164,6 +164,10 @@ def test_the_attack_refuses_what_it_cannot_read() -> None:
     with pytest.raises(UpdateError, match=r"expected an update of at most 1 image on this victim \(its anchor's span "
                                           r"separates into the images only after a ReLU\), got 2"):
         attack.reconstruct(sigmoid, fedsgd_update(sigmoid, batch.images, batch.labels))
+    narrow = _victim(width=16)  # a ReLU, but block 6's 64 positions an image leave room for one (64 N - 1 < 64)
+    with pytest.raises(UpdateError, match=r"expected an update of at most 1 image on this victim \(its anchor block's "
+                                          r"convolution must have fewer .*; deep_anchor=true .*\), got 2"):
+        attack.reconstruct(narrow, fedsgd_update(narrow, batch.images, batch.labels))
     three = builtin_batch(3)
     with pytest.raises(UpdateError, match="expected an update of at most 2 images on this victim .*; deep_anchor=true "
                                           "reads more through a deeper block.*, got 3"):  # width 32: block 6, N <= 2

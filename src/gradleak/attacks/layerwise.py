@@ -434,7 +434,9 @@ class LayerwiseAttack(Attack):
         found = [(k, shape) for k, shape, most in readable if n <= most]
         if not found:
             limit = max(most for _, _, most in readable)
-            why = ("its anchor's span separates into the images only after a ReLU" if limit == 1 else
+            stages = resnet_stages(server.model).stages
+            after_relu = any(_nonnegative(stages[k - 1]) for k, _, _ in readable)
+            why = ("its anchor's span separates into the images only after a ReLU" if not after_relu else
                    "its anchor block's convolution must have fewer of the batch's output positions than channels"
                    + ("" if cfg.deep_anchor else "; deep_anchor=true reads more through a deeper block"))
             raise UpdateError(f"layerwise: expected an update of at most {limit} image{'s' * (limit > 1)} on this victim "
